@@ -1,0 +1,107 @@
+// The compiled module torchfluence._C: raw-pointer kernels and build facts.
+//
+// Argument validation (dtype, shape, device, finiteness policy) happens in
+// python/torchfluence/_ops.py before anything here is called; this layer only
+// repeats the checks whose failure would corrupt memory.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+
+#include "common.h"
+#include "cpu/influence_block.h"
+#ifdef TORCHFLUENCE_WITH_CUDA
+#include "cuda/influence_block_cuda.h"
+#endif
+
+namespace py = pybind11;
+using namespace torchfluence;
+
+namespace {
+
+void check_block_args(const InfluenceBlockArgs& a, const char* where) {
+  const std::string w(where);
+  check(a.queries.cols == a.train.cols, w + ": S and G must have the same number of columns, got " +
+                                            std::to_string(a.queries.cols) + " and " + std::to_string(a.train.cols));
+  check(a.topk.k >= 0, w + ": k must be >= 0, got " + std::to_string(a.topk.k));
+  check(a.topk.k == 0 || (a.topk.largest_values && a.topk.largest_indices && a.topk.smallest_values &&
+                          a.topk.smallest_indices),
+        w + ": top-k state pointers are missing");
+  check(a.topk.k > 0 || a.scores.data, w + ": nothing to compute (no scores output and k == 0)");
+  check(!a.scores.data || (a.scores.rows == a.queries.rows && a.scores.cols == a.train.rows),
+        w + ": scores must have shape [n_query, b]");
+  check(a.status != 0, w + ": status pointer is missing");
+  check(a.offset >= 0, w + ": offset must be >= 0, got " + std::to_string(a.offset));
+}
+
+py::dict build_info() {
+  py::dict info;
+  info["version"] = TORCHFLUENCE_VERSION;
+  info["openmp_threads"] = cpu::max_threads();
+#ifdef TORCHFLUENCE_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_version"] = cuda::runtime_version();
+  info["cuda_architectures"] = std::string(TORCHFLUENCE_CUDA_ARCHITECTURES);
+  info["max_fused_topk"] = cuda::kMaxFusedTopK;
+#else
+  info["cuda"] = false;
+  info["cuda_version"] = py::none();
+  info["cuda_architectures"] = py::none();
+  info["max_fused_topk"] = py::none();
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "torchfluence compiled kernels (raw pointers; use torchfluence._ops)";
+
+  py::class_<MatrixRef>(m, "MatrixRef")
+      .def(py::init([](std::uintptr_t data, std::int64_t rows, std::int64_t cols, std::int64_t stride_row,
+                       std::int64_t stride_col) { return MatrixRef{data, rows, cols, stride_row, stride_col}; }),
+           py::arg("data"), py::arg("rows"), py::arg("cols"), py::arg("stride_row"), py::arg("stride_col"))
+      .def(py::init<>());
+
+  py::class_<TopKRef>(m, "TopKRef")
+      .def(py::init([](std::int64_t k, std::uintptr_t lv, std::uintptr_t li, std::uintptr_t sv, std::uintptr_t si) {
+             return TopKRef{k, lv, li, sv, si};
+           }),
+           py::arg("k"), py::arg("largest_values"), py::arg("largest_indices"), py::arg("smallest_values"),
+           py::arg("smallest_indices"))
+      .def(py::init<>());
+
+  py::class_<InfluenceBlockArgs>(m, "InfluenceBlockArgs")
+      .def(py::init([](int dtype, MatrixRef queries, MatrixRef train, std::int64_t offset, MatrixRef scores,
+                       TopKRef topk, std::uintptr_t status) {
+             check(dtype >= 0 && dtype <= 3, "dtype code must be in [0, 3], got " + std::to_string(dtype));
+             return InfluenceBlockArgs{static_cast<DType>(dtype), queries, train, offset, scores, topk, status};
+           }),
+           py::arg("dtype"), py::arg("queries"), py::arg("train"), py::arg("offset"), py::arg("scores"),
+           py::arg("topk"), py::arg("status"));
+
+  m.def(
+      "influence_block_cpu",
+      [](const InfluenceBlockArgs& args) {
+        check_block_args(args, "influence_block (CPU)");
+        py::gil_scoped_release release;
+        cpu::influence_block(args);
+      },
+      py::arg("args"));
+
+#ifdef TORCHFLUENCE_WITH_CUDA
+  m.def("influence_block_cuda_splits", &cuda::influence_block_splits, py::arg("n_query"), py::arg("b"),
+        py::arg("k"), py::arg("num_sms"));
+  m.def(
+      "influence_block_cuda",
+      [](const InfluenceBlockArgs& args, std::uintptr_t workspace, int splits, std::uintptr_t stream) {
+        check_block_args(args, "influence_block (CUDA)");
+        check(args.topk.k == 0 || workspace != 0, "influence_block (CUDA): workspace is missing");
+        py::gil_scoped_release release;
+        cuda::influence_block(args, workspace, splits, stream);
+      },
+      py::arg("args"), py::arg("workspace"), py::arg("splits"), py::arg("stream"));
+#endif
+
+  m.def("build_info", &build_info);
+}

@@ -1,0 +1,55 @@
+// Shared types for the kernels: raw views of caller-owned memory.
+//
+// The extension never links libtorch. Python allocates every tensor and
+// passes data pointers, shapes and strides (in elements), so one build loads
+// under any torch release.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace torchfluence {
+
+// Element types the kernels understand. Values match `_ops._DTYPE_CODES`.
+enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
+
+// A strided 2-D view of caller memory: element (r, c) lives at
+// data + r * stride_row + c * stride_col (strides in elements, may be 0 for
+// broadcast rows). `data == 0` means "absent" for optional outputs.
+struct MatrixRef {
+  std::uintptr_t data = 0;
+  std::int64_t rows = 0;
+  std::int64_t cols = 0;
+  std::int64_t stride_row = 0;
+  std::int64_t stride_col = 0;
+};
+
+// Running per-query top-k state, each array contiguous [n_query, k].
+// Slots not yet filled hold index -1 and sort after every real entry.
+struct TopKRef {
+  std::int64_t k = 0;                    // 0: no top-k requested
+  std::uintptr_t largest_values = 0;     // [n_query, k] accumulation dtype
+  std::uintptr_t largest_indices = 0;    // [n_query, k] int64
+  std::uintptr_t smallest_values = 0;    // [n_query, k] accumulation dtype
+  std::uintptr_t smallest_indices = 0;   // [n_query, k] int64
+};
+
+// Everything one call of influence_block needs.
+struct InfluenceBlockArgs {
+  DType dtype = DType::Float32;  // of queries and train
+  MatrixRef queries;             // S [n_query, p]
+  MatrixRef train;               // G [b, p]
+  std::int64_t offset = 0;       // global index of G's first row
+  MatrixRef scores;              // optional out [n_query, b], accumulation dtype
+  TopKRef topk;
+  // int64[3]: number of non-finite scores seen, and the query row and global
+  // training index of one of them. Accumulates across calls.
+  std::uintptr_t status = 0;
+};
+
+inline void check(bool ok, const std::string& message) {
+  if (!ok) throw std::invalid_argument(message);
+}
+
+}  // namespace torchfluence

@@ -1,0 +1,165 @@
+// CPU influence-block kernel: scores = S @ G^T, blocked like a GEMM, with a
+// top-k epilogue that runs while each column block of scores is still in cache.
+//
+// Loop nest (Goto/BLIS style): for each block of NC training rows, for each
+// KC-slice of the parameter dimension, pack G's slice into NR-wide panels and
+// S's slice into MR-tall panels, then run an MR x NR register micro-kernel over
+// every (query panel, train panel) pair. When the last slice is done, every
+// query row of the NC-wide score block is checked for non-finite values,
+// optionally copied to `scores`, and merged into that row's running top-k.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "../common.h"
+#include "topk_merge.h"
+
+namespace torchfluence::cpu {
+namespace {
+
+// Panel widths: MR x NR accumulators stay in vector registers (6 x 16 floats
+// is twelve AVX2 registers, like the classic BLIS Haswell kernel).
+template <typename T> struct Tile;
+template <> struct Tile<float> { static constexpr int MR = 6, NR = 16; };
+template <> struct Tile<double> { static constexpr int MR = 6, NR = 8; };
+
+constexpr std::int64_t KC = 256;  // parameter slice: a packed G panel is KC x NR (16 KiB float)
+constexpr std::int64_t NC = 512;  // training rows per score block (the top-k epilogue works on these)
+
+// Packs rows [r0, r0+nr) and columns [k0, k0+kc) of a strided matrix into a
+// k-major panel of width W, zero-padding missing rows.
+template <typename T, int W>
+void pack_panel(const T* base, const MatrixRef& m, std::int64_t r0, std::int64_t nr,
+                std::int64_t k0, std::int64_t kc, T* panel) {
+  for (std::int64_t kk = 0; kk < kc; ++kk) {
+    const T* col = base + (k0 + kk) * m.stride_col;
+    T* out = panel + kk * W;
+    for (int r = 0; r < W; ++r) out[r] = r < nr ? col[(r0 + r) * m.stride_row] : T(0);
+  }
+}
+
+// acc[MR][NR] += S_panel^T G_panel over kc; the compiler vectorizes the NR
+// loop. Several instruction-set clones let one wheel use AVX2/AVX-512 where the
+// CPU has them.
+template <typename T>
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+__attribute__((target_clones("avx512f", "arch=haswell", "default")))
+#endif
+void micro_kernel(std::int64_t kc, const T* __restrict s_panel, const T* __restrict g_panel,
+                  T* __restrict c, std::int64_t ldc, int rows, int cols) {
+  constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
+  T acc[MR][NR] = {};
+  for (std::int64_t kk = 0; kk < kc; ++kk) {
+    const T* s = s_panel + kk * MR;
+    const T* g = g_panel + kk * NR;
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) acc[i][j] += s[i] * g[j];
+  }
+  for (int i = 0; i < rows; ++i)
+    for (int j = 0; j < cols; ++j) c[i * ldc + j] += acc[i][j];
+}
+
+template <typename T>
+void influence_block_typed(const InfluenceBlockArgs& a) {
+  constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
+  const std::int64_t n_query = a.queries.rows, p = a.queries.cols, b = a.train.rows;
+  if (n_query == 0 || b == 0) return;
+  const T* S = reinterpret_cast<const T*>(a.queries.data);
+  const T* G = reinterpret_cast<const T*>(a.train.data);
+  T* out = reinterpret_cast<T*>(a.scores.data);
+  auto* status = reinterpret_cast<std::int64_t*>(a.status);
+  const std::int64_t k = a.topk.k;
+
+  const std::int64_t query_panels = (n_query + MR - 1) / MR;
+  const std::int64_t max_train_panels = (std::min(NC, b) + NR - 1) / NR;
+  std::vector<T> s_packed(query_panels * MR * std::min(KC, std::max<std::int64_t>(p, 1)));
+  std::vector<T> g_packed(max_train_panels * NR * std::min(KC, std::max<std::int64_t>(p, 1)));
+  std::vector<T> block(n_query * NC);  // the current score block [n_query, NC]
+
+  std::int64_t nonfinite = 0, bad_query = -1, bad_train = -1;
+
+#pragma omp parallel
+  {
+    std::vector<Entry<T>> candidates, merged;
+    for (std::int64_t j0 = 0; j0 < b; j0 += NC) {
+      const std::int64_t nc = std::min(NC, b - j0);
+      const std::int64_t train_panels = (nc + NR - 1) / NR;
+#pragma omp for
+      for (std::int64_t i = 0; i < n_query; ++i) std::memset(&block[i * NC], 0, sizeof(T) * nc);
+
+      for (std::int64_t k0 = 0; k0 < p; k0 += KC) {
+        const std::int64_t kc = std::min(KC, p - k0);
+#pragma omp for nowait
+        for (std::int64_t jp = 0; jp < train_panels; ++jp)
+          pack_panel<T, NR>(G, a.train, j0 + jp * NR, std::min<std::int64_t>(NR, nc - jp * NR), k0, kc,
+                            &g_packed[jp * NR * kc]);
+#pragma omp for
+        for (std::int64_t ip = 0; ip < query_panels; ++ip)
+          pack_panel<T, MR>(S, a.queries, ip * MR, std::min<std::int64_t>(MR, n_query - ip * MR), k0, kc,
+                            &s_packed[ip * MR * kc]);
+#pragma omp for collapse(2) schedule(static)
+        for (std::int64_t ip = 0; ip < query_panels; ++ip)
+          for (std::int64_t jp = 0; jp < train_panels; ++jp)
+            micro_kernel<T>(kc, &s_packed[ip * MR * kc], &g_packed[jp * NR * kc],
+                            &block[ip * MR * NC + jp * NR], NC,
+                            static_cast<int>(std::min<std::int64_t>(MR, n_query - ip * MR)),
+                            static_cast<int>(std::min<std::int64_t>(NR, nc - jp * NR)));
+      }
+
+      // Epilogue: the block is complete; rows are independent from here on.
+#pragma omp for schedule(dynamic, 4)
+      for (std::int64_t i = 0; i < n_query; ++i) {
+        const T* row = &block[i * NC];
+        for (std::int64_t j = 0; j < nc; ++j) {
+          if (!std::isfinite(row[j])) {
+#pragma omp critical(torchfluence_nonfinite)
+            {
+              if (nonfinite++ == 0) bad_query = i, bad_train = a.offset + j0 + j;
+            }
+          }
+        }
+        if (out) {
+          T* dst = out + i * a.scores.stride_row + j0 * a.scores.stride_col;
+          for (std::int64_t j = 0; j < nc; ++j) dst[j * a.scores.stride_col] = row[j];
+        }
+        if (k == 0) continue;
+        auto merge = [&](auto largest_tag, std::uintptr_t values_ptr, std::uintptr_t indices_ptr) {
+          constexpr bool Largest = decltype(largest_tag)::value;
+          T* values = reinterpret_cast<T*>(values_ptr) + i * k;
+          std::int64_t* indices = reinterpret_cast<std::int64_t*>(indices_ptr) + i * k;
+          const Entry<T> worst{values[k - 1], indices[k - 1]};
+          candidates.clear();
+          for (std::int64_t j = 0; j < nc; ++j) {
+            const Entry<T> e{row[j], a.offset + j0 + j};
+            if (std::isfinite(e.value) && (worst.index < 0 || ranks_before<T, Largest>(e, worst)))
+              candidates.push_back(e);
+          }
+          merge_into_topk<T, Largest>(candidates, merged, values, indices, k);
+        };
+        merge(std::true_type{}, a.topk.largest_values, a.topk.largest_indices);
+        merge(std::false_type{}, a.topk.smallest_values, a.topk.smallest_indices);
+      }
+    }
+  }
+  if (nonfinite > 0 && status) {
+    if (status[0] == 0) status[1] = bad_query, status[2] = bad_train;
+    status[0] += nonfinite;
+  }
+}
+
+}  // namespace
+
+void influence_block(const InfluenceBlockArgs& args) {
+  switch (args.dtype) {
+    case DType::Float32: influence_block_typed<float>(args); break;
+    case DType::Float64: influence_block_typed<double>(args); break;
+    default: check(false, "influence_block (CPU): dtype must be float32 or float64");
+  }
+}
+
+int max_threads() { return omp_get_max_threads(); }
+
+}  // namespace torchfluence::cpu
