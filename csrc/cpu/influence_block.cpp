@@ -41,25 +41,50 @@ void pack_panel(const T* base, const MatrixRef& m, std::int64_t r0, std::int64_t
   }
 }
 
-// acc[MR][NR] += S_panel^T G_panel over kc; the compiler vectorizes the NR
-// loop. Several instruction-set clones let one wheel use AVX2/AVX-512 where the
-// CPU has them.
+// c[rows x cols] += S_panel^T G_panel over kc. Written with GCC/Clang vector
+// extensions (two 32-byte vectors per row of the tile) so the accumulators
+// stay in registers; the per-ISA clones below let one wheel use AVX2+FMA
+// (x86-64-v3) or AVX-512 (v4) where the CPU has them and SSE2 elsewhere.
 template <typename T>
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-__attribute__((target_clones("avx512f", "arch=haswell", "default")))
-#endif
-void micro_kernel(std::int64_t kc, const T* __restrict s_panel, const T* __restrict g_panel,
-                  T* __restrict c, std::int64_t ldc, int rows, int cols) {
-  constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
-  T acc[MR][NR] = {};
+__attribute__((always_inline)) inline void micro_kernel_body(std::int64_t kc, const T* __restrict s_panel,
+                                                             const T* __restrict g_panel, T* __restrict c,
+                                                             std::int64_t ldc, int rows, int cols) {
+  typedef T Vec __attribute__((vector_size(32)));
+  constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR, VL = 32 / sizeof(T);
+  static_assert(NR == 2 * VL, "a tile row is two vectors");
+  Vec acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = Vec{};
   for (std::int64_t kk = 0; kk < kc; ++kk) {
+    Vec g0, g1;
+    std::memcpy(&g0, g_panel + kk * NR, sizeof(Vec));
+    std::memcpy(&g1, g_panel + kk * NR + VL, sizeof(Vec));
     const T* s = s_panel + kk * MR;
-    const T* g = g_panel + kk * NR;
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) acc[i][j] += s[i] * g[j];
+    for (int i = 0; i < MR; ++i) {
+      acc[i][0] += s[i] * g0;  // scalar * vector broadcasts
+      acc[i][1] += s[i] * g1;
+    }
   }
-  for (int i = 0; i < rows; ++i)
-    for (int j = 0; j < cols; ++j) c[i * ldc + j] += acc[i][j];
+  for (int i = 0; i < rows; ++i) {
+    T lanes[NR];
+    std::memcpy(lanes, acc[i], sizeof(lanes));
+    for (int j = 0; j < cols; ++j) c[i * ldc + j] += lanes[j];
+  }
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define TORCHFLUENCE_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define TORCHFLUENCE_ISA_CLONES
+#endif
+
+TORCHFLUENCE_ISA_CLONES void micro_kernel(std::int64_t kc, const float* s_panel, const float* g_panel, float* c,
+                                          std::int64_t ldc, int rows, int cols) {
+  micro_kernel_body<float>(kc, s_panel, g_panel, c, ldc, rows, cols);
+}
+
+TORCHFLUENCE_ISA_CLONES void micro_kernel(std::int64_t kc, const double* s_panel, const double* g_panel, double* c,
+                                          std::int64_t ldc, int rows, int cols) {
+  micro_kernel_body<double>(kc, s_panel, g_panel, c, ldc, rows, cols);
 }
 
 template <typename T>
@@ -103,7 +128,7 @@ void influence_block_typed(const InfluenceBlockArgs& a) {
 #pragma omp for collapse(2) schedule(static)
         for (std::int64_t ip = 0; ip < query_panels; ++ip)
           for (std::int64_t jp = 0; jp < train_panels; ++jp)
-            micro_kernel<T>(kc, &s_packed[ip * MR * kc], &g_packed[jp * NR * kc],
+            micro_kernel(kc, &s_packed[ip * MR * kc], &g_packed[jp * NR * kc],
                             &block[ip * MR * NC + jp * NR], NC,
                             static_cast<int>(std::min<std::int64_t>(MR, n_query - ip * MR)),
                             static_cast<int>(std::min<std::int64_t>(NR, nc - jp * NR)));
