@@ -1,0 +1,157 @@
+"""A model and its loss as pure functions of a flat parameter vector (torch.func).
+
+Everything the solvers need: per-sample gradients, batched Hessian- and
+Gauss-Newton-vector products, and the mixed second derivatives of the
+perturbation mode. Nothing here keeps an autograd graph alive between calls.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+_STOCHASTIC_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                       nn.modules.batchnorm._BatchNorm)
+
+
+class ModelFunctions:
+    """Functional view of ``model`` + ``loss`` over the selected parameters.
+
+    Args:
+        model: the network; its trainable parameters are read at construction.
+        loss: ``loss(outputs, targets)`` returning the *mean* loss over the batch.
+        params: names of the parameters to differentiate (default: all with
+            ``requires_grad``).
+        dtype: dtype the computations run in (parameters, buffers and floating
+            inputs are cast to it).
+    """
+
+    def __init__(self, model: nn.Module, loss: LossFn, params: Optional[Sequence[str]] = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss):
+            raise TypeError(f"loss must be callable as loss(outputs, targets), got {type(loss).__name__}")
+        named = dict(model.named_parameters())
+        if params is None:
+            names = [n for n, p in named.items() if p.requires_grad]
+        else:
+            unknown = [n for n in params if n not in named]
+            if unknown:
+                raise ValueError(f"params: unknown parameter names {unknown}; the model has {list(named)}")
+            names = list(params)
+        if not names:
+            raise ValueError("the model has no trainable parameters (none with requires_grad, or params=[])")
+        if model.training and any(isinstance(m, _STOCHASTIC_MODULES) for m in model.modules()):
+            warnings.warn(
+                "the model is in training mode and has dropout or batch-norm layers, so influences are "
+                "random or batch-dependent; call model.eval() first", stacklevel=3)
+        self.model, self.loss, self.names, self.dtype = model, loss, names, dtype
+        self.device = next(iter(named.values())).device
+        self.shapes = [named[n].shape for n in names]
+        self.sizes = [named[n].numel() for n in names]
+        self.num_params = sum(self.sizes)
+        self.frozen = {n: t.detach().to(dtype) if t.is_floating_point() else t.detach()
+                       for n, t in list(model.named_parameters()) + list(model.named_buffers()) if n not in names}
+        self.theta = torch.cat([named[n].detach().reshape(-1).to(dtype) for n in names])
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        return {n: t.view(s) for n, t, s in zip(self.names, flat.split(self.sizes), self.shapes)}
+
+    def cast_input(self, x: Tensor) -> Tensor:
+        x = x.to(self.device)
+        return x.to(self.dtype) if x.is_floating_point() else x
+
+    def outputs(self, theta: Tensor, x: Tensor) -> Tensor:
+        return functional_call(self.model, {**self.frozen, **self.unflatten(theta)}, (x,))
+
+    def batch_loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        value = self.loss(self.outputs(theta, x), y)
+        if value.dim() != 0:
+            raise ValueError(
+                f"loss must return a scalar (the mean over the batch), got shape {tuple(value.shape)}; "
+                "use reduction='mean'")
+        return value
+
+    def _sample_loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        return self.batch_loss(theta, x.unsqueeze(0), y.unsqueeze(0))
+
+    # -- first order ------------------------------------------------------------------------------
+    def per_sample_grads(self, x: Tensor, y: Tensor) -> Tensor:
+        """Gradients of each sample's loss, (n, p)."""
+        x, y = self.cast_input(x), y.to(self.device)
+        return vmap(grad(self._sample_loss), in_dims=(None, 0, 0))(self.theta, x, y).detach()
+
+    def check_loss(self, x: Tensor, y: Tensor) -> None:
+        """Fails early, with a clear message, on a loss that is not a scalar mean."""
+        with torch.no_grad():
+            self.batch_loss(self.theta, self.cast_input(x), y.to(self.device))
+
+    # -- second order -----------------------------------------------------------------------------
+    def hvp(self, vectors: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """Hessian of the batch's mean loss times each row of `vectors` (k, p) -> (k, p).
+
+        Forward-over-reverse: jvp of the gradient, vmapped over the vectors.
+        """
+        x, y = self.cast_input(x), y.to(self.device)
+        gradient = grad(self.batch_loss)
+
+        def one(v: Tensor) -> Tensor:
+            return jvp(lambda t: gradient(t, x, y), (self.theta,), (v,))[1]
+
+        return vmap(one)(vectors).detach()
+
+    def ggn_vp(self, vectors: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """Generalised Gauss-Newton J^T H_out J times each row of `vectors` (k, p) -> (k, p)."""
+        x, y = self.cast_input(x), y.to(self.device)
+        out, pullback = vjp(lambda t: self.outputs(t, x), self.theta)
+        out = out.detach()
+        loss_grad = grad(lambda o: self.loss(o, y))
+
+        def one(v: Tensor) -> Tensor:
+            jv = jvp(lambda t: self.outputs(t, x), (self.theta,), (v,))[1]
+            h_jv = jvp(loss_grad, (out,), (jv,))[1]
+            return pullback(h_jv)[0]
+
+        return vmap(one)(vectors).detach()
+
+    def output_jacobians(self, x: Tensor) -> Tensor:
+        """Per-sample Jacobians of the flattened outputs, (n, c, p)."""
+        x = self.cast_input(x)
+
+        def one(xi: Tensor) -> Tensor:
+            return jacrev(lambda t: self.outputs(t, xi.unsqueeze(0)).reshape(-1))(self.theta)
+
+        return vmap(one)(x).detach()
+
+    def output_loss_hessians(self, x: Tensor, y: Tensor) -> Tensor:
+        """Hessian of each sample's own loss w.r.t. its flattened outputs, (n, c, c)."""
+        x, y = self.cast_input(x), y.to(self.device)
+        with torch.no_grad():
+            out = self.outputs(self.theta, x)
+        shape = out.shape[1:]
+
+        def one(o: Tensor, t: Tensor) -> Tensor:
+            return torch.func.hessian(lambda v: self.loss(v.view(1, *shape), t.unsqueeze(0)))(o.reshape(-1))
+
+        return vmap(one)(out, y).detach()
+
+    # -- perturbation mode ------------------------------------------------------------------------
+    def perturbation_scores(self, factors: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """d/dx_j [grad_theta L(z_j) . f_i] for every factor f_i and sample j, (n_f, n, *x.shape[1:])."""
+        x, y = self.cast_input(x), y.to(self.device)
+
+        def one(xj: Tensor, yj: Tensor) -> Tensor:
+            def projected(xv: Tensor) -> Tensor:
+                return grad(self._sample_loss)(self.theta, xv, yj) @ factors.T  # (n_f,)
+
+            return jacrev(projected)(xj)  # (n_f, *x_shape)
+
+        return vmap(one, out_dims=1)(x, y).detach()
