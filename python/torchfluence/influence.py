@@ -172,6 +172,7 @@ class InfluenceFunctionModel(ABC):
         """
         if (x is None) != (y is None):
             raise ValueError("x and y must be given together (or both left out to use the test points)")
+        check_mode(mode)
         factors = self.influence_factors(x_test, y_test)
         if x is None:
             x, y = x_test, y_test
@@ -180,6 +181,7 @@ class InfluenceFunctionModel(ABC):
     def influences_from_factors(self, factors: Tensor, x: Tensor, y: Tensor, mode: Mode = "up") -> Tensor:
         """Scores of (x, y) against precomputed factors (n_test, p); shapes as in :meth:`influences`."""
         self._require_fitted()
+        check_mode(mode)
         check_pair(x, y)
         factors = self._check_factors(factors)
         if mode == "up":
@@ -187,10 +189,8 @@ class InfluenceFunctionModel(ABC):
             for start, xb, yb in self._chunks(x, y, "scoring"):
                 influence_block(factors, self.grads(xb, yb), out=out[:, start:start + xb.shape[0]])
             return out
-        if mode == "perturbation":
-            parts = [self.functions.perturbation_scores(factors, xb, yb) for _, xb, yb in self._chunks(x, y, "scoring")]
-            return torch.cat(parts, dim=1)
-        raise ValueError(f"mode must be 'up' or 'perturbation', got {mode!r}")
+        parts = [self.functions.perturbation_scores(factors, xb, yb) for _, xb, yb in self._chunks(x, y, "scoring")]
+        return torch.cat(parts, dim=1)
 
     def self_influences(self, x: Tensor, y: Tensor) -> Tensor:
         """grad L(z_j)^T (H + lambda I)^-1 grad L(z_j) for each sample, (n,)."""
@@ -232,3 +232,8 @@ class InfluenceFunctionModel(ABC):
 def check_regularization(value: float) -> None:
     if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"regularization must be a finite number >= 0, got {value!r}")
+
+
+def check_mode(mode: str) -> None:
+    if mode not in ("up", "perturbation"):
+        raise ValueError(f"mode must be 'up' or 'perturbation', got {mode!r}")

@@ -1,0 +1,146 @@
+"""Leave-one-out retraining as ground truth, and clear errors on bad input."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchfluence as tfl
+
+from .digits import digits, loader, mlp
+
+
+def _fit_logistic(x, y, l2, init=None):
+    """argmin (1/n) sum_i BCE_i + (l2 / 2) ||w||^2 by L-BFGS in float64 (strongly convex)."""
+    model = nn.Linear(x.shape[1], 1).double()
+    if init is not None:
+        model.load_state_dict(init)
+    opt = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=500, tolerance_grad=1e-12,
+                            tolerance_change=1e-14, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        w = torch.cat([p.reshape(-1) for p in model.parameters()])
+        value = F.binary_cross_entropy_with_logits(model(x)[:, 0], y) + 0.5 * l2 * w.square().sum()
+        value.backward()
+        return value
+
+    opt.step(closure)
+    return model.eval()
+
+
+def test_predicts_leave_one_out_retraining():
+    x, labels, xt, lt = digits(n_train=1000, n_test=400)
+    keep, keep_t = (labels == 1) | (labels == 7), (lt == 1) | (lt == 7)
+    x, y = x[keep], (labels[keep] == 7).double()
+    xt, yt = xt[keep_t][:20], (lt[keep_t][:20] == 7).double()
+    l2, n = 0.01, x.shape[0]
+    model = _fit_logistic(x, y, l2)
+
+    def loss(out, target):
+        return F.binary_cross_entropy_with_logits(out[:, 0], target)
+
+    # H of the mean data loss plus the L2 term's Hessian l2 * I = the regularization.
+    im = tfl.DirectInfluence(model, loss, l2, dtype=torch.float64).fit(loader(x, y))
+    # Removing z_j changes the summed test loss by about +(1/n) sum_i influences[i, j].
+    predicted = im.influences(xt, yt, x, y).sum(dim=0) / n
+
+    def test_loss(m):
+        with torch.no_grad():
+            return float(F.binary_cross_entropy_with_logits(m(xt)[:, 0], yt, reduction="sum"))
+
+    base = test_loss(model)
+    candidates = torch.argsort(predicted.abs(), descending=True)[:25].tolist()  # the points that matter
+    actual = []
+    for j in candidates:
+        mask = torch.ones(n, dtype=torch.bool)
+        mask[j] = False
+        actual.append(test_loss(_fit_logistic(x[mask], y[mask], l2, init=model.state_dict())) - base)
+    corr = np.corrcoef(predicted[candidates].numpy(), np.array(actual))[0, 1]
+    # Koh & Liang report ~0.99 on the convex case; first-order error and the
+    # 1/(n-1) vs 1/n weighting leave a little slack.
+    assert corr > 0.95, corr
+
+
+@pytest.fixture
+def fitted():
+    x, y, xt, yt = digits(n_train=60, n_test=5)
+    return tfl.CgInfluence(mlp(), F.cross_entropy, 0.1, dtype=torch.float64).fit(loader(x, y)), x, y, xt, yt
+
+
+def test_mismatched_lengths(fitted):
+    im, x, y, xt, yt = fitted
+    with pytest.raises(ValueError, match="same number of samples, got 5 and 4"):
+        im.influences(xt, yt[:4], x, y)
+
+
+def test_non_scalar_loss_is_rejected():
+    x, y, _, _ = digits(n_train=20, n_test=1)
+    loss = nn.CrossEntropyLoss(reduction="none")
+    with pytest.raises(ValueError, match=r"loss must return a scalar .* got shape \(20,\)"):
+        tfl.DirectInfluence(mlp(), loss, 0.1, dtype=torch.float64).fit(loader(x, y))
+
+
+def test_nan_gradients_are_an_error(fitted):
+    im, x, y, xt, yt = fitted
+    bad = xt.clone()
+    bad[2, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or inf for 1 sample\(s\) \(first: sample 2\)"):
+        im.influences(bad, yt, x, y)
+
+
+def test_empty_loader():
+    x, y, _, _ = digits(n_train=20, n_test=1)
+    with pytest.raises(ValueError, match="train_data is empty"):
+        tfl.DirectInfluence(mlp(), F.cross_entropy, 0.1).fit(loader(x[:0], y[:0]))
+
+
+def test_no_trainable_parameters():
+    model = mlp()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        tfl.CgInfluence(model, F.cross_entropy, 0.1)
+
+
+def test_unknown_parameter_name():
+    with pytest.raises(ValueError, match=r"unknown parameter names \['head.weight'\]"):
+        tfl.CgInfluence(mlp(), F.cross_entropy, 0.1, params=["head.weight"])
+
+
+def test_not_fitted_and_bad_arguments():
+    x, y, _, _ = digits(n_train=10, n_test=1)
+    im = tfl.DirectInfluence(mlp(), F.cross_entropy, 0.1)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        im.influences(x, y)
+    with pytest.raises(ValueError, match="regularization must be a finite number >= 0, got -1"):
+        tfl.DirectInfluence(mlp(), F.cross_entropy, -1)
+    with pytest.raises(ValueError, match="second_order must be"):
+        tfl.DirectInfluence(mlp(), F.cross_entropy, 0.1, second_order="fisher")
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        tfl.LissaInfluence(mlp(), F.cross_entropy, 0.1, scale=0)
+    with pytest.raises(ValueError, match="mode must be 'up' or 'perturbation', got 'down'"):
+        tfl.CgInfluence(mlp(), F.cross_entropy, 0.1).fit(loader(x, y)).influences(x, y, mode="down")
+
+
+def test_indefinite_curvature_suggests_regularization():
+    x, y, _, _ = digits(n_train=30, n_test=1)
+    model = nn.Linear(64, 1).double()
+
+    def concave(out, target):
+        return -(out[:, 0] - target).square().mean()
+
+    with pytest.raises(ValueError, match="not positive definite.*at least"):
+        tfl.DirectInfluence(model, concave, 0.01, dtype=torch.float64).fit(loader(x, y.double()))
+
+
+def test_training_mode_with_dropout_warns():
+    model = nn.Sequential(nn.Linear(64, 8), nn.Dropout(0.5), nn.Linear(8, 10)).train()
+    with pytest.warns(UserWarning, match="model.eval"):
+        tfl.CgInfluence(model, F.cross_entropy, 0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tfl.CgInfluence(model.eval(), F.cross_entropy, 0.1)
