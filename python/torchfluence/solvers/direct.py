@@ -20,8 +20,8 @@ class DirectInfluence(InfluenceFunctionModel):
 
     The matrix comes from whichever route is cheaper for the shapes: batched
     curvature-vector products against identity columns (p products per sample),
-    or, for ``second_order="gauss_newton"`` when n_train * outputs < p,
-    per-sample output Jacobians (J^T H_out J).
+    or, for ``second_order="gauss_newton"`` with fewer outputs c than parameters,
+    per-sample output Jacobians (c backward passes per sample, then J^T H_out J).
 
     Args:
         column_block: identity columns pushed through one vmapped product.
@@ -76,7 +76,7 @@ class DirectInfluence(InfluenceFunctionModel):
 
     def _explicit_curvature(self, train_data: Batches) -> Tensor:
         p = self.num_params
-        use_jacobians = self.second_order == "gauss_newton" and self._outputs_per_sample(train_data) * self.n_train < p
+        use_jacobians = self.second_order == "gauss_newton" and self._outputs_per_sample(train_data) < p
         matrix = torch.zeros(p, p, dtype=torch.float64, device=self.device)
         eye = torch.eye(p, dtype=self.dtype, device=self.device)
         batches = tqdm(iterate_batches(train_data, "train_data"), desc="curvature", disable=not self.progress)
