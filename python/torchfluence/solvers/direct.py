@@ -28,7 +28,7 @@ class DirectInfluence(InfluenceFunctionModel):
         (others as in :class:`~torchfluence.InfluenceFunctionModel`)
     """
 
-    def __init__(self, *args, column_block: int = 128, **kwargs) -> None:
+    def __init__(self, *args, column_block: int = 512, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.column_block = column_block
         self.eigenvalues: Tensor | None = None  # (p,) float64, ascending
