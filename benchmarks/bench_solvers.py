@@ -10,6 +10,7 @@ same model and data in the same process and the time ratio is printed.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -79,12 +80,10 @@ def exact_matrix(model, x, y, xt, yt):
 
 
 def _double_copy(model):
-    import copy
-
     return copy.deepcopy(model).double()
 
 
-def time_torchfluence(name, make, loader, x, y, xt, yt):
+def time_torchfluence(make, loader, x, y, xt, yt):
     t0 = time.perf_counter()
     im = make().fit(loader)
     t1 = time.perf_counter()
@@ -124,7 +123,7 @@ def main():
                       {"regularization": REG, "maxiter": 200, "scale": scale}),
         }
         for name, (make, peer_cls, peer_kwargs) in solvers.items():
-            fit_t, score_t, scores = time_torchfluence(name, make, loader, x, y, xt, yt)
+            fit_t, score_t, scores = time_torchfluence(make, loader, x, y, xt, yt)
             err = float((scores.double() - exact).norm() / exact.norm())
             row = [kind, name, f"{fit_t:.2f}", f"{score_t:.2f}", f"{err:.1e}"]
             if pydvl_influence is not None:
