@@ -60,7 +60,7 @@ def trained(kind, x, y):
     return model.eval()
 
 
-def exact_matrix(model, x, y, xt, yt):
+def exact_matrix(model, x, y, xt, yt, reg: float = REG):
     """float64 oracle: explicit Hessian by torch.func.hessian, dense solve."""
     m64 = _double_copy(model)
     names = [n for n, _ in m64.named_parameters()]
@@ -73,9 +73,9 @@ def exact_matrix(model, x, y, xt, yt):
         return F.cross_entropy(torch.func.functional_call(m64, split, (x.double(),)), y)
 
     h = torch.func.hessian(total)(theta)
-    im = tfl.DirectInfluence(m64, F.cross_entropy, REG, dtype=torch.float64)
+    im = tfl.DirectInfluence(m64, F.cross_entropy, reg, dtype=torch.float64)
     g_test, g = im.grads(xt.double(), yt), im.grads(x.double(), y)
-    exact = torch.linalg.solve(h + REG * torch.eye(len(theta), dtype=h.dtype), g_test.T).T @ g.T
+    exact = torch.linalg.solve(h + reg * torch.eye(len(theta), dtype=h.dtype), g_test.T).T @ g.T
     return exact, float(torch.linalg.eigvalsh(h)[-1])
 
 

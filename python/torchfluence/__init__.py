@@ -7,14 +7,23 @@ from __future__ import annotations
 
 from ._build_info import build_info
 from .influence import InfluenceFunctionModel, TopKInfluences
-from .solvers import CgInfluence, DirectInfluence, LissaInfluence, SolveInfo
+from . import capture
+from .capture import register_layer
+from .solvers import (ArnoldiInfluence, CgInfluence, DirectInfluence, EkfacInfluence, KfacInfluence,
+                      LissaInfluence, NystroemSketchInfluence, SolveInfo)
 from .topk import InfluenceBlock, StreamingTopK, TopKResult, influence_block, influence_scores
 
 __version__: str = build_info()["version"]
 
 __all__ = [
+    "ArnoldiInfluence",
     "CgInfluence",
     "DirectInfluence",
+    "EkfacInfluence",
+    "KfacInfluence",
+    "NystroemSketchInfluence",
+    "capture",
+    "register_layer",
     "InfluenceFunctionModel",
     "LissaInfluence",
     "SolveInfo",

@@ -60,6 +60,8 @@ class StreamingTopK:
         self.largest_indices = torch.full((n_query, k), -1, dtype=torch.int64, device=self.device)
         self.smallest_indices = torch.full((n_query, k), -1, dtype=torch.int64, device=self.device)
         self.status = torch.zeros(3, dtype=torch.int64, device=self.device)
+        # "cuda" and "cuda:0" name the same device but compare unequal: keep the resolved one.
+        self.device = self.status.device
         self.n_seen = 0  # training rows merged so far; the default offset of the next block
 
     def update(self, S: Tensor, G: Tensor, offset: Optional[int] = None,

@@ -1,0 +1,67 @@
+"""Targets drawn from the model's predictive distribution (for the true Fisher).
+
+The Fisher E_{y ~ p(y|x)}[g g^T] equals the Gauss-Newton matrix for losses that
+are negative log-likelihoods; the empirical Fisher (y from the data) does not,
+and is a poor curvature estimate away from a perfect fit (Kunstner et al. 2019).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+TargetSampler = Callable[[Tensor], Tensor]
+
+
+def default_sampler(loss: Callable, generator: torch.Generator) -> Optional[TargetSampler]:
+    """A sampler for the common losses, or None when the loss is not recognised."""
+    if isinstance(loss, nn.CrossEntropyLoss) or loss is F.cross_entropy:
+        def categorical(outputs: Tensor) -> Tensor:
+            logits = outputs.movedim(1, -1) if outputs.dim() > 2 else outputs  # (n, C, ...) -> (..., C)
+            probs = torch.softmax(logits.double(), dim=-1).reshape(-1, logits.shape[-1])
+            drawn = torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
+            return drawn
+        return categorical
+    if isinstance(loss, nn.BCEWithLogitsLoss) or loss is F.binary_cross_entropy_with_logits:
+        def bernoulli(outputs: Tensor) -> Tensor:
+            return torch.bernoulli(torch.sigmoid(outputs), generator=generator)
+        return bernoulli
+    if isinstance(loss, nn.MSELoss) or loss is F.mse_loss:
+        def gaussian(outputs: Tensor) -> Tensor:
+            # Per-sample loss (1/c) ||o - y||^2 has output Hessian (2/c) I; noise of
+            # variance c/2 makes the gradients' covariance match it.
+            c = outputs[0].numel()
+            noise = torch.randn(outputs.shape, generator=generator, device=outputs.device, dtype=outputs.dtype)
+            return outputs + math.sqrt(c / 2) * noise
+        return gaussian
+    return None
+
+
+def exact_output_grads(loss: Callable, outputs: Tensor) -> Optional[Tensor]:
+    """Vectors whose outer products sum to each sample's output Hessian, or None if unknown.
+
+    For cross-entropy, diag(p) - p p^T = sum_c p_c (p - e_c)(p - e_c)^T, so the
+    C vectors sqrt(p_c) (p - e_c) backpropagated as output gradients give the
+    Fisher's exact expectation over the model's predictive distribution; for
+    MSE, (2/c) I = sum_k (sqrt(2/c) e_k)(sqrt(2/c) e_k)^T.
+
+    Args:
+        outputs: (n, C) model outputs.
+
+    Returns:
+        (K, n, C) output gradients, K = C.
+    """
+    if outputs.dim() != 2:
+        return None
+    n, c = outputs.shape
+    eye = torch.eye(c, dtype=outputs.dtype, device=outputs.device)
+    if isinstance(loss, nn.CrossEntropyLoss) or loss is F.cross_entropy:
+        p = torch.softmax(outputs, dim=1)  # (n, C)
+        return p.sqrt().T[:, :, None] * (p[None, :, :] - eye[:, None, :])  # [k, i] = sqrt(p_ik) (p_i - e_k)
+    if isinstance(loss, nn.MSELoss) or loss is F.mse_loss:
+        return math.sqrt(2 / c) * eye[:, None, :].expand(c, n, c)
+    return None

@@ -1,0 +1,108 @@
+"""Layer capture: per-sample gradients from activations and output gradients vs torch.func."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchfluence as tfl
+from torchfluence._functional import ModelFunctions
+from torchfluence.capture import capture, find_layers
+
+from .conftest import DEVICES
+
+
+class Sequence(nn.Module):
+    """Linear layers applied at every token, then mean-pooled: T > 1 positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(5, 7)
+        self.head = nn.Linear(7, 3, bias=False)
+
+    def forward(self, x):  # (n, T, 5)
+        return self.head(torch.tanh(self.embed(x))).mean(dim=1)
+
+
+class Shared(nn.Module):
+    """One Linear called twice: its positions add up."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.layer(torch.tanh(self.layer(x)))))
+
+
+def conv_net():
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2, padding=1, bias=False), nn.Tanh(),
+        nn.Conv2d(3, 4, (2, 3), dilation=(2, 1), padding="same"), nn.Tanh(),
+        nn.Conv2d(4, 2, 3, padding="valid"), nn.Flatten(), nn.LazyLinear(5))
+
+
+CASES = {
+    "mlp": (lambda: nn.Sequential(nn.Linear(9, 8), nn.Tanh(), nn.Linear(8, 4)), (9,), 4),
+    "conv": (conv_net, (2, 9, 11), 5),
+    "sequence": (Sequence, (6, 5), 3),
+    "shared": (Shared, (6,), 4),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_capture_gives_per_sample_gradients(case, device):
+    make, shape, classes = CASES[case]
+    model = make().double().to(device)
+    x = torch.randn(13, *shape, dtype=torch.float64, device=device)
+    model(x)  # materialise lazy layers
+    y = torch.randint(0, classes, (13,), device=device)
+    functions = ModelFunctions(model.eval(), F.cross_entropy, None, torch.float64)
+    layers, missing = find_layers(functions)
+    assert missing == []
+    got = capture(functions, layers, x, y).per_sample_grads(layers, functions.num_params)
+    expected = functions.per_sample_grads(x, y)
+    # Same float64 sums in another order: agreement to rounding of O(1) values.
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_registered_layer_type():
+    class Conv1dNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 4, 3, padding=1, stride=2)
+            self.out = nn.Linear(4 * 5, 2)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.conv(x)).flatten(1))
+
+    model = Conv1dNet().double()
+    functions = ModelFunctions(model, F.cross_entropy, None, torch.float64)
+    assert [l.name for l in find_layers(functions)[0]] == ["out"]
+    tfl.register_layer(
+        nn.Conv1d,
+        activations=lambda m, x: F.unfold(x.unsqueeze(-1), (m.kernel_size[0], 1), padding=(m.padding[0], 0),
+                                          stride=(m.stride[0], 1), dilation=(m.dilation[0], 1)).transpose(1, 2),
+        output_grads=lambda m, g: g.transpose(1, 2),
+    )
+    try:
+        layers, missing = find_layers(functions)
+        assert [l.name for l in layers] == ["conv", "out"] and missing == []
+        x, y = torch.randn(7, 3, 10, dtype=torch.float64), torch.randint(0, 2, (7,))
+        got = capture(functions, layers, x, y).per_sample_grads(layers, functions.num_params)
+        torch.testing.assert_close(got, functions.per_sample_grads(x, y), rtol=1e-10, atol=1e-12)
+    finally:
+        from torchfluence.capture import _RULES
+
+        _RULES.pop(nn.Conv1d)
+
+
+def test_unsupported_modules_are_reported():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Conv2d(1, 2, 1, groups=1), nn.Flatten())
+    model[2] = nn.Conv2d(2, 2, 1, groups=2)
+    functions = ModelFunctions(model, F.mse_loss, ["0.weight", "1.weight", "2.weight"], torch.float32)
+    layers, missing = find_layers(functions)
+    assert [l.name for l in layers] == ["0"] and layers[0].bias_slice is None  # bias not selected
+    assert missing == ["1.weight", "2.weight"]
