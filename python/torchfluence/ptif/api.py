@@ -1,0 +1,236 @@
+"""``calc_img_wise`` and ``calc_all_grad_then_test``: influences of every training sample on chosen test samples."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..influence import InfluenceFunctionModel
+from .compute import (check_model_device, collate, computed_grads, dataset_size, fit_solver, in_order,
+                      influence_rows, label_value, make_solver, model_fingerprint, ranking, seed_everything,
+                      select_test_indices)
+from .config import Settings, get_default_config, read_config
+from .files import jsonable, save_json, save_tensor
+
+log = logging.getLogger("torchfluence.ptif")
+
+Results = tuple[dict[str, dict[str, Any]], list[int], list[int]]
+
+
+def calc_img_wise(config: dict[str, Any], model: nn.Module, train_loader: DataLoader,
+                  test_loader: DataLoader) -> Results:
+    """Influences of every training sample on each selected test sample.
+
+    All selected test samples are solved together (``test_batch_size`` at a time) and
+    the training gradients are computed once per group, in batches, then assembled
+    with the influence kernel.
+
+    Files written to ``config["outdir"]``: ``influences_results_meta_<start>-<num>.json``
+    (the config and ``test_sample_index_list``) before the work, a temporary
+    ``influence_results_tmp_<start>_<num>_last-i_<i>.json`` after each group, and
+    ``influence_results_<start>_<num>.json`` at the end. An existing file is never
+    overwritten: the new one gets the time appended to its name.
+
+    Returns:
+        (influences, harmful, helpful): ``influences[str(test index)]`` holds ``label``,
+        ``num_in_dataset`` (position in the processing order), ``time_calc_influence_s``
+        (this sample's share of the wall time), ``influence`` (n_train floats) and its
+        ``harmful`` / ``helpful`` training indices; the top-level ``harmful`` and
+        ``helpful`` order all training indices by the influence averaged over the test samples.
+    """
+    settings = read_config(config)
+    check_model_device(model, settings.device)
+    seed_everything(settings.seed)
+    n_train = dataset_size(train_loader, "train_loader")
+    indices = select_test_indices(test_loader, settings)
+    start, num = _name_parts(config)
+    log.info(f"Running on: {settings.test_sample_num or 'all'} images per class, {len(indices)} test samples.")
+    log.info(f"Starting at img number: {settings.test_start_index} per class.")
+    save_json({**copy.deepcopy(config), "test_sample_index_list": indices},
+              settings.outdir / f"influences_results_meta_{start}-{num}.json")
+
+    began = time.perf_counter()
+    solver = fit_solver(make_solver(model, settings), train_loader, settings)
+    fit_share = (time.perf_counter() - began) / len(indices)
+    ordered = in_order(train_loader, settings.batch_size)
+
+    results: dict[str, dict[str, Any]] = {}
+    total = torch.zeros(n_train, dtype=torch.float64)
+    temporary: Optional[Path] = None
+    for group in _groups(indices, settings.test_batch_size):
+        began = time.perf_counter()
+        x, y = collate(test_loader, group)
+        rows = influence_rows(solver, solver.influence_factors(x, y), computed_grads(solver, ordered), n_train)
+        share = (time.perf_counter() - began) / len(group) + fit_share
+        _record(results, test_loader, group, indices, rows, share, settings)
+        total += rows.sum(dim=0)
+        previous, temporary = temporary, save_json(
+            results, settings.outdir / f"influence_results_tmp_{start}_{num}_last-i_{group[-1]}.json")
+        if previous is not None:
+            previous.unlink(missing_ok=True)  # the newer file holds everything the older one did
+
+    harmful, helpful = ranking(total / len(indices))
+    final = save_json(results, settings.outdir / f"influence_results_{start}_{num}.json")
+    if temporary is not None:
+        temporary.unlink(missing_ok=True)
+    _log_summary(results, harmful, helpful, final)
+    return results, harmful, helpful
+
+
+def calc_all_grad_then_test(config: dict[str, Any], model: nn.Module, train_loader: DataLoader,
+                            test_loader: DataLoader) -> Results:
+    """All training gradients and all ``s_test`` vectors to disk first, then the influences from the files.
+
+    Files go to ``config["save_pth"]`` (default: ``outdir``): ``grad_z/<start>-<stop>.grad_z``
+    (a (b, p) tensor per training block), ``s_test/<i>_recdep<depth>_r<r>.s_test`` (LiSSA) or
+    ``s_test/<i>_<solver>.s_test`` (a list of parameter-shaped tensors per test sample), and
+    ``torchfluence_manifest.json``. A rerun with the same model and settings reuses every
+    finished file, so an interrupted job resumes where it stopped; a rerun with a different
+    model or settings is refused rather than mixing results. Each file is written under a
+    temporary name and renamed, so an interruption never leaves a truncated one.
+
+    ``outdir/influence_results.json`` holds ``influences`` (n_train floats, averaged over
+    the test samples), ``harmful``, ``helpful`` (ordered by that average) and ``per_test``
+    (the per-test-sample dict of :func:`calc_img_wise`). The return value is as there.
+    """
+    settings = read_config(config)
+    check_model_device(model, settings.device)
+    seed_everything(settings.seed)
+    n_train = dataset_size(train_loader, "train_loader")
+    indices = select_test_indices(test_loader, settings)
+    store = settings.save_pth or settings.outdir
+    start, num = _name_parts(config)
+    save_json({**copy.deepcopy(config), "test_sample_index_list": indices},
+              settings.outdir / f"influences_results_meta_{start}-{num}.json")
+
+    began = time.perf_counter()
+    solver = fit_solver(make_solver(model, settings), train_loader, settings)
+    _check_manifest(store, solver, settings, n_train)
+    blocks = _save_grad_z(solver, train_loader, store / "grad_z", settings.batch_size, n_train)
+    factor_files = _save_s_test(solver, test_loader, indices, store / "s_test", settings)
+    share = (time.perf_counter() - began) / len(indices)
+
+    results: dict[str, dict[str, Any]] = {}
+    total = torch.zeros(n_train, dtype=torch.float64)
+    for group in _groups(indices, settings.test_batch_size):
+        began = time.perf_counter()
+        factors = torch.stack([_load_flat(factor_files[i], solver) for i in group])
+        rows = influence_rows(solver, factors, _load_blocks(blocks, solver), n_train)
+        _record(results, test_loader, group, indices, rows, share + (time.perf_counter() - began) / len(group),
+                settings)
+        total += rows.sum(dim=0)
+
+    mean = total / len(indices)
+    harmful, helpful = ranking(mean)
+    final = save_json({"influences": mean.tolist(), "harmful": harmful, "helpful": helpful, "per_test": results},
+                      settings.outdir / "influence_results.json")
+    _log_summary(results, harmful, helpful, final)
+    return results, harmful, helpful
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+def _name_parts(config: dict[str, Any]) -> tuple[Any, Any]:
+    """The raw config values the original file names are built from."""
+    merged = {**get_default_config(), **config}
+    return merged["test_start_index"], merged["test_sample_num"]
+
+
+def _groups(indices: list[int], size: Optional[int]) -> Iterator[list[int]]:
+    size = size or len(indices)
+    groups = [indices[i:i + size] for i in range(0, len(indices), size)]
+    yield from tqdm(groups, desc="test samples", disable=len(groups) < 2)
+
+
+def _record(results: dict, test_loader: DataLoader, group: list[int], indices: list[int], rows: Tensor,
+            seconds: float, settings: Settings) -> None:
+    position = {index: j for j, index in enumerate(indices)}
+    keep = settings.num_harmful_helpful
+    for index, row in zip(group, rows):
+        harmful, helpful = ranking(row)
+        results[str(index)] = {
+            "label": jsonable(label_value(test_loader.dataset[index][1])),
+            "num_in_dataset": position[index],
+            "time_calc_influence_s": seconds,
+            "influence": row.tolist(),
+            "harmful": harmful[:keep],
+            "helpful": helpful[:keep],
+        }
+
+
+def _log_summary(results: dict, harmful: list[int], helpful: list[int], path: Path) -> None:
+    last = results[next(reversed(results))]
+    log.info("Influences (last test sample, first 3): %s", last["influence"][:3])
+    log.info("Most harmful img IDs (averaged over the test samples): %s", harmful[:3])
+    log.info("Most helpful img IDs (averaged over the test samples): %s", helpful[:3])
+    log.info("Results written to %s", path)
+
+
+def _check_manifest(store: Path, solver: InfluenceFunctionModel, settings: Settings, n_train: int) -> None:
+    """Refuses to mix saved files of another model or other settings with this run's."""
+    manifest = {
+        "model": model_fingerprint(solver), "num_params": solver.num_params, "n_train": n_train,
+        "batch_size": settings.batch_size, "dtype": str(solver.dtype), "solver": settings.solver,
+        "damp": settings.damp, "scale": settings.scale, "recursion_depth": settings.recursion_depth,
+        "r": settings.repetitions, "rank": settings.rank, "seed": settings.seed,
+    }
+    path = store / "torchfluence_manifest.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        differ = {k: (saved.get(k), v) for k, v in manifest.items() if saved.get(k) != v}
+        if differ:
+            raise ValueError(
+                f"{store} holds gradient files of another run (saved vs now: {differ}); "
+                "use another save_pth or delete its grad_z/ and s_test/ folders")
+        log.info("Resuming with the files in %s", store)
+        return
+    save_json(manifest, path, overwrite=True)
+
+
+def _save_grad_z(solver: InfluenceFunctionModel, train_loader: DataLoader, folder: Path, size: int,
+                 n_train: int) -> list[Path]:
+    """Writes each missing training-gradient block (b, p); returns all block files in index order."""
+    paths = []
+    for begin in tqdm(range(0, n_train, size), desc="grad_z"):
+        stop = min(begin + size, n_train)
+        path = folder / f"{begin}-{stop}.grad_z"
+        if not path.exists():
+            x, y = collate(train_loader, range(begin, stop))
+            save_tensor(solver.grads(x, y).cpu(), path)
+        paths.append(path)
+    return paths
+
+
+def _save_s_test(solver: InfluenceFunctionModel, test_loader: DataLoader, indices: list[int], folder: Path,
+                 settings: Settings) -> dict[int, Path]:
+    """Writes each missing test sample's (H + damp I)^-1 grad L(z_test); returns the file of each."""
+    suffix = (f"_recdep{settings.recursion_depth}_r{settings.repetitions}" if settings.solver == "lissa"
+              else f"_{settings.solver}")
+    files = {i: folder / f"{i}{suffix}.s_test" for i in indices}
+    missing = [i for i in indices if not files[i].exists()]
+    for group in _groups(missing, settings.test_batch_size) if missing else ():
+        x, y = collate(test_loader, group)
+        for i, factor in zip(group, solver.influence_factors(x, y)):
+            save_tensor([t.cpu() for t in solver.functions.unflatten(factor).values()], files[i])
+    return files
+
+
+def _load_flat(path: Path, solver: InfluenceFunctionModel) -> Tensor:
+    parts = torch.load(path, map_location="cpu")
+    return torch.cat([t.reshape(-1) for t in parts]).to(solver.device, solver.dtype)
+
+
+def _load_blocks(paths: list[Path], solver: InfluenceFunctionModel) -> Iterator[Tensor]:
+    for path in paths:
+        grads = torch.load(path, map_location="cpu")
+        if grads.dim() != 2 or grads.shape[1] != solver.num_params:
+            raise ValueError(f"{path}: expected a (b, {solver.num_params}) gradient block, got {tuple(grads.shape)}")
+        yield grads.to(solver.device, solver.dtype)
