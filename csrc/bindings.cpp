@@ -10,8 +10,10 @@
 
 #include "common.h"
 #include "cpu/influence_block.h"
+#include "cpu/psg_dot.h"
 #ifdef TORCHFLUENCE_WITH_CUDA
 #include "cuda/influence_block_cuda.h"
+#include "cuda/psg_dot_cuda.h"
 #endif
 
 namespace py = pybind11;
@@ -32,6 +34,17 @@ void check_block_args(const InfluenceBlockArgs& a, const char* where) {
         w + ": scores must have shape [n_query, b]");
   check(a.status != 0, w + ": status pointer is missing");
   check(a.offset >= 0, w + ": offset must be >= 0, got " + std::to_string(a.offset));
+}
+
+void check_psg_args(const PsgDotArgs& a, const char* where) {
+  const std::string w(where);
+  const auto& A = a.activations;
+  const auto& D = a.output_grads;
+  check(A.n == D.n && A.t == D.t, w + ": activations [b, T, d_in] and output_grads [b, T, d_out] must agree in b and T");
+  check(a.queries.cols == A.d * D.d, w + ": queries must have d_out * d_in = " + std::to_string(A.d * D.d) +
+                                         " columns, got " + std::to_string(a.queries.cols));
+  check(a.scores.data && a.scores.rows == a.queries.rows && a.scores.cols == A.n,
+        w + ": scores must have shape [n_query, b]");
 }
 
 py::dict build_info() {
@@ -89,6 +102,29 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("args"));
 
+  py::class_<Tensor3Ref>(m, "Tensor3Ref")
+      .def(py::init([](std::uintptr_t data, std::int64_t n, std::int64_t t, std::int64_t d, std::int64_t sn,
+                       std::int64_t st, std::int64_t sd) { return Tensor3Ref{data, n, t, d, sn, st, sd}; }),
+           py::arg("data"), py::arg("n"), py::arg("t"), py::arg("d"), py::arg("stride_n"), py::arg("stride_t"),
+           py::arg("stride_d"));
+
+  py::class_<PsgDotArgs>(m, "PsgDotArgs")
+      .def(py::init([](int dtype, MatrixRef queries, Tensor3Ref activations, Tensor3Ref output_grads,
+                       MatrixRef scores) {
+             check(dtype >= 0 && dtype <= 3, "dtype code must be in [0, 3], got " + std::to_string(dtype));
+             return PsgDotArgs{static_cast<DType>(dtype), queries, activations, output_grads, scores};
+           }),
+           py::arg("dtype"), py::arg("queries"), py::arg("activations"), py::arg("output_grads"), py::arg("scores"));
+
+  m.def(
+      "psg_dot_cpu",
+      [](const PsgDotArgs& args) {
+        check_psg_args(args, "psg_dot (CPU)");
+        py::gil_scoped_release release;
+        cpu::psg_dot(args);
+      },
+      py::arg("args"));
+
 #ifdef TORCHFLUENCE_WITH_CUDA
   m.def("influence_block_cuda_splits", &cuda::influence_block_splits, py::arg("n_query"), py::arg("b"),
         py::arg("k"), py::arg("num_sms"));
@@ -101,6 +137,14 @@ PYBIND11_MODULE(_C, m) {
         cuda::influence_block(args, workspace, splits, stream);
       },
       py::arg("args"), py::arg("workspace"), py::arg("splits"), py::arg("stream"));
+  m.def(
+      "psg_dot_cuda",
+      [](const PsgDotArgs& args, std::uintptr_t stream) {
+        check_psg_args(args, "psg_dot (CUDA)");
+        py::gil_scoped_release release;
+        cuda::psg_dot(args, stream);
+      },
+      py::arg("args"), py::arg("stream"));
 #endif
 
   m.def("build_info", &build_info);

@@ -48,6 +48,22 @@ struct InfluenceBlockArgs {
   std::uintptr_t status = 0;
 };
 
+// A strided 3-D view [n, t, d] of caller memory (strides in elements).
+struct Tensor3Ref {
+  std::uintptr_t data = 0;
+  std::int64_t n = 0, t = 0, d = 0;
+  std::int64_t stride_n = 0, stride_t = 0, stride_d = 0;
+};
+
+// One captured layer for psg_dot: scores[q, j] += sum_t D[j,t]^T Q[q] A[j,t].
+struct PsgDotArgs {
+  DType dtype = DType::Float32;  // of queries, activations and output_grads
+  MatrixRef queries;             // Q [n_query, d_out * d_in], each row a row-major (d_out, d_in) matrix
+  Tensor3Ref activations;        // A [b, T, d_in]
+  Tensor3Ref output_grads;       // D [b, T, d_out]
+  MatrixRef scores;              // out [n_query, b], accumulated into (+=)
+};
+
 inline void check(bool ok, const std::string& message) {
   if (!ok) throw std::invalid_argument(message);
 }

@@ -169,3 +169,33 @@ def raise_if_nonfinite(status: Tensor, S: Optional[Tensor] = None, G: Optional[T
         f"influence_block: {count} influence score(s) are NaN or inf (e.g. query {query}, training index "
         f"{train}){culprit}. Check the model's gradients for NaN/inf before scoring."
     )
+
+
+def _tensor3(t: Tensor):
+    return _C.Tensor3Ref(t.data_ptr(), t.shape[0], t.shape[1], t.shape[2], t.stride(0), t.stride(1), t.stride(2))
+
+
+@torch.library.custom_op("torchfluence::psg_dot_accumulate", mutates_args=("scores",))
+def psg_dot_accumulate(Q: Tensor, A: Tensor, D: Tensor, scores: Tensor) -> None:
+    """scores[q, j] += sum_t D[j, t] @ Q[q] @ A[j, t] for one layer, without per-sample gradients in memory.
+
+    Args:
+        Q: (n_query, d_out * d_in) query matrices, each row a row-major (d_out, d_in) matrix.
+        A: (b, T, d_in) per-sample layer inputs (activations).
+        D: (b, T, d_out) per-sample gradients of the loss w.r.t. the layer outputs.
+        scores: (n_query, b), accumulated into.
+    """
+    if Q.shape[0] == 0 or A.shape[0] == 0:
+        return
+    args = _C.PsgDotArgs(_DTYPE_CODES[Q.dtype], _matrix(Q), _tensor3(A), _tensor3(D), _matrix(scores))
+    if Q.device.type == "cpu":
+        _C.psg_dot_cpu(args)
+        return
+    with torch.cuda.device(Q.device):
+        _C.psg_dot_cuda(args, torch.cuda.current_stream(Q.device).cuda_stream)
+
+
+@psg_dot_accumulate.register_fake
+def _(Q, A, D, scores):
+    # In-place accumulation with no return value: nothing for tracing to infer.
+    return None

@@ -29,3 +29,18 @@ def influence_block_reference(S: Tensor, G: Tensor, offset: int = 0, k: int = 0)
     lv, li = select_topk(scores, index, k, largest=True)
     sv, si = select_topk(scores, index, k, largest=False)
     return scores, TopKResult(lv, li, sv, si)
+
+
+def psg_dot_reference(Q: Tensor, A: Tensor, D: Tensor) -> Tensor:
+    """``scores[q, j] = <Q[q], sum_t D[j, t] A[j, t]^T>`` in float64, per-sample gradients materialised.
+
+    Args:
+        Q: (n_query, d_out, d_in) query matrices.
+        A: (n, T, d_in) activations.
+        D: (n, T, d_out) output gradients.
+
+    Returns:
+        (n_query, n) float64.
+    """
+    grads = torch.einsum("nto,nti->noi", D.double(), A.double())
+    return Q.double().flatten(1) @ grads.flatten(1).T

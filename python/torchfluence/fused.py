@@ -1,0 +1,113 @@
+"""Per-sample-gradient dot products for captured layers, without per-sample gradients in memory.
+
+A Linear or Conv2d layer's per-sample gradient is ``G_j = sum_t D[j, t] A[j, t]^T``
+(output gradients times inputs, summed over positions). Scoring it against a
+query matrix ``Q`` needs only ``<Q, G_j>``; :func:`psg_dot` computes that for all
+queries and samples at once.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from ._ops import _CPU_DTYPES, _DTYPE_CODES, accumulation_dtype, cuda_available_in_build, psg_dot_accumulate
+
+Queries = Union[Tensor, tuple[Tensor, Tensor]]
+
+# Elements of the (block, T, n_query * rank) intermediates the low-rank path holds at once.
+_LOW_RANK_BLOCK_ELEMENTS = 1 << 24
+
+
+def psg_dot(queries: Queries, activations: Tensor, output_grads: Tensor, *, out: Optional[Tensor] = None) -> Tensor:
+    """``scores[q, j] = <Q[q], sum_t D[j, t] A[j, t]^T>`` for one captured layer.
+
+    Args:
+        queries: (n_query, d_out, d_in) query matrices, or a pair ``(U, V)`` of
+            (n_query, d_out, r) and (n_query, d_in, r) meaning ``Q[q] = U[q] @ V[q]^T``.
+        activations: (n, T, d_in) layer inputs per sample and position (T = 1 for a
+            plain Linear layer, patches for Conv2d, tokens for sequences).
+        output_grads: (n, T, d_out) loss gradients w.r.t. the layer outputs.
+        out: optional (n_query, n) tensor in the accumulation dtype to add the scores to
+            (to sum over layers).
+
+    Returns:
+        (n_query, n) scores, float64 for float64 inputs and float32 otherwise.
+
+    Full queries run the compiled kernel, which forms each per-sample gradient
+    only as a cache-sized packed panel. Low-rank queries contract as
+    ``sum_t sum_r (D[j,t] . U[q,:,r]) (A[j,t] . V[q,:,r])``, which costs
+    ``r (d_in + d_out)`` instead of ``d_in d_out`` per (query, sample, position).
+    """
+    low_rank = isinstance(queries, tuple)
+    n_query, d_out, d_in = _check(queries, activations, output_grads)
+    n = activations.shape[0]
+    ref = queries[0] if low_rank else queries
+    acc = accumulation_dtype(ref.dtype)
+    if out is None:
+        out = torch.zeros(n_query, n, dtype=acc, device=ref.device)
+    elif out.shape != (n_query, n) or out.dtype != acc or out.device != ref.device:
+        raise ValueError(f"psg_dot: out must be a ({n_query}, {n}) {acc} tensor on {ref.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    if low_rank:
+        return _low_rank(queries, activations, output_grads, out)
+    # The kernel reads any strides; half-precision inputs (CUDA) accumulate in float32.
+    psg_dot_accumulate(queries.reshape(n_query, d_out * d_in), activations, output_grads, out)
+    return out
+
+
+def _low_rank(queries: tuple[Tensor, Tensor], A: Tensor, D: Tensor, out: Tensor) -> Tensor:
+    U, V = queries
+    n_query, rank = U.shape[0], U.shape[2]
+    n, T = A.shape[0], A.shape[1]
+    block = max(1, _LOW_RANK_BLOCK_ELEMENTS // max(1, T * n_query * rank))
+    U_flat = U.permute(1, 0, 2).reshape(U.shape[1], n_query * rank).to(out.dtype)  # (d_out, n_query * r)
+    V_flat = V.permute(1, 0, 2).reshape(V.shape[1], n_query * rank).to(out.dtype)  # (d_in, n_query * r)
+    for start in range(0, n, block):
+        a, d = A[start:start + block].to(out.dtype), D[start:start + block].to(out.dtype)
+        projected = (d @ U_flat) * (a @ V_flat)  # (b, T, n_query * r)
+        out[:, start:start + a.shape[0]] += projected.view(a.shape[0], T, n_query, rank).sum(dim=(1, 3)).T
+    return out
+
+
+def _check(queries: Queries, A: Tensor, D: Tensor) -> tuple[int, int, int]:
+    tensors = {"activations": A, "output_grads": D}
+    if isinstance(queries, tuple):
+        if len(queries) != 2:
+            raise ValueError(f"psg_dot: low-rank queries must be a pair (U, V), got {len(queries)} tensors")
+        tensors.update(U=queries[0], V=queries[1])
+    else:
+        tensors["queries"] = queries
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"psg_dot: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"psg_dot: {name} must be 3-D, got shape {tuple(t.shape)}")
+    first = next(iter(tensors.values()))
+    for name, t in tensors.items():
+        allowed = _CPU_DTYPES if t.device.type == "cpu" else tuple(_DTYPE_CODES)
+        if t.dtype not in allowed:
+            raise TypeError(f"psg_dot: {name} must have dtype in {[str(d) for d in allowed]} on {t.device.type}, "
+                            f"got {t.dtype}")
+        if t.dtype != first.dtype or t.device != first.device:
+            raise ValueError(f"psg_dot: all inputs must share dtype and device; activations is {A.dtype} on "
+                             f"{A.device}, {name} is {t.dtype} on {t.device}")
+    if A.shape[:2] != D.shape[:2]:
+        raise ValueError(f"psg_dot: activations (n, T, d_in) and output_grads (n, T, d_out) must agree in n and T, "
+                         f"got {tuple(A.shape)} and {tuple(D.shape)}")
+    d_in, d_out = A.shape[2], D.shape[2]
+    if isinstance(queries, tuple):
+        U, V = queries
+        expected_u, expected_v = (U.shape[0], d_out, U.shape[2]), (U.shape[0], d_in, U.shape[2])
+        if tuple(U.shape) != expected_u or tuple(V.shape) != expected_v:
+            raise ValueError(f"psg_dot: U and V must have shapes (n_query, d_out, r) = {expected_u} and "
+                             f"(n_query, d_in, r) = {expected_v}, got {tuple(U.shape)} and {tuple(V.shape)}")
+        return U.shape[0], d_out, d_in
+    if queries.shape[1:] != (d_out, d_in):
+        raise ValueError(f"psg_dot: queries must have shape (n_query, d_out, d_in) = (n_query, {d_out}, {d_in}), "
+                         f"got {tuple(queries.shape)}")
+    if first.device.type == "cuda" and not cuda_available_in_build():
+        raise RuntimeError("psg_dot: tensors are on CUDA but this torchfluence build has no CUDA kernels")
+    return queries.shape[0], d_out, d_in

@@ -1,0 +1,102 @@
+"""psg_dot against its float64 plain-PyTorch twin, and against torch.func per-sample gradients."""
+
+import pytest
+import torch
+from torch import nn
+
+import torchfluence as tfl
+from torchfluence.capture import capture, find_layers
+from torchfluence.fused import psg_dot
+from torchfluence.reference import psg_dot_reference
+
+from .conftest import DEVICES, dtypes_for
+
+SHAPES = [  # (n_query, n, T, d_in, d_out)
+    (5, 37, 1, 13, 7),  # odd sizes, T = 1: a plain Linear layer
+    (7, 300, 9, 17, 11),  # conv-like: several positions, more samples than one block
+    (1, 1, 1, 1, 1),
+    (12, 3, 4, 300, 2),  # a gradient row longer than one packed slice
+]
+
+
+def tolerance(dtype: torch.dtype, scale: float, depth: int) -> float:
+    """Rounding of a depth-term dot product at the input precision, relative to the magnitudes summed."""
+    eps = {torch.float64: 1e-16, torch.float32: 6e-8, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    # Half inputs are rounded once (eps) and then accumulated in float32; the sums grow like sqrt(depth).
+    return 8 * eps * scale * depth ** 0.5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_full_queries_match_reference(device, shape):
+    n_query, n, T, d_in, d_out = shape
+    for dtype in dtypes_for(device):
+        Q = torch.randn(n_query, d_out, d_in, device=device).to(dtype)
+        A = torch.randn(n, T, d_in, device=device).to(dtype)
+        D = torch.randn(n, T, d_out, device=device).to(dtype)
+        got = psg_dot(Q, A, D)
+        expected = psg_dot_reference(Q, A, D)
+        assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        # Each score sums d_out * d_in * T products of unit-variance terms.
+        scale = float(Q.double().abs().max() * A.double().abs().max() * D.double().abs().max())
+        err = float((got.double() - expected).abs().max())
+        assert err <= tolerance(dtype, scale, d_out * d_in * T), (dtype, err)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_inputs_and_accumulation(device):
+    Q = torch.randn(6, 9, 11, dtype=torch.float64, device=device).transpose(1, 2).contiguous().transpose(1, 2)
+    A = torch.randn(3, 40, 11, dtype=torch.float64, device=device).transpose(0, 1)  # (40, 3, 11), non-contiguous
+    D = torch.randn(40, 9, 3, dtype=torch.float64, device=device).transpose(1, 2)  # (40, 3, 9), stride_d != 1
+    start = torch.randn(6, 40, dtype=torch.float64, device=device)
+    out = start.clone()
+    assert psg_dot(Q, A, D, out=out) is out
+    assert torch.allclose(out, start + psg_dot_reference(Q, A, D), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T", [1, 5])
+def test_low_rank_queries_match_reference(device, T):
+    n_query, n, d_in, d_out, rank = 4, 50, 12, 8, 3
+    U = torch.randn(n_query, d_out, rank, dtype=torch.float64, device=device)
+    V = torch.randn(n_query, d_in, rank, dtype=torch.float64, device=device)
+    A = torch.randn(n, T, d_in, dtype=torch.float64, device=device)
+    D = torch.randn(n, T, d_out, dtype=torch.float64, device=device)
+    expected = psg_dot_reference(U @ V.transpose(1, 2), A, D)
+    assert torch.allclose(psg_dot((U, V), A, D), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scores_equal_per_sample_gradient_products_of_a_conv_net(device):
+    """Captured Conv2d/Linear layers scored with psg_dot equal queries . torch.func per-sample gradients."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 5 * 5, 4))
+    model = model.double().to(device).eval()
+    x = torch.randn(23, 2, 5, 5, dtype=torch.float64, device=device)
+    y = torch.randint(0, 4, (23,), device=device)
+    im = tfl.CgInfluence(model, nn.functional.cross_entropy, 0.1, dtype=torch.float64)
+    grads = im.grads(x, y)  # (n, p) by torch.func
+    queries = torch.randn(5, im.num_params, dtype=torch.float64, device=device)
+    layers, missing = find_layers(im.functions)
+    assert not missing
+    captured = capture(im.functions, layers, x, y)
+    scores = torch.zeros(5, 23, dtype=torch.float64, device=device)
+    for layer, A, D in zip(layers, captured.activations, captured.output_grads):
+        psg_dot(layer.matrices(queries), A, D, out=scores)
+    assert torch.allclose(scores, queries @ grads.T, rtol=1e-10, atol=1e-12)
+
+
+def test_bad_input_is_a_clear_error():
+    A, D = torch.randn(4, 2, 5), torch.randn(4, 2, 3)
+    with pytest.raises(ValueError, match=r"queries must have shape \(n_query, d_out, d_in\) = \(n_query, 3, 5\)"):
+        psg_dot(torch.randn(2, 5, 3), A, D)
+    with pytest.raises(ValueError, match="must agree in n and T"):
+        psg_dot(torch.randn(2, 3, 5), A, D[:, :1])
+    with pytest.raises(ValueError, match="must share dtype and device"):
+        psg_dot(torch.randn(2, 3, 5, dtype=torch.float64), A, D)
+    with pytest.raises(TypeError, match="must have dtype in"):
+        psg_dot(torch.randn(2, 3, 5).half(), A.half(), D.half())
+    with pytest.raises(ValueError, match=r"U and V must have shapes"):
+        psg_dot((torch.randn(2, 3, 4), torch.randn(2, 4, 4)), A, D)
+    with pytest.raises(ValueError, match=r"out must be a \(2, 4\) torch.float32 tensor"):
+        psg_dot(torch.randn(2, 3, 5), A, D, out=torch.zeros(2, 5))
