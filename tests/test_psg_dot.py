@@ -100,3 +100,39 @@ def test_bad_input_is_a_clear_error():
         psg_dot((torch.randn(2, 3, 4), torch.randn(2, 4, 4)), A, D)
     with pytest.raises(ValueError, match=r"out must be a \(2, 4\) torch.float32 tensor"):
         psg_dot(torch.randn(2, 3, 5), A, D, out=torch.zeros(2, 5))
+
+
+class MixedNet(nn.Module):
+    """A conv layer, a LayerNorm (not capturable: scored through torch.func) and a shared Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.norm = nn.LayerNorm(48)
+        self.head = nn.Linear(48, 10)
+
+    def forward(self, x):
+        h = self.norm(torch.tanh(self.conv(x)).flatten(1)[:, :48])
+        return self.head(h)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_engine_scores_equal_with_and_without_the_fused_path(device):
+    from .digits import digits, loader
+
+    x, y, xt, yt = digits(n_train=90, n_test=7, image=True)
+    x, y, xt, yt = x.to(device), y.to(device), xt.to(device), yt.to(device)
+    torch.manual_seed(0)
+    model = MixedNet().double().to(device).eval()
+    runs = {}
+    for fused in (True, False):
+        im = tfl.DirectInfluence(model, nn.functional.cross_entropy, 0.1, dtype=torch.float64, block_size=32,
+                                 second_order="gauss_newton",  # an untrained net: H is indefinite
+                                 fused=fused).fit(loader(x, y, 45))
+        assert (im.fused_plan() is not None) == fused
+        runs[fused] = (im.influences(xt, yt, x, y), im.top_k(xt, yt, loader(x, y, 45), k=5))
+    (fused_scores, fused_top), (plain_scores, plain_top) = runs[True], runs[False]
+    assert torch.allclose(fused_scores, plain_scores, rtol=1e-10, atol=1e-12)
+    assert torch.equal(fused_top.helpful_indices, plain_top.helpful_indices)
+    assert torch.equal(fused_top.harmful_indices, plain_top.harmful_indices)
+    assert torch.allclose(fused_top.helpful_values, plain_top.helpful_values, rtol=1e-10, atol=1e-12)

@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 
 from ._data import Batches, check_pair, chunks, count_samples, iterate_batches
 from ._functional import LossFn, ModelFunctions
+from .capture import capture, find_layers
+from .fused import psg_dot
 from .topk import StreamingTopK, influence_block
 
 SecondOrder = Literal["hessian", "gauss_newton"]
@@ -46,6 +48,15 @@ class TopKInfluences:
     harmful_values: Tensor
 
 
+@dataclass
+class FusedPlan:
+    """Captured layers scored by the fused kernel, and the other parameters (flat indices) by torch.func."""
+
+    layers: list
+    rest: Optional[ModelFunctions]
+    rest_index: Optional[Tensor]
+
+
 class InfluenceFunctionModel(ABC):
     """Base class: curvature from training data, solves, and scores.
 
@@ -60,11 +71,17 @@ class InfluenceFunctionModel(ABC):
         block_size: samples per per-sample-gradient block; bounds memory at
             about block_size x num_params values.
         progress: show tqdm progress bars on long loops.
+        fused: score the parameters of captured layers (``nn.Linear``, ``nn.Conv2d``
+            and registered types) with the fused per-sample-gradient kernel
+            (:func:`torchfluence.fused.psg_dot`) instead of materialised per-sample
+            gradients; the other parameters still go through ``torch.func``. Needs a
+            loss that is the mean of per-sample losses.
     """
 
     def __init__(self, model: nn.Module, loss: LossFn, regularization: float = 0.0, *,
                  params: Optional[Sequence[str]] = None, second_order: SecondOrder = "hessian",
-                 dtype: torch.dtype = torch.float32, block_size: int = 256, progress: bool = False) -> None:
+                 dtype: torch.dtype = torch.float32, block_size: int = 256, progress: bool = False,
+                 fused: bool = True) -> None:
         check_regularization(regularization)
         if second_order not in ("hessian", "gauss_newton"):
             raise ValueError(f"second_order must be 'hessian' or 'gauss_newton', got {second_order!r}")
@@ -77,6 +94,8 @@ class InfluenceFunctionModel(ABC):
         self.block_size = block_size
         self.progress = progress
         self.functions = ModelFunctions(model, loss, params, dtype)
+        self.fused = fused
+        self._fused_plan: Optional[FusedPlan] = None
         self.n_train: Optional[int] = None
         self._train_data: Optional[Batches] = None
 
@@ -187,7 +206,7 @@ class InfluenceFunctionModel(ABC):
         if mode == "up":
             out = torch.empty(factors.shape[0], x.shape[0], dtype=self.dtype, device=self.device)
             for start, xb, yb in self._chunks(x, y, "scoring"):
-                influence_block(factors, self.grads(xb, yb), out=out[:, start:start + xb.shape[0]])
+                self.score_block(factors, xb, yb, out=out[:, start:start + xb.shape[0]])
             return out
         parts = [self.functions.perturbation_scores(factors, xb, yb) for _, xb, yb in self._chunks(x, y, "scoring")]
         return torch.cat(parts, dim=1)
@@ -210,11 +229,53 @@ class InfluenceFunctionModel(ABC):
         """
         factors = self.influence_factors(x_test, y_test)
         state = StreamingTopK(factors.shape[0], k, device=self.device, dtype=self.dtype)
+        plan = self.fused_plan()
         for x, y in tqdm(iterate_batches(train_data, "train_data"), desc="top-k", disable=not self.progress):
             for _, xb, yb in chunks(x, y, self.block_size):
-                state.update(factors, self.grads(xb, yb))
+                if plan is None:
+                    state.update(factors, self.grads(xb, yb))
+                else:
+                    state.update_scores(self.score_block(factors, xb, yb))
         res = state.result()
         return TopKInfluences(res.largest_indices, res.largest_values, res.smallest_indices, res.smallest_values)
+
+    def score_block(self, factors: Tensor, x: Tensor, y: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """``factors @ grads(x, y).T`` for one block, (n_test, b), fused where the layers allow it."""
+        plan = self.fused_plan()
+        if out is None:
+            out = torch.empty(factors.shape[0], x.shape[0], dtype=self.dtype, device=self.device)
+        if plan is None:
+            return influence_block(factors, self.grads(x, y), out=out)
+        captured = capture(self.functions, plan.layers, x, y)
+        out.zero_()
+        for layer, activations, output_grads in zip(plan.layers, captured.activations, captured.output_grads):
+            psg_dot(layer.matrices(factors), activations, output_grads, out=out)
+        if plan.rest is not None:
+            out += factors[:, plan.rest_index] @ plan.rest.per_sample_grads(x, y).T
+        bad = ~torch.isfinite(out)
+        if bool(bad.any()):
+            query, sample = (int(v) for v in bad.nonzero()[0])
+            raise ValueError(
+                f"{int(bad.sum())} influence score(s) are NaN or inf (first: test row {query}, sample {sample} of "
+                "this block); check the inputs and the model for overflow")
+        return out
+
+    def fused_plan(self) -> Optional["FusedPlan"]:
+        """How scoring splits the parameters: captured layers (fused) and the rest (torch.func); None: no fusion."""
+        if not self.fused:
+            return None
+        if self._fused_plan is None:
+            layers, missing = find_layers(self.functions)
+            rest, rest_index = None, None
+            if layers and missing:
+                f = self.functions
+                rest = ModelFunctions(f.model, f.loss, missing, f.dtype)
+                offsets = dict(zip(f.names, torch.tensor([0, *f.sizes]).cumsum(0).tolist()))
+                sizes = dict(zip(f.names, f.sizes))
+                rest_index = torch.cat([torch.arange(offsets[n], offsets[n] + sizes[n]) for n in missing])
+                rest_index = rest_index.to(self.device)
+            self._fused_plan = FusedPlan(layers, rest, rest_index) if layers else FusedPlan([], None, None)
+        return self._fused_plan if self._fused_plan.layers else None
 
     # -- helpers ------------------------------------------------------------------------------------
     def _chunks(self, x: Tensor, y: Tensor, what: str):

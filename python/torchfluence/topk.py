@@ -107,6 +107,23 @@ class StreamingTopK:
         self.n_seen = max(self.n_seen, offset + G.shape[0])
         return out
 
+    def update_scores(self, block: Tensor, offset: Optional[int] = None) -> None:
+        """Merges precomputed scores (n_query, b) for rows ``offset .. offset + b`` into the state.
+
+        Raises ValueError on any NaN or inf score, naming the query and training index.
+        """
+        if block.dim() != 2 or block.shape[0] != self.n_query:
+            raise ValueError(f"StreamingTopK.update_scores: block must have shape ({self.n_query}, b), "
+                             f"got {tuple(block.shape)}")
+        offset = self.n_seen if offset is None else int(offset)
+        bad = ~torch.isfinite(block)
+        if bool(bad.any()):
+            query, column = (int(v) for v in bad.nonzero()[0])
+            raise ValueError(f"StreamingTopK.update_scores: {int(bad.sum())} influence score(s) are NaN or inf "
+                             f"(e.g. query {query}, training index {offset + column})")
+        self._merge_dense(block.to(self.largest_values.dtype), offset)
+        self.n_seen = max(self.n_seen, offset + block.shape[1])
+
     def _merge_dense(self, block: Tensor, offset: int) -> None:
         index = torch.arange(offset, offset + block.shape[1], device=block.device).expand_as(block)
         finite = torch.isfinite(block)
