@@ -17,8 +17,9 @@ from ._ops import _CPU_DTYPES, _DTYPE_CODES, accumulation_dtype, cuda_available_
 
 Queries = Union[Tensor, tuple[Tensor, Tensor]]
 
-# Elements of the (block, T, n_query * rank) intermediates the low-rank path holds at once.
-_LOW_RANK_BLOCK_ELEMENTS = 1 << 24
+# Elements of the per-block intermediates (low-rank projections, per-sample gradient
+# blocks) held at once: 64 MiB in float32, whatever n is.
+_BLOCK_ELEMENTS = 1 << 24
 
 
 def psg_dot(queries: Queries, activations: Tensor, output_grads: Tensor, *, out: Optional[Tensor] = None) -> Tensor:
@@ -36,10 +37,16 @@ def psg_dot(queries: Queries, activations: Tensor, output_grads: Tensor, *, out:
     Returns:
         (n_query, n) scores, float64 for float64 inputs and float32 otherwise.
 
-    Full queries run the compiled kernel, which forms each per-sample gradient
-    only as a cache-sized packed panel. Low-rank queries contract as
-    ``sum_t sum_r (D[j,t] . U[q,:,r]) (A[j,t] . V[q,:,r])``, which costs
-    ``r (d_in + d_out)`` instead of ``d_in d_out`` per (query, sample, position).
+    The contraction order follows the shapes:
+
+    - T = 1, full queries: the compiled kernel, which forms each per-sample
+      gradient only as a cache-sized packed panel (no n x p memory at all).
+    - T > 1, full queries: per-sample gradients of a block of samples by one
+      batched matmul (their formation then costs T flops per entry, well
+      vectorised), scored with a matmul; memory is one block, never n x p.
+    - Low-rank queries: ``sum_t sum_r (D[j,t] . U[q,:,r]) (A[j,t] . V[q,:,r])``,
+      ``T r (d_in + d_out)`` per (query, sample) instead of ``d_in d_out``; when
+      that is the larger, ``U V^T`` is formed and the full path runs.
     """
     low_rank = isinstance(queries, tuple)
     n_query, d_out, d_in = _check(queries, activations, output_grads)
@@ -51,10 +58,28 @@ def psg_dot(queries: Queries, activations: Tensor, output_grads: Tensor, *, out:
     elif out.shape != (n_query, n) or out.dtype != acc or out.device != ref.device:
         raise ValueError(f"psg_dot: out must be a ({n_query}, {n}) {acc} tensor on {ref.device}, got "
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    T = activations.shape[1]
     if low_rank:
-        return _low_rank(queries, activations, output_grads, out)
-    # The kernel reads any strides; half-precision inputs (CUDA) accumulate in float32.
-    psg_dot_accumulate(queries.reshape(n_query, d_out * d_in), activations, output_grads, out)
+        rank = queries[0].shape[2]
+        if T * rank * (d_in + d_out) <= d_in * d_out:
+            return _low_rank(queries, activations, output_grads, out)
+        queries = queries[0] @ queries[1].transpose(1, 2)
+    Q = queries.reshape(n_query, d_out * d_in)
+    if T == 1:
+        # The kernel reads any strides; half-precision inputs (CUDA) accumulate in float32.
+        psg_dot_accumulate(Q, activations, output_grads, out)
+        return out
+    return _gradient_blocks(Q, activations, output_grads, out)
+
+
+def _gradient_blocks(Q: Tensor, A: Tensor, D: Tensor, out: Tensor) -> Tensor:
+    n, d_in, d_out = A.shape[0], A.shape[2], D.shape[2]
+    block = max(1, _BLOCK_ELEMENTS // (d_in * d_out))
+    Q = Q.to(out.dtype)
+    for start in range(0, n, block):
+        a, d = A[start:start + block].to(out.dtype), D[start:start + block].to(out.dtype)
+        grads = d.transpose(1, 2) @ a  # (b, d_out, d_in) = sum_t D[j,t] A[j,t]^T
+        out[:, start:start + a.shape[0]] += Q @ grads.flatten(1).T
     return out
 
 
@@ -62,7 +87,7 @@ def _low_rank(queries: tuple[Tensor, Tensor], A: Tensor, D: Tensor, out: Tensor)
     U, V = queries
     n_query, rank = U.shape[0], U.shape[2]
     n, T = A.shape[0], A.shape[1]
-    block = max(1, _LOW_RANK_BLOCK_ELEMENTS // max(1, T * n_query * rank))
+    block = max(1, _BLOCK_ELEMENTS // max(1, T * n_query * rank))
     U_flat = U.permute(1, 0, 2).reshape(U.shape[1], n_query * rank).to(out.dtype)  # (d_out, n_query * r)
     V_flat = V.permute(1, 0, 2).reshape(V.shape[1], n_query * rank).to(out.dtype)  # (d_in, n_query * r)
     for start in range(0, n, block):
