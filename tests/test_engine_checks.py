@@ -144,3 +144,27 @@ def test_training_mode_with_dropout_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tfl.CgInfluence(model.eval(), F.cross_entropy, 0.1)
+
+
+def test_mse_regression_curvature_matches_autograd():
+    """mse_loss: Hessian and Gauss-Newton products against reverse-mode autograd (no forward-mode needed)."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    x, y = torch.randn(20, 5, dtype=torch.float64), torch.randn(20, 3, dtype=torch.float64)
+    im = tfl.DirectInfluence(model, torch.nn.functional.mse_loss, 1.0, dtype=torch.float64).fit([(x, y)])  # H is indefinite
+    names = [n for n, _ in model.named_parameters()]
+    params = tuple(p.detach() for p in model.parameters())
+
+    def total(*flat_params):
+        out = torch.func.functional_call(model, dict(zip(names, flat_params)), (x,))
+        return torch.nn.functional.mse_loss(out, y)
+
+    blocks = torch.autograd.functional.hessian(total, params)
+    exact = torch.cat([torch.cat([b.reshape(p.numel(), q.numel()) for b, q in zip(row, params)], dim=1)
+                       for row, p in zip(blocks, params)])
+    # Both float64, the same sums in a different order.
+    assert torch.allclose(im.curvature, exact, rtol=1e-10, atol=1e-12)
+    ggn = tfl.DirectInfluence(model, torch.nn.functional.mse_loss, 0.1, dtype=torch.float64,
+                              second_order="gauss_newton").fit([(x, y)])
+    v = torch.randn(4, im.num_params, dtype=torch.float64)
+    assert torch.allclose(ggn.functions.ggn_vp(v, x, y), v @ ggn.curvature, rtol=1e-10, atol=1e-12)

@@ -9,6 +9,9 @@ from ._build_info import build_info
 from .influence import InfluenceFunctionModel, TopKInfluences
 from . import capture
 from .capture import register_layer
+from .fused import psg_dot
+from .head import HeadInfluence
+from .linear_head import linear_head_hessian, linear_head_hvp
 from .solvers import (ArnoldiInfluence, CgInfluence, DirectInfluence, EkfacInfluence, KfacInfluence,
                       LissaInfluence, NystroemSketchInfluence, SolveInfo)
 from .topk import InfluenceBlock, StreamingTopK, TopKResult, influence_block, influence_scores
@@ -20,6 +23,7 @@ __all__ = [
     "CgInfluence",
     "DirectInfluence",
     "EkfacInfluence",
+    "HeadInfluence",
     "KfacInfluence",
     "NystroemSketchInfluence",
     "capture",
@@ -35,4 +39,7 @@ __all__ = [
     "build_info",
     "influence_block",
     "influence_scores",
+    "linear_head_hessian",
+    "linear_head_hvp",
+    "psg_dot",
 ]

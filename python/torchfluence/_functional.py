@@ -60,6 +60,7 @@ class ModelFunctions:
         self.frozen = {n: t.detach().to(dtype) if t.is_floating_point() else t.detach()
                        for n, t in list(model.named_parameters()) + list(model.named_buffers()) if n not in names}
         self.theta = torch.cat([named[n].detach().reshape(-1).to(dtype) for n in names])
+        self._forward_over_reverse = True
 
     # -- plumbing -------------------------------------------------------------------------------
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
@@ -98,15 +99,22 @@ class ModelFunctions:
     def hvp(self, vectors: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """Hessian of the batch's mean loss times each row of `vectors` (k, p) -> (k, p).
 
-        Forward-over-reverse: jvp of the gradient, vmapped over the vectors.
+        Forward-over-reverse (jvp of the gradient), vmapped over the vectors; where
+        a loss's double backward has no forward-mode rule in the installed torch
+        (e.g. ``mse_loss`` in some releases), reverse-over-reverse from then on.
         """
         x, y = self.cast_input(x), y.to(self.device)
         gradient = grad(self.batch_loss)
-
-        def one(v: Tensor) -> Tensor:
-            return jvp(lambda t: gradient(t, x, y), (self.theta,), (v,))[1]
-
-        return vmap(one)(vectors).detach()
+        if self._forward_over_reverse:
+            try:
+                return vmap(lambda v: jvp(lambda t: gradient(t, x, y), (self.theta,), (v,))[1])(vectors).detach()
+            except RuntimeError as err:
+                if "ZeroTensor" not in str(err):
+                    raise
+                self._forward_over_reverse = False
+        # H is symmetric, so the vector-Jacobian product of the gradient is H v.
+        _, pullback = vjp(lambda t: gradient(t, x, y), self.theta)
+        return vmap(lambda v: pullback(v)[0])(vectors).detach()
 
     def ggn_vp(self, vectors: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """Generalised Gauss-Newton J^T H_out J times each row of `vectors` (k, p) -> (k, p)."""
@@ -114,11 +122,11 @@ class ModelFunctions:
         out, pullback = vjp(lambda t: self.outputs(t, x), self.theta)
         out = out.detach()
         loss_grad = grad(lambda o: self.loss(o, y))
+        _, loss_hessian_pullback = vjp(loss_grad, out)  # H_out is symmetric: its VJP is H_out v
 
         def one(v: Tensor) -> Tensor:
             jv = jvp(lambda t: self.outputs(t, x), (self.theta,), (v,))[1]
-            h_jv = jvp(loss_grad, (out,), (jv,))[1]
-            return pullback(h_jv)[0]
+            return pullback(loss_hessian_pullback(jv)[0])[0]
 
         return vmap(one)(vectors).detach()
 

@@ -1,0 +1,128 @@
+"""Exact curvature of a linear head ``logits = X W^T + b`` in closed form.
+
+The logits are linear in (W, b), so the Hessian of the mean loss equals its
+Gauss-Newton matrix: ``H = (1/n) sum_i h_i (x) x~_i x~_i^T`` with ``x~_i = [x_i, 1]``
+and ``h_i`` the loss's Hessian in the logits:
+
+- cross-entropy: ``diag(p_i) - p_i p_i^T`` (p = softmax of the logits);
+- ``F.mse_loss`` (mean over n x C): ``(2 / C) I``;
+- ``F.binary_cross_entropy_with_logits`` (mean over n x C): ``diag(s_i (1 - s_i)) / C`` (s = sigmoid).
+
+``H V = (1/n) sum_i [h_i (V x~_i)] x~_i^T`` costs two matrix products per block of
+samples, with no autograd graph and no pass through anything but the features.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+HeadLoss = Literal["cross_entropy", "mse", "bce_with_logits"]
+
+_BLOCK = 4096  # samples per block: bounds the (block, k, C) intermediates
+
+
+def loss_kind(loss: Callable) -> Optional[HeadLoss]:
+    """Which closed form `loss` has, or None (then the generic autograd path is used)."""
+    if loss is F.cross_entropy or (isinstance(loss, nn.CrossEntropyLoss) and _plain(loss)):
+        return "cross_entropy"
+    if loss is F.mse_loss or (isinstance(loss, nn.MSELoss) and loss.reduction == "mean"):
+        return "mse"
+    if loss is F.binary_cross_entropy_with_logits or (
+            isinstance(loss, nn.BCEWithLogitsLoss) and loss.reduction == "mean" and loss.weight is None
+            and loss.pos_weight is None):
+        return "bce_with_logits"
+    return None
+
+
+def _plain(loss: nn.CrossEntropyLoss) -> bool:
+    return loss.reduction == "mean" and loss.weight is None and loss.label_smoothing == 0
+
+
+def linear_head_hvp(features: Tensor, weight: Tensor, bias: Optional[Tensor], vectors: Tensor,
+                    loss: HeadLoss = "cross_entropy") -> Tensor:
+    """Hessian of the mean loss of a linear head times each of `vectors`.
+
+    Args:
+        features: (n, d) inputs of the head.
+        weight: (C, d); bias: (C,) or None.
+        vectors: (k, C, d + 1) with a bias, (k, C, d) without (bias last column).
+        loss: ``"cross_entropy"``, ``"mse"`` or ``"bce_with_logits"``.
+
+    Returns:
+        (k, C, d[+1]) like `vectors`. The targets do not enter: none of these
+        Hessians depends on them.
+    """
+    n, d = features.shape
+    _check(features, weight, bias, vectors)
+    has_bias = bias is not None
+    out = torch.zeros_like(vectors)
+    v_weight = vectors[..., :d]  # (k, C, d)
+    for start in range(0, n, _BLOCK):
+        x = features[start:start + _BLOCK]
+        logits = F.linear(x, weight, bias)  # (b, C)
+        u = torch.einsum("bd,kcd->bkc", x, v_weight)  # V x~ for every sample and vector
+        if has_bias:
+            u = u + vectors[..., d]
+        r = _apply_logit_hessian(u, logits, loss)  # (b, k, C)
+        out[..., :d] += torch.einsum("bkc,bd->kcd", r, x)
+        if has_bias:
+            out[..., d] += r.sum(dim=0)
+    return out / n
+
+
+def linear_head_hessian(features: Tensor, weight: Tensor, bias: Optional[Tensor],
+                        loss: HeadLoss = "cross_entropy") -> Tensor:
+    """The explicit Hessian, (C (d[+1]), C (d[+1])), in the row-major order of (C, d[+1]) matrices.
+
+    Meant for direct solves when ``C * d`` is small: memory is its square.
+    """
+    n, d = features.shape
+    C = weight.shape[0]
+    d1 = d + (bias is not None)
+    total = features.new_zeros(C * d1, C * d1)
+    for start in range(0, n, _BLOCK):
+        x = features[start:start + _BLOCK]
+        logits = F.linear(x, weight, bias)
+        xt = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1) if bias is not None else x
+        h = _logit_hessians(logits, loss)  # (b, C, C)
+        total += torch.einsum("bce,bi,bj->ciej", h, xt, xt).reshape(C * d1, C * d1)
+    return total / n
+
+
+def _apply_logit_hessian(u: Tensor, logits: Tensor, loss: HeadLoss) -> Tensor:
+    """h_i u for u (b, k, C) and logits (b, C), without forming h_i."""
+    C = logits.shape[1]
+    if loss == "cross_entropy":
+        p = torch.softmax(logits, dim=1).unsqueeze(1)  # (b, 1, C)
+        return p * u - p * (p * u).sum(dim=2, keepdim=True)
+    if loss == "mse":
+        return u * (2.0 / C)
+    s = torch.sigmoid(logits).unsqueeze(1)
+    return u * (s * (1 - s)) / C
+
+
+def _logit_hessians(logits: Tensor, loss: HeadLoss) -> Tensor:
+    b, C = logits.shape
+    if loss == "cross_entropy":
+        p = torch.softmax(logits, dim=1)
+        return torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+    if loss == "mse":
+        return torch.eye(C, dtype=logits.dtype, device=logits.device).expand(b, C, C) * (2.0 / C)
+    s = torch.sigmoid(logits)
+    return torch.diag_embed(s * (1 - s) / C)
+
+
+def _check(features: Tensor, weight: Tensor, bias: Optional[Tensor], vectors: Tensor) -> None:
+    if features.dim() != 2 or weight.dim() != 2 or features.shape[1] != weight.shape[1]:
+        raise ValueError(f"linear_head: features (n, d) and weight (C, d) must agree in d, got "
+                         f"{tuple(features.shape)} and {tuple(weight.shape)}")
+    C, d = weight.shape
+    if bias is not None and tuple(bias.shape) != (C,):
+        raise ValueError(f"linear_head: bias must have shape ({C},), got {tuple(bias.shape)}")
+    d1 = d + (bias is not None)
+    if vectors.dim() != 3 or tuple(vectors.shape[1:]) != (C, d1):
+        raise ValueError(f"linear_head: vectors must have shape (k, {C}, {d1}), got {tuple(vectors.shape)}")

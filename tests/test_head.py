@@ -1,0 +1,129 @@
+"""Closed-form linear-head curvature against torch.func, and head mode against the generic path."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchfluence as tfl
+from torchfluence.head import HeadInfluence
+from torchfluence.linear_head import linear_head_hessian, linear_head_hvp
+
+from .conftest import DEVICES
+from .digits import digits, loader, rel_error
+
+LOSSES = {
+    "cross_entropy": (F.cross_entropy, lambda n, C: torch.randint(0, C, (n,))),
+    "mse": (F.mse_loss, lambda n, C: torch.randn(n, C, dtype=torch.float64)),
+    "bce_with_logits": (F.binary_cross_entropy_with_logits, lambda n, C: torch.rand(n, C, dtype=torch.float64)),
+}
+
+
+def flat_head_loss(loss, x, y, C, d, with_bias):
+    def f(theta):
+        weight = theta[:C * d].view(C, d)
+        bias = theta[C * d:] if with_bias else None
+        return loss(F.linear(x, weight, bias), y)
+    return f
+
+
+def autograd_hvp(f, theta, v):
+    """Reverse-over-reverse HVP (forward-over-reverse trips on mse_loss's double backward in some torch releases)."""
+    theta = theta.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(f(theta), theta, create_graph=True)
+    return torch.autograd.grad(g @ v, theta)[0]
+
+
+def to_matrix(flat, C, d, with_bias):  # (k, C*d [+ C]) -> (k, C, d[+1]), bias last column
+    w = flat[:, :C * d].view(-1, C, d)
+    return torch.cat([w, flat[:, C * d:].unsqueeze(-1)], dim=-1) if with_bias else w
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", list(LOSSES))
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_head_hvp_and_hessian_match_autograd(device, kind, with_bias):
+    n, d, C, k = 37, 9, 5, 3
+    loss, make_targets = LOSSES[kind]
+    x = torch.randn(n, d, dtype=torch.float64, device=device)
+    y = make_targets(n, C).to(device)
+    theta = torch.randn(C * d + (C if with_bias else 0), dtype=torch.float64, device=device)
+    V = torch.randn(k, theta.numel(), dtype=torch.float64, device=device)
+    f = flat_head_loss(loss, x, y, C, d, with_bias)
+    expected = torch.stack([autograd_hvp(f, theta, v) for v in V])
+
+    weight = theta[:C * d].view(C, d)
+    bias = theta[C * d:] if with_bias else None
+    got = linear_head_hvp(x, weight, bias, to_matrix(V, C, d, with_bias), kind)
+    # float64 sums of n * C * d terms of order 1: agreement to ~1e-13 relative.
+    assert rel_error(got, to_matrix(expected, C, d, with_bias)) < 1e-10
+
+    # The explicit Hessian, in (C, d[+1]) row-major order, against one autograd HVP per column.
+    order = to_matrix(torch.arange(theta.numel(), device=device)[None], C, d, with_bias).flatten()
+    eye = torch.eye(theta.numel(), dtype=torch.float64, device=device)
+    exact = torch.stack([autograd_hvp(f, theta, e) for e in eye])[order][:, order]
+    assert rel_error(linear_head_hessian(x, weight, bias, kind), exact) < 1e-10
+
+
+class FrozenBackbone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten())
+        self.fc = nn.Linear(64, 10)
+        for p in self.features.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+@pytest.fixture(scope="module")
+def frozen_problem():
+    x, y, xt, yt = digits(n_train=120, n_test=9, image=True)
+    torch.manual_seed(0)
+    model = FrozenBackbone().double().eval()
+    opt = torch.optim.Adam(model.fc.parameters(), lr=0.05)
+    for _ in range(100):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, x, y, xt, yt
+
+
+@pytest.mark.parametrize("solver, kwargs", [
+    (tfl.DirectInfluence, {}),
+    (tfl.CgInfluence, {"rtol": 1e-10}),
+    (tfl.EkfacInfluence, {"fisher": "exact"}),
+    (tfl.ArnoldiInfluence, {"rank": 20}),
+])
+def test_head_mode_equals_the_generic_path(frozen_problem, tmp_path, solver, kwargs):
+    model, x, y, xt, yt = frozen_problem
+    generic = solver(model, F.cross_entropy, 0.05, dtype=torch.float64, **kwargs).fit(loader(x, y, 50))
+    head = HeadInfluence(solver, model, F.cross_entropy, 0.05, dtype=torch.float64, batch_size=50,
+                         cache_dir=tmp_path, **kwargs).fit(loader(x, y, 50))
+    assert head.head_name == "fc" and head.num_params == generic.num_params == 650
+    assert type(head.solver).__name__ == f"LinearHead{solver.__name__}"  # closed-form curvature products
+    expected = generic.influences(xt, yt, x, y)
+    # Same mathematics; CG stops at rtol 1e-10 and Arnoldi's eigenvectors agree to ~1e-10.
+    assert rel_error(head.influences(xt, yt, x, y), expected) < 1e-7
+    assert rel_error(head.self_influences(x[:20], y[:20]), generic.self_influences(x[:20], y[:20])) < 1e-7
+    top_head, top_generic = head.top_k(xt, yt, k=5), generic.top_k(xt, yt, loader(x, y, 50), k=5)
+    assert torch.equal(top_head.harmful_indices, top_generic.harmful_indices)
+
+
+def test_head_mode_errors(frozen_problem):
+    model, x, y, xt, yt = frozen_problem
+    head = HeadInfluence(tfl.CgInfluence, model, F.cross_entropy, 0.05, dtype=torch.float64)
+    with pytest.raises(ValueError, match="mode='up' only"):
+        head.influences(xt, yt, mode="perturbation")
+    unfrozen = copy.deepcopy(model)
+    for p in unfrozen.parameters():
+        p.requires_grad_(True)
+    with pytest.raises(ValueError, match="do not sit in one submodule"):
+        HeadInfluence(tfl.CgInfluence, unfrozen, F.cross_entropy, 0.05)
+    with pytest.raises(ValueError, match="its output is not the model's output"):
+        HeadInfluence(tfl.CgInfluence, unfrozen, F.cross_entropy, 0.05, head="features.0").features(x[:3])
+    with pytest.raises(ValueError, match="no submodule named 'classifier'"):
+        HeadInfluence(tfl.CgInfluence, model, F.cross_entropy, 0.05, head="classifier")
