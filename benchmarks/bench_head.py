@@ -89,7 +89,7 @@ def main() -> None:
                                .influences(xt, yt, x, y))
     head_s, head = timed(lambda: tfl.HeadInfluence(tfl.CgInfluence, model, F.cross_entropy, reg, batch_size=128,
                                                    rtol=1e-12, maxiter=iterations).fit(train)
-                         .influences(xt, yt, x, y))
+                         .train_influences(xt, yt))
     err = float((head - generic).norm() / generic.norm())
     if err > 1e-3:
         raise AssertionError(f"head mode disagrees with the generic path: relative error {err:.1e}")

@@ -10,9 +10,11 @@
 
 #include "common.h"
 #include "cpu/influence_block.h"
+#include "cpu/linear_head.h"
 #include "cpu/psg_dot.h"
 #ifdef TORCHFLUENCE_WITH_CUDA
 #include "cuda/influence_block_cuda.h"
+#include "cuda/linear_head_cuda.h"
 #include "cuda/psg_dot_cuda.h"
 #endif
 
@@ -45,6 +47,14 @@ void check_psg_args(const PsgDotArgs& a, const char* where) {
                                          " columns, got " + std::to_string(a.queries.cols));
   check(a.scores.data && a.scores.rows == a.queries.rows && a.scores.cols == A.n,
         w + ": scores must have shape [n_query, b]");
+}
+
+void check_head_args(const LinearHeadArgs& a, const char* where) {
+  const std::string w(where);
+  check(a.features.cols == a.weight.cols, w + ": features [n, d] and weight [C, d] must agree in d");
+  check(a.vectors != 0 && a.out != 0, w + ": vectors and out are required");
+  check(a.k >= 0 && a.n_total > 0, w + ": k must be >= 0 and n_total > 0");
+  check(static_cast<int>(a.loss) >= 0 && static_cast<int>(a.loss) <= 2, w + ": loss code must be 0, 1 or 2");
 }
 
 py::dict build_info() {
@@ -116,6 +126,26 @@ PYBIND11_MODULE(_C, m) {
            }),
            py::arg("dtype"), py::arg("queries"), py::arg("activations"), py::arg("output_grads"), py::arg("scores"));
 
+  py::class_<LinearHeadArgs>(m, "LinearHeadArgs")
+      .def(py::init([](int dtype, int loss, MatrixRef features, MatrixRef weight, std::uintptr_t bias,
+                       std::uintptr_t vectors, std::uintptr_t out, std::int64_t k, std::int64_t n_total,
+                       std::uintptr_t workspace) {
+             check(dtype >= 0 && dtype <= 3, "dtype code must be in [0, 3], got " + std::to_string(dtype));
+             return LinearHeadArgs{static_cast<DType>(dtype), static_cast<HeadLoss>(loss), features, weight, bias,
+                                   vectors, out, k, n_total, workspace};
+           }),
+           py::arg("dtype"), py::arg("loss"), py::arg("features"), py::arg("weight"), py::arg("bias"),
+           py::arg("vectors"), py::arg("out"), py::arg("k"), py::arg("n_total"), py::arg("workspace"));
+
+  m.def(
+      "linear_head_hvp_cpu",
+      [](const LinearHeadArgs& args) {
+        check_head_args(args, "linear_head_hvp (CPU)");
+        py::gil_scoped_release release;
+        cpu::linear_head_hvp(args);
+      },
+      py::arg("args"));
+
   m.def(
       "psg_dot_cpu",
       [](const PsgDotArgs& args) {
@@ -143,6 +173,15 @@ PYBIND11_MODULE(_C, m) {
         check_psg_args(args, "psg_dot (CUDA)");
         py::gil_scoped_release release;
         cuda::psg_dot(args, stream);
+      },
+      py::arg("args"), py::arg("stream"));
+  m.def(
+      "linear_head_hvp_cuda",
+      [](const LinearHeadArgs& args, std::uintptr_t stream) {
+        check_head_args(args, "linear_head_hvp (CUDA)");
+        check(args.workspace != 0, "linear_head_hvp (CUDA): workspace is missing");
+        py::gil_scoped_release release;
+        cuda::linear_head_hvp(args, stream);
       },
       py::arg("args"), py::arg("stream"));
 #endif

@@ -64,6 +64,24 @@ struct PsgDotArgs {
   MatrixRef scores;              // out [n_query, b], accumulated into (+=)
 };
 
+// Loss of a linear head, for its closed-form curvature. Values match `_ops._HEAD_LOSS_CODES`.
+enum class HeadLoss : int { CrossEntropy = 0, MSE = 1, BCEWithLogits = 2 };
+
+// Hessian-vector products of a linear head's mean loss: out[v] = (1/n_total) sum_i h_i (V[v] x~_i) x~_i^T
+// over the n samples of this call, accumulated into out.
+struct LinearHeadArgs {
+  DType dtype = DType::Float32;  // of every tensor (float32 or float64)
+  HeadLoss loss = HeadLoss::CrossEntropy;
+  MatrixRef features;            // X [n, d]
+  MatrixRef weight;              // W [C, d]
+  std::uintptr_t bias = 0;       // b [C], contiguous, or 0 (then V and out have no bias column)
+  std::uintptr_t vectors = 0;    // V [k, C, d1] contiguous, d1 = d + (bias != 0)
+  std::uintptr_t out = 0;        // [k, C, d1] contiguous, accumulated into
+  std::int64_t k = 0;
+  std::int64_t n_total = 0;      // the divisor (all samples of the mean, over every call)
+  std::uintptr_t workspace = 0;  // CUDA only: n * C + k * n * C elements of the dtype
+};
+
 inline void check(bool ok, const std::string& message) {
   if (!ok) throw std::invalid_argument(message);
 }

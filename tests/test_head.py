@@ -108,6 +108,7 @@ def test_head_mode_equals_the_generic_path(frozen_problem, tmp_path, solver, kwa
     expected = generic.influences(xt, yt, x, y)
     # Same mathematics; CG stops at rtol 1e-10 and Arnoldi's eigenvectors agree to ~1e-10.
     assert rel_error(head.influences(xt, yt, x, y), expected) < 1e-7
+    assert rel_error(head.train_influences(xt, yt), expected) < 1e-7
     assert rel_error(head.self_influences(x[:20], y[:20]), generic.self_influences(x[:20], y[:20])) < 1e-7
     top_head, top_generic = head.top_k(xt, yt, k=5), generic.top_k(xt, yt, loader(x, y, 50), k=5)
     assert torch.equal(top_head.harmful_indices, top_generic.harmful_indices)
@@ -127,3 +128,20 @@ def test_head_mode_errors(frozen_problem):
         HeadInfluence(tfl.CgInfluence, unfrozen, F.cross_entropy, 0.05, head="features.0").features(x[:3])
     with pytest.raises(ValueError, match="no submodule named 'classifier'"):
         HeadInfluence(tfl.CgInfluence, model, F.cross_entropy, 0.05, head="classifier")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", list(LOSSES))
+def test_linear_head_kernel_float32_and_strided_features(device, kind):
+    from torchfluence.reference import linear_head_hvp_reference
+
+    n, d, C, k = 301, 33, 7, 5
+    x = torch.randn(d, n, device=device).T  # non-contiguous rows
+    weight, bias = torch.randn(C, d, device=device), torch.randn(C, device=device)
+    v = torch.randn(k, C, d + 1, device=device)
+    got = linear_head_hvp(x, weight, bias, v, kind)
+    expected = linear_head_hvp_reference(x, weight, bias, v, kind)
+    # float32 sums of n*d products, divided by n: relative error ~1e-7 * sqrt(n * d); 1e-5 leaves margin.
+    assert rel_error(got, expected) < 1e-5
+    no_bias = linear_head_hvp(x, weight, None, v[..., :d].contiguous(), kind)
+    assert rel_error(no_bias, linear_head_hvp_reference(x, weight, None, v[..., :d], kind)) < 1e-5

@@ -199,3 +199,38 @@ def psg_dot_accumulate(Q: Tensor, A: Tensor, D: Tensor, scores: Tensor) -> None:
 def _(Q, A, D, scores):
     # In-place accumulation with no return value: nothing for tracing to infer.
     return None
+
+
+_HEAD_LOSS_CODES = {"cross_entropy": 0, "mse": 1, "bce_with_logits": 2}
+
+
+@torch.library.custom_op("torchfluence::linear_head_hvp_accumulate", mutates_args=("out",))
+def linear_head_hvp_accumulate(features: Tensor, weight: Tensor, bias: Optional[Tensor], vectors: Tensor,
+                               loss: str, n_total: int, out: Tensor) -> None:
+    """out += (1/n_total) sum_i h_i (V x~_i) x~_i^T over the rows of `features` (closed-form head HVP).
+
+    Args:
+        features: (n, d); weight: (C, d); bias: (C,) contiguous or None.
+        vectors: (k, C, d1) contiguous, d1 = d + 1 with a bias; out: the same shape, accumulated into.
+        loss: "cross_entropy", "mse" or "bce_with_logits"; n_total: the divisor of the mean.
+    """
+    n, C, k = features.shape[0], weight.shape[0], vectors.shape[0]
+    if n == 0 or k == 0:
+        return
+    workspace = None
+    if features.device.type == "cuda":
+        workspace = torch.empty(n * C * (k + 1), dtype=features.dtype, device=features.device)
+    args = _C.LinearHeadArgs(_DTYPE_CODES[features.dtype], _HEAD_LOSS_CODES[loss], _matrix(features), _matrix(weight),
+                             0 if bias is None else bias.data_ptr(), vectors.data_ptr(), out.data_ptr(), k, n_total,
+                             0 if workspace is None else workspace.data_ptr())
+    if features.device.type == "cpu":
+        _C.linear_head_hvp_cpu(args)
+        return
+    with torch.cuda.device(features.device):
+        _C.linear_head_hvp_cuda(args, torch.cuda.current_stream(features.device).cuda_stream)
+
+
+@linear_head_hvp_accumulate.register_fake
+def _(features, weight, bias, vectors, loss, n_total, out):
+    # Accumulates into `out` in place; nothing to describe for tracing.
+    return None

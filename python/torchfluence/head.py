@@ -138,6 +138,20 @@ class HeadInfluence:
         f = f_test if x is None else self.features(x)
         return self.solver.influences(f_test, y_test, f, y_test if y is None else y)
 
+    def train_influences(self, x_test: Tensor, y_test: Tensor) -> Tensor:
+        """(n_test, n_train) influences of every fitted training sample, from the cached features
+        (no second backbone pass over the training data)."""
+        if self._train_features is None:
+            raise RuntimeError("HeadInfluence is not fitted: call .fit(train_loader) first")
+        factors = self.influence_factors(x_test, y_test)
+        out = torch.empty(factors.shape[0], self._train_features.shape[0], dtype=factors.dtype,
+                          device=factors.device)
+        for start in range(0, out.shape[1], self.batch_size):
+            f = self._train_features[start:start + self.batch_size]
+            y = self._train_targets[start:start + self.batch_size]
+            out[:, start:start + f.shape[0]] = self.solver.influences_from_factors(factors, f, y)
+        return out
+
     def influences_from_factors(self, factors: Tensor, x: Tensor, y: Tensor, mode: Mode = "up") -> Tensor:
         self._check_mode(mode)
         return self.solver.influences_from_factors(factors, self.features(x), y)

@@ -20,9 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._ops import linear_head_hvp_accumulate
+
 HeadLoss = Literal["cross_entropy", "mse", "bce_with_logits"]
 
-_BLOCK = 4096  # samples per block: bounds the (block, k, C) intermediates
+_BLOCK = 4096  # samples per block of the explicit Hessian's (block, C, C) intermediates
+_WORKSPACE = 1 << 24  # elements of the CUDA kernel's per-call workspace
 
 
 def loss_kind(loss: Callable) -> Optional[HeadLoss]:
@@ -54,24 +57,26 @@ def linear_head_hvp(features: Tensor, weight: Tensor, bias: Optional[Tensor], ve
 
     Returns:
         (k, C, d[+1]) like `vectors`. The targets do not enter: none of these
-        Hessians depends on them.
+        Hessians depends on them. Runs the compiled kernel (logits, the loss's
+        Hessian in the logits and both products fused, one pass over the samples).
     """
-    n, d = features.shape
     _check(features, weight, bias, vectors)
-    has_bias = bias is not None
+    if loss not in ("cross_entropy", "mse", "bce_with_logits"):
+        raise ValueError(f"linear_head: loss must be 'cross_entropy', 'mse' or 'bce_with_logits', got {loss!r}")
+    dtype = vectors.dtype
+    if dtype not in (torch.float32, torch.float64) or any(
+            t.dtype != dtype or t.device != vectors.device for t in (features, weight) + ((bias,) if bias is not None else ())):
+        raise TypeError(f"linear_head: features, weight, bias and vectors must share one dtype (float32 or float64) "
+                        f"and device, got {features.dtype}/{weight.dtype}/{vectors.dtype}")
+    n, C, k = features.shape[0], weight.shape[0], vectors.shape[0]
+    vectors = vectors.contiguous()
+    bias = None if bias is None else bias.contiguous()
     out = torch.zeros_like(vectors)
-    v_weight = vectors[..., :d]  # (k, C, d)
-    for start in range(0, n, _BLOCK):
-        x = features[start:start + _BLOCK]
-        logits = F.linear(x, weight, bias)  # (b, C)
-        u = torch.einsum("bd,kcd->bkc", x, v_weight)  # V x~ for every sample and vector
-        if has_bias:
-            u = u + vectors[..., d]
-        r = _apply_logit_hessian(u, logits, loss)  # (b, k, C)
-        out[..., :d] += torch.einsum("bkc,bd->kcd", r, x)
-        if has_bias:
-            out[..., d] += r.sum(dim=0)
-    return out / n
+    # On CUDA the kernel keeps (k + 1) x n x C values per call: bound them by splitting the samples.
+    block = n if features.device.type == "cpu" else max(1, _WORKSPACE // max(1, C * (k + 1)))
+    for start in range(0, n, block):
+        linear_head_hvp_accumulate(features[start:start + block], weight, bias, vectors, loss, n, out)
+    return out
 
 
 def linear_head_hessian(features: Tensor, weight: Tensor, bias: Optional[Tensor],
@@ -91,18 +96,6 @@ def linear_head_hessian(features: Tensor, weight: Tensor, bias: Optional[Tensor]
         h = _logit_hessians(logits, loss)  # (b, C, C)
         total += torch.einsum("bce,bi,bj->ciej", h, xt, xt).reshape(C * d1, C * d1)
     return total / n
-
-
-def _apply_logit_hessian(u: Tensor, logits: Tensor, loss: HeadLoss) -> Tensor:
-    """h_i u for u (b, k, C) and logits (b, C), without forming h_i."""
-    C = logits.shape[1]
-    if loss == "cross_entropy":
-        p = torch.softmax(logits, dim=1).unsqueeze(1)  # (b, 1, C)
-        return p * u - p * (p * u).sum(dim=2, keepdim=True)
-    if loss == "mse":
-        return u * (2.0 / C)
-    s = torch.sigmoid(logits).unsqueeze(1)
-    return u * (s * (1 - s)) / C
 
 
 def _logit_hessians(logits: Tensor, loss: HeadLoss) -> Tensor:

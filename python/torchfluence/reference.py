@@ -44,3 +44,29 @@ def psg_dot_reference(Q: Tensor, A: Tensor, D: Tensor) -> Tensor:
     """
     grads = torch.einsum("nto,nti->noi", D.double(), A.double())
     return Q.double().flatten(1) @ grads.flatten(1).T
+
+
+def linear_head_hvp_reference(features: Tensor, weight: Tensor, bias, vectors: Tensor,
+                              loss: str = "cross_entropy") -> Tensor:
+    """Closed-form linear-head HVP with plain tensor ops in float64 (see ``linear_head_hvp``), (k, C, d[+1])."""
+    x, w, v = features.double(), weight.double(), vectors.double()
+    b = None if bias is None else bias.double()
+    n, d = x.shape
+    C = w.shape[0]
+    logits = torch.nn.functional.linear(x, w, b)
+    u = torch.einsum("nd,kcd->nkc", x, v[..., :d])
+    if b is not None:
+        u = u + v[..., d]
+    if loss == "cross_entropy":
+        p = torch.softmax(logits, dim=1).unsqueeze(1)
+        r = p * u - p * (p * u).sum(dim=2, keepdim=True)
+    elif loss == "mse":
+        r = u * (2.0 / C)
+    else:
+        s = torch.sigmoid(logits).unsqueeze(1)
+        r = u * (s * (1 - s)) / C
+    out = torch.zeros_like(v)
+    out[..., :d] = torch.einsum("nkc,nd->kcd", r, x)
+    if b is not None:
+        out[..., d] = r.sum(dim=0)
+    return out / n
