@@ -154,3 +154,30 @@ def test_engine_scores_equal_with_and_without_the_fused_path(device):
     assert torch.equal(fused_top.helpful_indices, plain_top.helpful_indices)
     assert torch.equal(fused_top.harmful_indices, plain_top.harmful_indices)
     assert torch.allclose(fused_top.helpful_values, plain_top.helpful_values, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T", [1, 6])
+def test_self_dot_matches_reference(device, T):
+    from torchfluence.fused import psg_self_dot
+
+    W = torch.rand(7, 5, dtype=torch.float64, device=device)
+    A = torch.randn(40, T, 5, dtype=torch.float64, device=device)
+    D = torch.randn(40, T, 7, dtype=torch.float64, device=device)
+    grads = torch.einsum("nto,nti->noi", D, A)
+    assert torch.allclose(psg_self_dot(W, A, D), (grads.square() * W).sum(dim=(1, 2)), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("solver", [tfl.KfacInfluence, tfl.EkfacInfluence])
+def test_kfac_self_influences_fused_equal_plain(device, solver):
+    from .digits import digits, loader
+
+    x, y, _, _ = digits(n_train=80, n_test=1, image=True)
+    x, y = x.to(device), y.to(device)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(192, 10))
+    model = model.double().to(device).eval()
+    runs = [solver(model, nn.functional.cross_entropy, 0.1, dtype=torch.float64, fused=fused, block_size=32)
+            .fit(loader(x, y, 40)).self_influences(x, y) for fused in (True, False)]
+    assert torch.allclose(runs[0], runs[1], rtol=1e-10, atol=0)

@@ -1,37 +1,64 @@
-// CPU linear-head HVP. For each vector v (threads split the vectors, so each
-// owns its output rows and nothing needs reducing) and each block of samples:
-// u = V[v] x~_i (C dots of length d), r = h_i u from the probabilities of the
-// logits, then out[v, c, :] += r_c x~_i. The logits' probabilities are computed
-// once per sample in a first pass. Memory besides the output: n x C plus a
-// block of r per thread.
+// CPU linear-head HVP, as two register-tiled GEMMs per block of samples with
+// the loss's Hessian applied in between:
+//   U = X V^T            (b x kC: every vector times every sample's features)
+//   R = h(U)             (per sample: (diag p - p p^T) u for CE, scalings otherwise)
+//   out += R^T X / n     (kC x d; the bias column gets the column sums of R)
+// The logits' probabilities come from a first pass. Memory besides the output:
+// n x C plus two b x kC blocks.
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
+#include "gemm_tile.h"
 #include "linear_head.h"
 
 namespace torchfluence::cpu {
 namespace {
 
-constexpr std::int64_t BLOCK = 64;  // samples whose r values are formed before the rank-B update
+constexpr std::int64_t BLOCK = 256;  // samples per block
+constexpr std::int64_t KC = 256;     // depth slice of the GEMMs
+
+// C[m x n] (row stride ldc) += S[m x K] G[n x K]^T for strided S and G, on the calling OpenMP team.
+template <typename T>
+void gemm_nt(const T* S, const MatrixRef& s, const T* G, const MatrixRef& g, T* C, std::int64_t ldc,
+             std::vector<T>& s_packed, std::vector<T>& g_packed) {
+  constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
+  const std::int64_t m = s.rows, n = g.rows, K = s.cols;
+  const std::int64_t s_panels = (m + MR - 1) / MR, g_panels = (n + NR - 1) / NR;
+#pragma omp single
+  {
+    s_packed.resize(s_panels * MR * std::min(KC, K));
+    g_packed.resize(g_panels * NR * std::min(KC, K));
+  }
+  for (std::int64_t k0 = 0; k0 < K; k0 += KC) {
+    const std::int64_t kc = std::min(KC, K - k0);
+#pragma omp for nowait
+    for (std::int64_t jp = 0; jp < g_panels; ++jp)
+      pack_panel<T, NR>(G, g, jp * NR, std::min<std::int64_t>(NR, n - jp * NR), k0, kc, &g_packed[jp * NR * kc]);
+#pragma omp for
+    for (std::int64_t ip = 0; ip < s_panels; ++ip)
+      pack_panel<T, MR>(S, s, ip * MR, std::min<std::int64_t>(MR, m - ip * MR), k0, kc, &s_packed[ip * MR * kc]);
+#pragma omp for collapse(2) schedule(static)
+    for (std::int64_t ip = 0; ip < s_panels; ++ip)
+      for (std::int64_t jp = 0; jp < g_panels; ++jp)
+        micro_kernel(kc, &s_packed[ip * MR * kc], &g_packed[jp * NR * kc], C + ip * MR * ldc + jp * NR, ldc,
+                     static_cast<int>(std::min<std::int64_t>(MR, m - ip * MR)),
+                     static_cast<int>(std::min<std::int64_t>(NR, n - jp * NR)));
+  }
+}
 
 template <typename T>
-T dot(const T* a, const T* x, std::int64_t stride_x, std::int64_t d) {
+T dot(const T* a, std::int64_t stride_a, const T* x, std::int64_t stride_x, std::int64_t d) {
   T s = 0;
-  if (stride_x == 1) {
-#pragma omp simd reduction(+ : s)
-    for (std::int64_t j = 0; j < d; ++j) s += a[j] * x[j];
-  } else {
-    for (std::int64_t j = 0; j < d; ++j) s += a[j] * x[j * stride_x];
-  }
+  for (std::int64_t j = 0; j < d; ++j) s += a[j * stride_a] * x[j * stride_x];
   return s;
 }
 
 template <typename T>
 void linear_head_typed(const LinearHeadArgs& a) {
-  const std::int64_t n = a.features.rows, d = a.features.cols, C = a.weight.rows, k = a.k;
+  const std::int64_t n = a.features.rows, d = a.features.cols, C = a.weight.rows, k = a.k, kC = k * C;
   if (n == 0 || k == 0) return;
   const bool has_bias = a.bias != 0;
   const std::int64_t d1 = d + (has_bias ? 1 : 0);
@@ -40,18 +67,16 @@ void linear_head_typed(const LinearHeadArgs& a) {
   const T* b = reinterpret_cast<const T*>(a.bias);
   const T* V = reinterpret_cast<const T*>(a.vectors);
   T* out = reinterpret_cast<T*>(a.out);
-  const std::int64_t sxr = a.features.stride_row, sxc = a.features.stride_col;
   const T inv_n = T(1) / static_cast<T>(a.n_total);
 
-  // Pass 1: what h_i needs, per sample and class (probabilities, or sigmoid slopes).
+  // Pass 1: what h_i needs per sample and class (probabilities, or sigmoid slopes).
   std::vector<T> prob(n * C);
-  std::vector<T> w_row(C * d);  // W made contiguous once
-  for (std::int64_t c = 0; c < C; ++c)
-    for (std::int64_t j = 0; j < d; ++j) w_row[c * d + j] = W[c * a.weight.stride_row + j * a.weight.stride_col];
 #pragma omp parallel for schedule(static)
   for (std::int64_t i = 0; i < n; ++i) {
     T* p = &prob[i * C];
-    for (std::int64_t c = 0; c < C; ++c) p[c] = dot(&w_row[c * d], X + i * sxr, sxc, d) + (has_bias ? b[c] : T(0));
+    for (std::int64_t c = 0; c < C; ++c)
+      p[c] = dot(W + c * a.weight.stride_row, a.weight.stride_col, X + i * a.features.stride_row,
+                 a.features.stride_col, d) + (has_bias ? b[c] : T(0));
     if (a.loss == HeadLoss::CrossEntropy) {
       const T top = *std::max_element(p, p + C);
       T total = 0;
@@ -65,44 +90,47 @@ void linear_head_typed(const LinearHeadArgs& a) {
     }
   }
 
-  // Pass 2: one vector per thread at a time.
+  // V as a (kC x d) matrix with row stride d1 (the bias column is left out of the GEMM).
+  const MatrixRef v_ref{a.vectors, kC, d, d1, 1};
+  std::vector<T> r(BLOCK * kC);
+  std::vector<T> s_packed, g_packed;
+  std::vector<T> bias_sums(has_bias ? kC : 0, T(0));
 #pragma omp parallel
-  {
-    std::vector<T> r(BLOCK * C);
-    std::vector<T> x_block(BLOCK * d);
-#pragma omp for schedule(dynamic, 1)
-    for (std::int64_t v = 0; v < k; ++v) {
-      const T* Vv = V + v * C * d1;
-      T* Ov = out + v * C * d1;
-      for (std::int64_t i0 = 0; i0 < n; i0 += BLOCK) {
-        const std::int64_t nb = std::min(BLOCK, n - i0);
-        for (std::int64_t ii = 0; ii < nb; ++ii)
-          for (std::int64_t j = 0; j < d; ++j) x_block[ii * d + j] = X[(i0 + ii) * sxr + j * sxc];
-        for (std::int64_t ii = 0; ii < nb; ++ii) {
-          T* ri = &r[ii * C];
-          const T* p = &prob[(i0 + ii) * C];
-          for (std::int64_t c = 0; c < C; ++c)
-            ri[c] = dot(Vv + c * d1, &x_block[ii * d], 1, d) + (has_bias ? Vv[c * d1 + d] : T(0));
-          if (a.loss == HeadLoss::CrossEntropy) {  // (diag p - p p^T) u
-            T pu = 0;
-            for (std::int64_t c = 0; c < C; ++c) pu += p[c] * ri[c];
-            for (std::int64_t c = 0; c < C; ++c) ri[c] = p[c] * (ri[c] - pu);
-          } else if (a.loss == HeadLoss::MSE) {
-            for (std::int64_t c = 0; c < C; ++c) ri[c] *= T(2) / static_cast<T>(C);
-          } else {
-            for (std::int64_t c = 0; c < C; ++c) ri[c] *= p[c];
-          }
-        }
-        for (std::int64_t c = 0; c < C; ++c) {
-          T* row = Ov + c * d1;
-          for (std::int64_t ii = 0; ii < nb; ++ii) {
-            const T s = r[ii * C + c] * inv_n;
-            const T* x = &x_block[ii * d];
-#pragma omp simd
-            for (std::int64_t j = 0; j < d; ++j) row[j] += s * x[j];
-            if (has_bias) row[d] += s;
-          }
-        }
+  for (std::int64_t i0 = 0; i0 < n; i0 += BLOCK) {
+    const std::int64_t nb = std::min(BLOCK, n - i0);
+    // U = X_block V^T, started from the bias part of V x~.
+#pragma omp for
+    for (std::int64_t ii = 0; ii < nb; ++ii)
+      for (std::int64_t q = 0; q < kC; ++q) r[ii * kC + q] = has_bias ? V[q * d1 + d] : T(0);
+    const MatrixRef x_block{a.features.data + static_cast<std::uintptr_t>(i0 * a.features.stride_row * sizeof(T)),
+                            nb, d, a.features.stride_row, a.features.stride_col};
+    gemm_nt<T>(reinterpret_cast<const T*>(x_block.data), x_block, V, v_ref, r.data(), kC, s_packed, g_packed);
+    // R = h(U), per (sample, vector): C values at a time.
+#pragma omp for
+    for (std::int64_t t = 0; t < nb * k; ++t) {
+      const std::int64_t ii = t / k;
+      T* u = &r[ii * kC + (t % k) * C];
+      const T* p = &prob[(i0 + ii) * C];
+      if (a.loss == HeadLoss::CrossEntropy) {
+        T pu = 0;
+        for (std::int64_t c = 0; c < C; ++c) pu += p[c] * u[c];
+        for (std::int64_t c = 0; c < C; ++c) u[c] = p[c] * (u[c] - pu) * inv_n;
+      } else if (a.loss == HeadLoss::MSE) {
+        for (std::int64_t c = 0; c < C; ++c) u[c] *= T(2) / static_cast<T>(C) * inv_n;
+      } else {
+        for (std::int64_t c = 0; c < C; ++c) u[c] *= p[c] * inv_n;
+      }
+    }
+    // out[:, :d] += R^T X_block: S = R^T (kC x nb), G = X_block^T (d x nb).
+    const MatrixRef rt{reinterpret_cast<std::uintptr_t>(r.data()), kC, nb, 1, kC};
+    const MatrixRef xt{x_block.data, d, nb, a.features.stride_col, a.features.stride_row};
+    gemm_nt<T>(r.data(), rt, reinterpret_cast<const T*>(xt.data), xt, out, d1, s_packed, g_packed);
+    if (has_bias) {
+#pragma omp for
+      for (std::int64_t q = 0; q < kC; ++q) {
+        T sum = 0;
+        for (std::int64_t ii = 0; ii < nb; ++ii) sum += r[ii * kC + q];
+        out[q * d1 + d] += sum;
       }
     }
   }

@@ -136,3 +136,34 @@ def _check(queries: Queries, A: Tensor, D: Tensor) -> tuple[int, int, int]:
     if first.device.type == "cuda" and not cuda_available_in_build():
         raise RuntimeError("psg_dot: tensors are on CUDA but this torchfluence build has no CUDA kernels")
     return queries.shape[0], d_out, d_in
+
+
+def psg_self_dot(weights: Tensor, activations: Tensor, output_grads: Tensor) -> Tensor:
+    """The train-train diagonal: ``s[j] = sum_{o,i} W[o, i] G_j[o, i]^2`` with ``G_j = sum_t D[j,t] A[j,t]^T``.
+
+    With activations and output gradients rotated into a Kronecker eigenbasis
+    (``A Q_A``, ``D Q_S``) and ``W = 1 / (eigenvalues + lambda)``, this is the
+    self-influence ``g_j^T (F + lambda I)^-1 g_j`` of (E)K-FAC for one layer.
+
+    Args:
+        weights: (d_out, d_in).
+        activations: (n, T, d_in); output_grads: (n, T, d_out).
+
+    Returns:
+        (n,). For T = 1 it is ``((D^2) W (A^2)^T)`` per sample, with no per-sample
+        gradient formed; for T > 1 the gradients of a block of samples are formed.
+    """
+    n, T, d_in = activations.shape
+    d_out = output_grads.shape[2]
+    if output_grads.shape[:2] != (n, T) or tuple(weights.shape) != (d_out, d_in):
+        raise ValueError(f"psg_self_dot: expected weights ({d_out}, {d_in}), activations (n, T, d_in) and "
+                         f"output_grads (n, T, d_out) of one n and T, got {tuple(weights.shape)}, "
+                         f"{tuple(activations.shape)}, {tuple(output_grads.shape)}")
+    if T == 1:
+        return ((output_grads[:, 0].square() @ weights) * activations[:, 0].square()).sum(dim=1)
+    out = torch.empty(n, dtype=weights.dtype, device=weights.device)
+    block = max(1, _BLOCK_ELEMENTS // (d_in * d_out))
+    for start in range(0, n, block):
+        grads = output_grads[start:start + block].transpose(1, 2) @ activations[start:start + block]
+        out[start:start + grads.shape[0]] = (grads.square() * weights).sum(dim=(1, 2))
+    return out

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .._data import Batches, check_pair, chunks, iterate_batches
 from .._fisher import TargetSampler, default_sampler, exact_output_grads
 from ..capture import Layer, capture, describe_missing, find_layers
+from ..fused import psg_self_dot
 from ..influence import InfluenceFunctionModel, check_mode, check_regularization
 
 
@@ -199,6 +200,28 @@ class KfacInfluence(InfluenceFunctionModel):
         for layer, (q_a, q_s, lam) in zip(self.layers, self._solve_factors):
             rotated = q_s.T @ layer.matrices(vectors) @ q_a  # (k, d_out, d_in_total)
             layer.write(q_s @ (rotated / (lam + self.regularization)) @ q_a.T, out)
+        return out
+
+    def self_influences(self, x: Tensor, y: Tensor) -> Tensor:
+        """g_j^T (F + lambda I)^-1 g_j for each sample, (n,).
+
+        With ``fused`` (the default), from each layer's captured activations and
+        output gradients rotated into its Kronecker eigenbasis, without forming the
+        per-sample gradients when a layer has one position per sample.
+        """
+        if not self.fused:
+            return super().self_influences(x, y)
+        self._require_fitted()
+        check_pair(x, y)
+        out = torch.zeros(x.shape[0], dtype=self.dtype, device=self.device)
+        for start, xb, yb in self._chunks(x, y, "self-influence"):
+            cap = capture(self.functions, self.layers, xb, yb)
+            for (q_a, q_s, lam), a, g in zip(self._solve_factors, cap.activations, cap.output_grads):
+                out[start:start + xb.shape[0]] += psg_self_dot(1 / (lam + self.regularization), a @ q_a, g @ q_s)
+        bad = ~torch.isfinite(out)
+        if bool(bad.any()):
+            raise ValueError(f"self-influence is NaN or inf for {int(bad.sum())} sample(s) (first: sample "
+                             f"{int(bad.nonzero()[0])}); check the inputs and the model for overflow")
         return out
 
     # -- per-layer scores -----------------------------------------------------------------------------
