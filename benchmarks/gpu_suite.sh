@@ -22,6 +22,11 @@ if [ "${SANITIZE:-1}" = 1 ]; then
       -k "cuda and (exact_with_ties or random_data or offsets)" > "$OUT/sanitizer_$tool.log" 2>&1
     echo "compute-sanitizer $tool: exit $? ($(grep -c 'ERROR SUMMARY: 0' "$OUT/sanitizer_$tool.log") clean summaries)"
     grep -m3 -E "ERROR SUMMARY|Invalid|Race" "$OUT/sanitizer_$tool.log"
+    # The psg_dot and linear-head kernels on their smaller test shapes.
+    timeout 300 compute-sanitizer --tool $tool --error-exitcode 9 $PY -m pytest tests/test_psg_dot.py \
+      tests/test_head.py -q -x -k "cuda and (kernel or linear_head)" > "$OUT/sanitizer_fused_$tool.log" 2>&1
+    echo "compute-sanitizer $tool (fused kernels): exit $?"
+    grep -m3 -E "ERROR SUMMARY|Invalid|Race" "$OUT/sanitizer_fused_$tool.log"
   done
 fi
 for bench in ${BENCHES:-bench_influence_block}; do

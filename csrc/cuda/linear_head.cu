@@ -93,13 +93,13 @@ void check_launch(const char* what) {
 template <typename T>
 void launch(const LinearHeadArgs& a, cudaStream_t stream) {
   const long long n = a.features.rows, C = a.weight.rows, d1 = a.features.cols + (a.bias ? 1 : 0);
+  check(a.k * C <= 65535, "linear_head_hvp (CUDA): k * C must be <= 65535 per call, got " + std::to_string(a.k * C));
   T* prob = reinterpret_cast<T*>(a.workspace);
   T* r = prob + n * C;
   probabilities<T><<<static_cast<unsigned>((n + THREADS - 1) / THREADS), THREADS, 0, stream>>>(a, prob);
   check_launch("probabilities");
   curvature_times_u<T><<<static_cast<unsigned>((a.k * n + THREADS - 1) / THREADS), THREADS, 0, stream>>>(a, prob, r);
   check_launch("curvature_times_u");
-  check(a.k * C <= 65535, "linear_head_hvp (CUDA): k * C must be <= 65535 per call, got " + std::to_string(a.k * C));
   const dim3 grid(static_cast<unsigned>((d1 + THREADS - 1) / THREADS), static_cast<unsigned>(a.k * C));
   accumulate<T><<<grid, THREADS, 0, stream>>>(a, r);
   check_launch("accumulate");

@@ -72,10 +72,17 @@ def linear_head_hvp(features: Tensor, weight: Tensor, bias: Optional[Tensor], ve
     vectors = vectors.contiguous()
     bias = None if bias is None else bias.contiguous()
     out = torch.zeros_like(vectors)
-    # On CUDA the kernel keeps (k + 1) x n x C values per call: bound them by splitting the samples.
-    block = n if features.device.type == "cpu" else max(1, _WORKSPACE // max(1, C * (k + 1)))
-    for start in range(0, n, block):
-        linear_head_hvp_accumulate(features[start:start + block], weight, bias, vectors, loss, n, out)
+    if features.device.type == "cpu":
+        linear_head_hvp_accumulate(features, weight, bias, vectors, loss, n, out)
+        return out
+    # The CUDA kernel launches one CTA row per (vector, class), at most 65535, and keeps
+    # (k + 1) x n x C values per call: split the vectors, then the samples.
+    k_step = max(1, 65535 // C)
+    for v0 in range(0, k, k_step):
+        v, o = vectors[v0:v0 + k_step], out[v0:v0 + k_step]
+        block = max(1, _WORKSPACE // max(1, C * (v.shape[0] + 1)))
+        for start in range(0, n, block):
+            linear_head_hvp_accumulate(features[start:start + block], weight, bias, v, loss, n, o)
     return out
 
 
