@@ -10,7 +10,7 @@ form). The results are checked to agree before the times are reported. A
 second table times the closed-form ``linear_head_hvp`` against the torch.func
 HVP of the head on the same features.
 
-    python benchmarks/bench_head.py [--quick] [--markdown FILE]
+    python benchmarks/bench_head.py [--quick] [--device cuda] [--markdown FILE]
 """
 
 from __future__ import annotations
@@ -62,28 +62,33 @@ class ResNet18(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1))
 
 
-def timed(fn):
-    began = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - began, out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer images and iterations")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--markdown", help="also write the tables to this file")
     args = parser.parse_args()
+    device = torch.device(args.device)
     n_train, n_test, iterations = (128, 8, 5) if args.quick else (512, 16, 30)
     reg = 1e-3
 
     torch.manual_seed(0)
-    model = ResNet18().eval()
+    model = ResNet18().to(device).eval()
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("fc."))
-    x, y = torch.randn(n_train, 3, 64, 64), torch.randint(0, 10, (n_train,))
-    xt, yt = torch.randn(n_test, 3, 64, 64), torch.randint(0, 10, (n_test,))
+    x, y = torch.randn(n_train, 3, 64, 64, device=device), torch.randint(0, 10, (n_train,), device=device)
+    xt, yt = torch.randn(n_test, 3, 64, 64, device=device), torch.randint(0, 10, (n_test,), device=device)
     train = DataLoader(TensorDataset(x, y), batch_size=128)
     options = dict(rtol=1e-12, maxiter=iterations, block_size=128)  # the same fixed number of CG steps
+
+    def timed(fn):  # wall time, synchronised on CUDA
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - began, out
 
     generic_s, generic = timed(lambda: tfl.CgInfluence(model, F.cross_entropy, reg, **options).fit(train)
                                .influences(xt, yt, x, y))
@@ -105,16 +110,16 @@ def main() -> None:
     closed = hm.solver
     hvp_rows = []
     for k in (16, 128):
-        v = torch.randn(k, plain.num_params)
+        v = torch.randn(k, plain.num_params, device=device)
         expected = plain.batch_curvature_vp(v, features, y)
         got = closed.batch_curvature_vp(v, features, y)
         hvp_err = float((got - expected).norm() / expected.norm())
-        t_plain = median_seconds(lambda: plain.batch_curvature_vp(v, features, y), torch.device("cpu"))
-        t_closed = median_seconds(lambda: closed.batch_curvature_vp(v, features, y), torch.device("cpu"))
+        t_plain = median_seconds(lambda: plain.batch_curvature_vp(v, features, y), device)
+        t_closed = median_seconds(lambda: closed.batch_curvature_vp(v, features, y), device)
         hvp_rows.append([f"{n_train} x 512 -> 10, k={k}", f"{t_plain * 1e3:.2f}", f"{t_closed * 1e3:.2f}",
                          f"{t_plain / t_closed:.1f}x", f"{hvp_err:.1e}"])
 
-    env = environment(torch.device("cpu"))
+    env = environment(device)
     print(env)
     first = print_table(["work", "path", "seconds", "speed-up", "rel. difference"], rows)
     second = print_table(["head HVP (n x d -> C, k vectors)", "torch.func ms", "linear_head_hvp ms", "speed-up",

@@ -13,7 +13,7 @@ matrices. Paths:
 Every path is checked against the first before it is timed. Each runs in a
 fresh process, so its peak resident memory above the inputs is its own.
 
-    python benchmarks/bench_psg_dot.py [--quick] [--markdown FILE]
+    python benchmarks/bench_psg_dot.py [--quick] [--device cuda] [--markdown FILE]
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def run_low_rank(Q, A, D, U, V):
 
 
 def run_vmap(Q, A, D, U, V):
-    W = torch.zeros(Q.shape[1], Q.shape[2])
+    W = torch.zeros(Q.shape[1], Q.shape[2], device=Q.device)
 
     def sample_loss(w, a, d):  # its gradient in w is sum_t d_t a_t^T, the layer's per-sample gradient
         return torch.einsum("to,oi,ti->", d, w, a)
@@ -79,24 +79,35 @@ PATHS = {"psg_dot (full Q)": run_psg, f"psg_dot (rank {RANK} Q)": run_low_rank,
          "vmap + matmul": run_vmap, "einsum + matmul": run_einsum}
 
 
-def child(name: str, shape: tuple, queue) -> None:
-    """Times one path in this process; reports seconds, peak RSS growth and the scores."""
-    Q, A, D, U, V = inputs(*shape)
+def child(name: str, shape: tuple, device: str, queue) -> None:
+    """Times one path in this process; reports seconds, peak memory growth and the scores."""
+    Q, A, D, U, V = (t.to(device) for t in inputs(*shape))
     fn = PATHS[name]
     small = tuple(t[:2] for t in (Q, A, D, U, V))
     fn(*small)  # warm-up (and the kernel library load) on a tiny slice
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     began = time.perf_counter()
     scores = fn(Q, A, D, U, V)
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - began
-    peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    queue.put((seconds, peak_mib, scores[:, :64].double().numpy().copy()))  # plain arrays cross processes safely
+    if cuda:
+        peak_mib = (torch.cuda.max_memory_allocated() - before) / 2**20
+    else:
+        peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    queue.put((seconds, peak_mib, scores[:, :64].double().cpu().numpy().copy()))  # plain arrays cross processes safely
 
 
-def measure(name: str, shape: tuple):
+def measure(name: str, shape: tuple, device: str):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=child, args=(name, shape, queue))
+    proc = ctx.Process(target=child, args=(name, shape, device, queue))
     proc.start()
     result = queue.get()
     proc.join()
@@ -106,13 +117,14 @@ def measure(name: str, shape: tuple):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="n = 2048 instead of 8192")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--markdown", help="also write the table to this file")
     args = parser.parse_args()
     n = 2048 if args.quick else 8192
     rows = []
     for T in (1, 64):
         shape = (256, n, T, 512)
-        results = {name: measure(name, shape) for name in PATHS}
+        results = {name: measure(name, shape, args.device) for name in PATHS}
         reference = torch.from_numpy(results["einsum + matmul"][2])
         # The low-rank path scores other queries (U V^T), so it is checked against its own reference.
         Q, A, D, U, V = inputs(*shape)
@@ -123,13 +135,15 @@ def main() -> None:
             err = float((torch.from_numpy(scores) - expected).norm() / expected.norm())
             if err > 1e-4:
                 raise AssertionError(f"{name} disagrees with the reference at T={T}: relative error {err:.1e}")
-            rows.append([f"256 x {n} x T={T} x 512^2", name, f"{seconds:.2f}", f"{plain / seconds:.1f}x",
-                         f"{max(peak, 0):.0f}", f"{err:.1e}"])
+            # Useful work: the score GEMM (2 n_q n d^2) plus forming the gradients (2 n T d^2).
+            flops = 2 * 256 * n * 512 * 512 + 2 * n * T * 512 * 512
+            rows.append([f"256 x {n} x T={T} x 512^2", name, f"{seconds:.3f}", f"{plain / seconds:.1f}x",
+                         f"{flops / seconds / 1e12:.2f}", f"{max(peak, 0):.0f}", f"{err:.1e}"])
             print(" | ".join(rows[-1]), flush=True)
-    env = environment(torch.device("cpu"))
+    env = environment(torch.device(args.device))
     print(env)
-    text = print_table(["n_q x n x T x d_out*d_in", "path", "seconds", "speed-up vs vmap", "peak MiB above inputs",
-                        "rel. error"], rows)
+    text = print_table(["n_q x n x T x d_out*d_in", "path", "seconds", "speed-up vs vmap", "TFLOP/s (full-rank work)",
+                        "peak MiB above inputs", "rel. error"], rows)
     if args.markdown:
         Path(args.markdown).write_text(f"{env}\n\n{text}\n")
 

@@ -29,6 +29,6 @@ if [ "${SANITIZE:-1}" = 1 ]; then
     grep -m3 -E "ERROR SUMMARY|Invalid|Race" "$OUT/sanitizer_fused_$tool.log"
   done
 fi
-for bench in ${BENCHES:-bench_influence_block}; do
+for bench in ${BENCHES:-bench_influence_block bench_psg_dot bench_head}; do
   $PY benchmarks/$bench.py --device cuda --markdown "$OUT/$bench.md" 2>&1 | tail -20
 done
