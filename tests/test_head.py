@@ -139,9 +139,11 @@ def test_linear_head_kernel_float32_and_strided_features(device, kind):
     x = torch.randn(d, n, device=device).T  # non-contiguous rows
     weight, bias = torch.randn(C, d, device=device), torch.randn(C, device=device)
     v = torch.randn(k, C, d + 1, device=device)
-    got = linear_head_hvp(x, weight, bias, v, kind)
     expected = linear_head_hvp_reference(x, weight, bias, v, kind)
-    # float32 sums of n*d products, divided by n: relative error ~1e-7 * sqrt(n * d); 1e-5 leaves margin.
-    assert rel_error(got, expected) < 1e-5
-    no_bias = linear_head_hvp(x, weight, None, v[..., :d].contiguous(), kind)
-    assert rel_error(no_bias, linear_head_hvp_reference(x, weight, None, v[..., :d], kind)) < 1e-5
+    expected_no_bias = linear_head_hvp_reference(x, weight, None, v[..., :d], kind)
+    for kernel in (True, False):  # the compiled kernel and the tensor-op closed form
+        got = linear_head_hvp(x, weight, bias, v, kind, kernel=kernel)
+        # float32 sums of n*d products, divided by n: relative error ~1e-7 * sqrt(n * d); 1e-5 leaves margin.
+        assert rel_error(got, expected) < 1e-5
+        no_bias = linear_head_hvp(x, weight, None, v[..., :d].contiguous(), kind, kernel=kernel)
+        assert rel_error(no_bias, expected_no_bias) < 1e-5

@@ -39,9 +39,9 @@ def psg_dot(queries: Queries, activations: Tensor, output_grads: Tensor, *, out:
 
     The contraction order follows the shapes:
 
-    - T = 1, full queries: the compiled kernel, which forms each per-sample
+    - T = 1, full queries, CPU: the compiled kernel, which forms each per-sample
       gradient only as a cache-sized packed panel (no n x p memory at all).
-    - T > 1, full queries: per-sample gradients of a block of samples by one
+    - T > 1, or CUDA: per-sample gradients of a block of samples by one
       batched matmul (their formation then costs T flops per entry, well
       vectorised), scored with a matmul; memory is one block, never n x p.
     - Low-rank queries: ``sum_t sum_r (D[j,t] . U[q,:,r]) (A[j,t] . V[q,:,r])``,
@@ -65,10 +65,13 @@ def psg_dot(queries: Queries, activations: Tensor, output_grads: Tensor, *, out:
             return _low_rank(queries, activations, output_grads, out)
         queries = queries[0] @ queries[1].transpose(1, 2)
     Q = queries.reshape(n_query, d_out * d_in)
-    if T == 1:
-        # The kernel reads any strides; half-precision inputs (CUDA) accumulate in float32.
+    if T == 1 and ref.device.type == "cpu":
+        # The kernel reads any strides.
         psg_dot_accumulate(Q, activations, output_grads, out)
         return out
+    # On CUDA the per-sample gradients of a block go through cuBLAS: the CUDA kernel
+    # (``_ops.psg_dot_accumulate``, tested against the same reference) is an FMA tile
+    # kernel and is not the default until it is measured faster than cuBLAS there.
     return _gradient_blocks(Q, activations, output_grads, out)
 
 

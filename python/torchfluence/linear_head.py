@@ -46,7 +46,7 @@ def _plain(loss: nn.CrossEntropyLoss) -> bool:
 
 
 def linear_head_hvp(features: Tensor, weight: Tensor, bias: Optional[Tensor], vectors: Tensor,
-                    loss: HeadLoss = "cross_entropy") -> Tensor:
+                    loss: HeadLoss = "cross_entropy", *, kernel: Optional[bool] = None) -> Tensor:
     """Hessian of the mean loss of a linear head times each of `vectors`.
 
     Args:
@@ -57,8 +57,13 @@ def linear_head_hvp(features: Tensor, weight: Tensor, bias: Optional[Tensor], ve
 
     Returns:
         (k, C, d[+1]) like `vectors`. The targets do not enter: none of these
-        Hessians depends on them. Runs the compiled kernel (logits, the loss's
-        Hessian in the logits and both products fused, one pass over the samples).
+        Hessians depends on them.
+
+    ``kernel`` picks the implementation: the compiled kernel (logits, the loss's
+    Hessian in the logits and both products fused, one pass over the samples),
+    or the same closed form as tensor operations. Default: the kernel on the CPU,
+    tensor operations (cuBLAS) on CUDA, where the kernel has not been measured
+    faster yet.
     """
     _check(features, weight, bias, vectors)
     if loss not in ("cross_entropy", "mse", "bce_with_logits"):
@@ -69,6 +74,8 @@ def linear_head_hvp(features: Tensor, weight: Tensor, bias: Optional[Tensor], ve
         raise TypeError(f"linear_head: features, weight, bias and vectors must share one dtype (float32 or float64) "
                         f"and device, got {features.dtype}/{weight.dtype}/{vectors.dtype}")
     n, C, k = features.shape[0], weight.shape[0], vectors.shape[0]
+    if not (features.device.type == "cpu" if kernel is None else kernel):
+        return _closed_form(features, weight, bias, vectors, loss)
     vectors = vectors.contiguous()
     bias = None if bias is None else bias.contiguous()
     out = torch.zeros_like(vectors)
@@ -84,6 +91,32 @@ def linear_head_hvp(features: Tensor, weight: Tensor, bias: Optional[Tensor], ve
         for start in range(0, n, block):
             linear_head_hvp_accumulate(features[start:start + block], weight, bias, v, loss, n, o)
     return out
+
+
+def _closed_form(features: Tensor, weight: Tensor, bias: Optional[Tensor], vectors: Tensor,
+                 loss: HeadLoss) -> Tensor:
+    """The closed form with tensor operations, in blocks of samples."""
+    n, d = features.shape
+    C = weight.shape[0]
+    out = torch.zeros_like(vectors)
+    for start in range(0, n, _BLOCK):
+        x = features[start:start + _BLOCK]
+        logits = F.linear(x, weight, bias)
+        u = torch.einsum("bd,kcd->bkc", x, vectors[..., :d])
+        if bias is not None:
+            u = u + vectors[..., d]
+        if loss == "cross_entropy":
+            p = torch.softmax(logits, dim=1).unsqueeze(1)
+            r = p * u - p * (p * u).sum(dim=2, keepdim=True)
+        elif loss == "mse":
+            r = u * (2.0 / C)
+        else:
+            s = torch.sigmoid(logits).unsqueeze(1)
+            r = u * (s * (1 - s)) / C
+        out[..., :d] += torch.einsum("bkc,bd->kcd", r, x)
+        if bias is not None:
+            out[..., d] += r.sum(dim=0)
+    return out / n
 
 
 def linear_head_hessian(features: Tensor, weight: Tensor, bias: Optional[Tensor],
