@@ -168,3 +168,16 @@ def test_mse_regression_curvature_matches_autograd():
                               second_order="gauss_newton").fit([(x, y)])
     v = torch.randn(4, im.num_params, dtype=torch.float64)
     assert torch.allclose(ggn.functions.ggn_vp(v, x, y), v @ ggn.curvature, rtol=1e-10, atol=1e-12)
+
+
+def test_both_hvp_routes_agree_and_one_is_kept():
+    x, y, _, _ = digits(n_train=50, n_test=1, image=True)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(192, 10)).double()
+    im = tfl.CgInfluence(model, F.cross_entropy, 0.1, dtype=torch.float64)
+    v = torch.randn(4, im.num_params, dtype=torch.float64)
+    forward = im.functions._hvp("forward", v, x, y)
+    reverse = im.functions._hvp("reverse", v, x, y)
+    assert torch.allclose(forward, reverse, rtol=1e-10, atol=1e-12)  # the same exact H v
+    assert torch.allclose(im.functions.hvp(v, x, y), forward, rtol=1e-10, atol=1e-12)
+    assert im.functions._hvp_route in ("forward", "reverse")

@@ -7,6 +7,7 @@ perturbation mode. Nothing here keeps an autograd graph alive between calls.
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Callable, Optional, Sequence
 
@@ -60,7 +61,7 @@ class ModelFunctions:
         self.frozen = {n: t.detach().to(dtype) if t.is_floating_point() else t.detach()
                        for n, t in list(model.named_parameters()) + list(model.named_buffers()) if n not in names}
         self.theta = torch.cat([named[n].detach().reshape(-1).to(dtype) for n in names])
-        self._forward_over_reverse = True
+        self._hvp_route: Optional[str] = None  # "forward" or "reverse", timed on first use
 
     # -- plumbing -------------------------------------------------------------------------------
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
@@ -99,22 +100,42 @@ class ModelFunctions:
     def hvp(self, vectors: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """Hessian of the batch's mean loss times each row of `vectors` (k, p) -> (k, p).
 
-        Forward-over-reverse (jvp of the gradient), vmapped over the vectors; where
-        a loss's double backward has no forward-mode rule in the installed torch
-        (e.g. ``mse_loss`` in some releases), reverse-over-reverse from then on.
+        Two exact routes, vmapped over the vectors: forward-over-reverse (jvp of the
+        gradient) and reverse-over-reverse (vjp of the gradient; H is symmetric).
+        Which is faster depends on the model and device, so the first call times
+        both and keeps the faster. A loss whose double backward has no forward-mode
+        rule in the installed torch (``mse_loss`` in some releases) uses reverse.
         """
         x, y = self.cast_input(x), y.to(self.device)
+        if self._hvp_route is None:
+            self._hvp_route = self._fastest_hvp_route(vectors, x, y)
+        return self._hvp(self._hvp_route, vectors, x, y)
+
+    def _hvp(self, route: str, vectors: Tensor, x: Tensor, y: Tensor) -> Tensor:
         gradient = grad(self.batch_loss)
-        if self._forward_over_reverse:
-            try:
-                return vmap(lambda v: jvp(lambda t: gradient(t, x, y), (self.theta,), (v,))[1])(vectors).detach()
-            except RuntimeError as err:
-                if "ZeroTensor" not in str(err):
-                    raise
-                self._forward_over_reverse = False
-        # H is symmetric, so the vector-Jacobian product of the gradient is H v.
+        if route == "forward":
+            return vmap(lambda v: jvp(lambda t: gradient(t, x, y), (self.theta,), (v,))[1])(vectors).detach()
         _, pullback = vjp(lambda t: gradient(t, x, y), self.theta)
         return vmap(lambda v: pullback(v)[0])(vectors).detach()
+
+    def _fastest_hvp_route(self, vectors: Tensor, x: Tensor, y: Tensor) -> str:
+        seconds = {}
+        for route in ("forward", "reverse"):
+            try:
+                self._hvp(route, vectors, x, y)  # warm-up: first calls pay one-time costs
+                self._synchronize()
+                began = time.perf_counter()
+                self._hvp(route, vectors, x, y)
+                self._synchronize()
+                seconds[route] = time.perf_counter() - began
+            except RuntimeError as err:
+                if route == "reverse" or "ZeroTensor" not in str(err):
+                    raise
+        return min(seconds, key=seconds.get)
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def ggn_vp(self, vectors: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """Generalised Gauss-Newton J^T H_out J times each row of `vectors` (k, p) -> (k, p)."""
