@@ -8,7 +8,6 @@ import time
 from typing import Callable
 
 import torch
-
 import torchfluence
 
 

@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 import torchfluence
 
 CUDA_READY = torch.cuda.is_available() and torchfluence.build_info()["cuda"]

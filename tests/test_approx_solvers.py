@@ -5,12 +5,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+import torchfluence as tfl
 from torch import nn
 
-import torchfluence as tfl
-
 from .conftest import DEVICES
-from .digits import cnn, digits, exact_hessian, exact_influences, loader, loop_grads, mlp, rel_error, train
+from .digits import cnn, digits, exact_hessian, exact_influences, loader, mlp, rel_error, train
 
 REG = 0.05
 LOSS = F.cross_entropy

@@ -3,9 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 import torchfluence as tfl
+from torch import nn
 from torchfluence._functional import ModelFunctions
 from torchfluence.capture import capture, find_layers
 

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 import torchfluence as tfl
+from torch import nn
 
 from .digits import digits, loader, mlp
 

@@ -5,9 +5,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 import torchfluence as tfl
+from torch import nn
 from torchfluence.head import HeadInfluence
 from torchfluence.linear_head import linear_head_hessian, linear_head_hvp
 

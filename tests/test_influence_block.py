@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 import torchfluence as tfl
 from torchfluence.reference import influence_block_reference
 from torchfluence.topk import select_topk

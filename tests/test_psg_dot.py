@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from torch import nn
-
 import torchfluence as tfl
+from torch import nn
 from torchfluence.capture import capture, find_layers
 from torchfluence.fused import psg_dot
 from torchfluence.reference import psg_dot_reference

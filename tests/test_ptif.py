@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchfluence.ptif as ptif
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
-
-import torchfluence.ptif as ptif
 
 from .digits import cnn, digits, exact_hessian, exact_influences, loader, mlp, rel_error, train
 

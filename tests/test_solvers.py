@@ -5,12 +5,21 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, jacrev
-
 import torchfluence as tfl
+from torch.func import functional_call, jacrev
 from torchfluence.topk import select_topk
 
-from .digits import cnn, digits, exact_hessian, exact_influences, flat_params, loader, loop_grads, mlp, rel_error, train
+from .digits import (
+    cnn,
+    digits,
+    exact_hessian,
+    exact_influences,
+    flat_params,
+    loader,
+    mlp,
+    rel_error,
+    train,
+)
 
 REG = 0.05
 LOSS = F.cross_entropy

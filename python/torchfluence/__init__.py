@@ -5,15 +5,23 @@ The compiled kernels live in ``torchfluence._C``; the public API is re-exported 
 
 from __future__ import annotations
 
-from ._build_info import build_info
-from .influence import InfluenceFunctionModel, TopKInfluences
 from . import capture
+from ._build_info import build_info
 from .capture import register_layer
 from .fused import psg_dot
 from .head import HeadInfluence
+from .influence import InfluenceFunctionModel, TopKInfluences
 from .linear_head import linear_head_hessian, linear_head_hvp
-from .solvers import (ArnoldiInfluence, CgInfluence, DirectInfluence, EkfacInfluence, KfacInfluence,
-                      LissaInfluence, NystroemSketchInfluence, SolveInfo)
+from .solvers import (
+                      ArnoldiInfluence,
+                      CgInfluence,
+                      DirectInfluence,
+                      EkfacInfluence,
+                      KfacInfluence,
+                      LissaInfluence,
+                      NystroemSketchInfluence,
+                      SolveInfo,
+)
 from .topk import InfluenceBlock, StreamingTopK, TopKResult, influence_block, influence_scores
 
 __version__: str = build_info()["version"]

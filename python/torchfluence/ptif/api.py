@@ -15,9 +15,22 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..influence import InfluenceFunctionModel
-from .compute import (check_model_device, collate, computed_grads, dataset_size, fit_solver, in_order,
-                      influence_rows, label_value, make_solver, model_fingerprint, ranking, seed_everything,
-                      select_test_indices)
+from .compute import (
+    check_model_device,
+    collate,
+    dataset_size,
+    fit_solver,
+    in_order,
+    influence_rows,
+    label_value,
+    make_solver,
+    model_fingerprint,
+    ranking,
+    scored_batches,
+    scored_gradients,
+    seed_everything,
+    select_test_indices,
+)
 from .config import Settings, get_default_config, read_config
 from .files import jsonable, save_json, save_tensor
 
@@ -69,7 +82,7 @@ def calc_img_wise(config: dict[str, Any], model: nn.Module, train_loader: DataLo
     for group in _groups(indices, settings.test_batch_size):
         began = time.perf_counter()
         x, y = collate(test_loader, group)
-        rows = influence_rows(solver, solver.influence_factors(x, y), computed_grads(solver, ordered), n_train)
+        rows = influence_rows(scored_batches(solver, solver.influence_factors(x, y), ordered), n_train)
         share = (time.perf_counter() - began) / len(group) + fit_share
         _record(results, test_loader, group, indices, rows, share, settings)
         total += rows.sum(dim=0)
@@ -124,7 +137,7 @@ def calc_all_grad_then_test(config: dict[str, Any], model: nn.Module, train_load
     for group in _groups(indices, settings.test_batch_size):
         began = time.perf_counter()
         factors = torch.stack([_load_flat(factor_files[i], solver) for i in group])
-        rows = influence_rows(solver, factors, _load_blocks(blocks, solver), n_train)
+        rows = influence_rows(scored_gradients(solver, factors, _load_blocks(blocks, solver)), n_train)
         _record(results, test_loader, group, indices, rows, share + (time.perf_counter() - began) / len(group),
                 settings)
         total += rows.sum(dim=0)

@@ -14,9 +14,16 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from tqdm.auto import tqdm
 
 from ..influence import InfluenceFunctionModel
+from ..solvers import (
+    ArnoldiInfluence,
+    CgInfluence,
+    DirectInfluence,
+    EkfacInfluence,
+    KfacInfluence,
+    LissaInfluence,
+    NystroemSketchInfluence,
+)
 from ..topk import influence_block
-from ..solvers import (ArnoldiInfluence, CgInfluence, DirectInfluence, EkfacInfluence, KfacInfluence,
-                       LissaInfluence, NystroemSketchInfluence)
 from .config import Settings
 
 log = logging.getLogger("torchfluence.ptif")
@@ -172,34 +179,38 @@ def model_fingerprint(solver: InfluenceFunctionModel) -> str:
     return hashlib.sha256(theta.numpy().tobytes()).hexdigest()[:16]
 
 
-def influence_rows(solver: InfluenceFunctionModel, factors: Tensor, train_blocks, n_train: int) -> Tensor:
+def influence_rows(score_blocks, n_train: int) -> Tensor:
     """``-(1/n) grad L(z_test)^T (H + damp I)^-1 grad L(z_j)`` for every training sample.
 
     Args:
-        solver: the fitted solver.
-        factors: (k, p) ``(H + damp I)^-1 grad L(z_test)``.
-        train_blocks: yields training gradient blocks (b, p) in index order.
+        score_blocks: yields ``factors @ grads.T`` blocks (k, b) of the training data in index
+            order, with factors (k, p) = ``(H + damp I)^-1 grad L(z_test)``.
         n_train: the training set's size n.
 
     Returns:
         (k, n_train) float64, Koh & Liang's I_up,loss divided by n.
     """
-    rows = torch.empty(factors.shape[0], n_train, dtype=torch.float64)
-    filled = 0
-    for grads in train_blocks:  # the assembly kernel, S @ G^T one block at a time
-        block = torch.empty(factors.shape[0], grads.shape[0], dtype=solver.dtype, device=solver.device)
-        influence_block(factors, grads, out=block)
-        rows[:, filled:filled + grads.shape[0]] = block.double().cpu()
-        filled += grads.shape[0]
+    rows, filled = None, 0
+    for block in score_blocks:
+        if rows is None:
+            rows = torch.empty(block.shape[0], n_train, dtype=torch.float64)
+        rows[:, filled:filled + block.shape[1]] = block.double().cpu()
+        filled += block.shape[1]
     if filled != n_train:
         raise ValueError(f"the training gradients cover {filled} samples, but the training set has {n_train}")
     return rows.mul_(-1.0 / n_train)
 
 
-def computed_grads(solver: InfluenceFunctionModel, ordered: DataLoader, desc: str = "training gradients"):
-    """Yields per-sample gradient blocks (b, p) of the ordered training data."""
-    for x, y in tqdm(ordered, desc=desc, total=len(ordered)):
-        yield solver.grads(x, y)
+def scored_batches(solver: InfluenceFunctionModel, factors: Tensor, ordered: DataLoader):
+    """Yields (k, b) score blocks of the ordered training data (fused kernels where the layers allow)."""
+    for x, y in tqdm(ordered, desc="training gradients", total=len(ordered)):
+        yield solver.score_block(factors, x, y)
+
+
+def scored_gradients(solver: InfluenceFunctionModel, factors: Tensor, gradient_blocks):
+    """Yields (k, b) score blocks of saved gradient blocks (b, p), by the assembly kernel."""
+    for grads in gradient_blocks:
+        yield influence_block(factors, grads)
 
 
 def ranking(influence: Tensor) -> tuple[list[int], list[int]]:

@@ -168,7 +168,7 @@ def _start_index(config: dict[str, Any]) -> int:
 
 def _repetitions(config: dict[str, Any]) -> int:
     values = {key: config[key] for key in ("r_averaging", "r") if key in config}
-    for key, value in values.items():
+    for key in values:
         _positive_int(values, key)
     if len(set(values.values())) > 1:
         raise ValueError(f"config: r_averaging and r are the same setting but disagree: {values}")

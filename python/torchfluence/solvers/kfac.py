@@ -132,8 +132,9 @@ class KfacInfluence(InfluenceFunctionModel):
     def _fit(self, train_data: Batches) -> None:
         sampler = self._sampler()
         dev = self.device
-        a_sums = [torch.zeros(l.d_in_total, l.d_in_total, dtype=torch.float64, device=dev) for l in self.layers]
-        s_sums = [torch.zeros(l.d_out, l.d_out, dtype=torch.float64, device=dev) for l in self.layers]
+        a_sums = [torch.zeros(layer.d_in_total, layer.d_in_total, dtype=torch.float64, device=dev)
+                  for layer in self.layers]
+        s_sums = [torch.zeros(layer.d_out, layer.d_out, dtype=torch.float64, device=dev) for layer in self.layers]
         n = 0
         for cap in self._captures(train_data, sampler, "K-FAC factors"):
             n += cap.outputs.shape[0]

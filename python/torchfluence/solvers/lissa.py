@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._data import Batches, iterate_batches
+from .._data import iterate_batches
 from ..influence import InfluenceFunctionModel
 
 
