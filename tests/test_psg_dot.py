@@ -153,6 +153,8 @@ def test_engine_scores_equal_with_and_without_the_fused_path(device):
     assert torch.equal(fused_top.helpful_indices, plain_top.helpful_indices)
     assert torch.equal(fused_top.harmful_indices, plain_top.harmful_indices)
     assert torch.allclose(fused_top.helpful_values, plain_top.helpful_values, rtol=1e-10, atol=1e-12)
+    factors = im.influence_factors(xt, yt)  # the unfused solver's score_block returns the scores too
+    assert torch.allclose(im.score_block(factors, x[:10], y[:10]), plain_scores[:, :10], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -245,7 +245,8 @@ class InfluenceFunctionModel(ABC):
         if out is None:
             out = torch.empty(factors.shape[0], x.shape[0], dtype=self.dtype, device=self.device)
         if plan is None:
-            return influence_block(factors, self.grads(x, y), out=out)
+            influence_block(factors, self.grads(x, y), out=out)
+            return out
         captured = capture(self.functions, plan.layers, x, y)
         out.zero_()
         for layer, activations, output_grads in zip(plan.layers, captured.activations, captured.output_grads):

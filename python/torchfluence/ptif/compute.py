@@ -23,7 +23,7 @@ from ..solvers import (
     LissaInfluence,
     NystroemSketchInfluence,
 )
-from ..topk import influence_block
+from ..topk import influence_scores
 from .config import Settings
 
 log = logging.getLogger("torchfluence.ptif")
@@ -210,7 +210,7 @@ def scored_batches(solver: InfluenceFunctionModel, factors: Tensor, ordered: Dat
 def scored_gradients(solver: InfluenceFunctionModel, factors: Tensor, gradient_blocks):
     """Yields (k, b) score blocks of saved gradient blocks (b, p), by the assembly kernel."""
     for grads in gradient_blocks:
-        yield influence_block(factors, grads)
+        yield influence_scores(factors, grads)
 
 
 def ranking(influence: Tensor) -> tuple[list[int], list[int]]:
