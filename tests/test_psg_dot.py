@@ -141,13 +141,15 @@ def test_engine_scores_equal_with_and_without_the_fused_path(device):
     x, y, xt, yt = x.to(device), y.to(device), xt.to(device), yt.to(device)
     torch.manual_seed(0)
     model = MixedNet().double().to(device).eval()
-    runs = {}
+    runs, grads = {}, {}
     for fused in (True, False):
         im = tfl.DirectInfluence(model, nn.functional.cross_entropy, 0.1, dtype=torch.float64, block_size=32,
                                  second_order="gauss_newton",  # an untrained net: H is indefinite
                                  fused=fused).fit(loader(x, y, 45))
         assert (im.fused_plan() is not None) == fused
         runs[fused] = (im.influences(xt, yt, x, y), im.top_k(xt, yt, loader(x, y, 45), k=5))
+        grads[fused] = im.grads(x, y)  # captured layers by g a^T, the LayerNorm by torch.func (or all by vmap)
+    assert torch.allclose(grads[True], grads[False], rtol=1e-10, atol=1e-13)
     (fused_scores, fused_top), (plain_scores, plain_top) = runs[True], runs[False]
     assert torch.allclose(fused_scores, plain_scores, rtol=1e-10, atol=1e-12)
     assert torch.equal(fused_top.helpful_indices, plain_top.helpful_indices)
