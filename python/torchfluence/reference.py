@@ -48,25 +48,31 @@ def psg_dot_reference(Q: Tensor, A: Tensor, D: Tensor) -> Tensor:
 
 def linear_head_hvp_reference(features: Tensor, weight: Tensor, bias, vectors: Tensor,
                               loss: str = "cross_entropy") -> Tensor:
-    """Closed-form linear-head HVP with plain tensor ops in float64 (see ``linear_head_hvp``), (k, C, d[+1])."""
-    x, w, v = features.double(), weight.double(), vectors.double()
-    b = None if bias is None else bias.double()
+    """H V for a linear head by autograd (double backward) in float64, (k, C, d[+1]).
+
+    Independent of the closed form: it differentiates the mean loss of
+    ``F.linear(features, W, b)`` twice. The Hessians do not depend on the targets,
+    so fixed ones are used.
+    """
+    import torch.nn.functional as F
+
+    x = features.double()
     n, d = x.shape
-    C = w.shape[0]
-    logits = torch.nn.functional.linear(x, w, b)
-    u = torch.einsum("nd,kcd->nkc", x, v[..., :d])
-    if b is not None:
-        u = u + v[..., d]
-    if loss == "cross_entropy":
-        p = torch.softmax(logits, dim=1).unsqueeze(1)
-        r = p * u - p * (p * u).sum(dim=2, keepdim=True)
-    elif loss == "mse":
-        r = u * (2.0 / C)
-    else:
-        s = torch.sigmoid(logits).unsqueeze(1)
-        r = u * (s * (1 - s)) / C
-    out = torch.zeros_like(v)
-    out[..., :d] = torch.einsum("nkc,nd->kcd", r, x)
-    if b is not None:
-        out[..., d] = r.sum(dim=0)
-    return out / n
+    C = weight.shape[0]
+    losses = {"cross_entropy": (F.cross_entropy, torch.zeros(n, dtype=torch.long, device=x.device)),
+              "mse": (F.mse_loss, torch.zeros(n, C, dtype=torch.float64, device=x.device)),
+              "bce_with_logits": (F.binary_cross_entropy_with_logits,
+                                  torch.full((n, C), 0.5, dtype=torch.float64, device=x.device))}
+    loss_fn, targets = losses[loss]
+    w = weight.detach().double().requires_grad_(True)
+    b = None if bias is None else bias.detach().double().requires_grad_(True)
+    params = [w] if b is None else [w, b]
+    grads = torch.autograd.grad(loss_fn(F.linear(x, w, b), targets), params, create_graph=True)
+    out = torch.empty_like(vectors, dtype=torch.float64)
+    for i, v in enumerate(vectors.double()):
+        dot = (grads[0] * v[:, :d]).sum() + (0 if b is None else (grads[1] * v[:, d]).sum())
+        hv = torch.autograd.grad(dot, params, retain_graph=True)
+        out[i, :, :d] = hv[0]
+        if b is not None:
+            out[i, :, d] = hv[1]
+    return out
