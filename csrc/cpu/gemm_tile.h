@@ -2,6 +2,7 @@
 // an MR x NR micro-kernel (Goto/BLIS style), compiled per ISA.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -72,6 +73,34 @@ TORCHFLUENCE_ISA_CLONES void micro_kernel(std::int64_t kc, const float* s_panel,
 TORCHFLUENCE_ISA_CLONES void micro_kernel(std::int64_t kc, const double* s_panel, const double* g_panel, double* c,
                                           std::int64_t ldc, int rows, int cols) {
   micro_kernel_body<double>(kc, s_panel, g_panel, c, ldc, rows, cols);
+}
+
+// The GEMM driver shared by the kernels: c[m x n] (row stride ldc) += S[m x K] G[n x K]^T
+// for one depth slice after another. `pack_g(jp, k0, kc, panel)` fills the NR-wide panel jp
+// of G's rows for depth [k0, k0 + kc), so G may be a strided matrix or computed on the fly.
+// Runs its loops as worksharing constructs of the calling OpenMP team: call it from inside
+// a parallel region, with shared buffers of (m rounded up to MR) * min(kc_max, K) and
+// (n rounded up to NR) * min(kc_max, K) elements.
+template <typename T, typename PackG>
+void gemm_team(const T* S, const MatrixRef& s, std::int64_t n, const PackG& pack_g, T* c, std::int64_t ldc,
+               T* s_packed, T* g_packed, std::int64_t kc_max) {
+  constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
+  const std::int64_t m = s.rows, K = s.cols;
+  const std::int64_t s_panels = (m + MR - 1) / MR, g_panels = (n + NR - 1) / NR;
+  for (std::int64_t k0 = 0; k0 < K; k0 += kc_max) {
+    const std::int64_t kc = std::min(kc_max, K - k0);
+#pragma omp for nowait
+    for (std::int64_t jp = 0; jp < g_panels; ++jp) pack_g(jp, k0, kc, g_packed + jp * NR * kc);
+#pragma omp for
+    for (std::int64_t ip = 0; ip < s_panels; ++ip)
+      pack_panel<T, MR>(S, s, ip * MR, std::min<std::int64_t>(MR, m - ip * MR), k0, kc, s_packed + ip * MR * kc);
+#pragma omp for collapse(2) schedule(static)
+    for (std::int64_t ip = 0; ip < s_panels; ++ip)
+      for (std::int64_t jp = 0; jp < g_panels; ++jp)
+        micro_kernel(kc, s_packed + ip * MR * kc, g_packed + jp * NR * kc, c + ip * MR * ldc + jp * NR, ldc,
+                     static_cast<int>(std::min<std::int64_t>(MR, m - ip * MR)),
+                     static_cast<int>(std::min<std::int64_t>(NR, n - jp * NR)));
+  }
 }
 
 }  // namespace

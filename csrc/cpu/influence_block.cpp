@@ -1,10 +1,10 @@
 // CPU influence-block kernel: scores = S @ G^T, blocked like a GEMM, with a
 // top-k epilogue that runs while each column block of scores is still in cache.
 //
-// Loop nest (Goto/BLIS style): for each block of NC training rows, for each
-// KC-slice of the parameter dimension, pack G's slice into NR-wide panels and
-// S's slice into MR-tall panels, then run an MR x NR register micro-kernel over
-// every (query panel, train panel) pair. When the last slice is done, every
+// Loop nest (Goto/BLIS style, `gemm_team` in gemm_tile.h): for each block of NC
+// training rows, for each KC-slice of the parameter dimension, pack G's slice
+// into NR-wide panels and S's slice into MR-tall panels, then run an MR x NR
+// register micro-kernel over every (query panel, train panel) pair. When the last slice is done, every
 // query row of the NC-wide score block is checked for non-finite values,
 // optionally copied to `scores`, and merged into that row's running top-k.
 #include <omp.h>
@@ -48,28 +48,15 @@ void influence_block_typed(const InfluenceBlockArgs& a) {
     std::vector<Entry<T>> candidates, merged;
     for (std::int64_t j0 = 0; j0 < b; j0 += NC) {
       const std::int64_t nc = std::min(NC, b - j0);
-      const std::int64_t train_panels = (nc + NR - 1) / NR;
 #pragma omp for
       for (std::int64_t i = 0; i < n_query; ++i) std::memset(&block[i * NC], 0, sizeof(T) * nc);
 
-      for (std::int64_t k0 = 0; k0 < p; k0 += KC) {
-        const std::int64_t kc = std::min(KC, p - k0);
-#pragma omp for nowait
-        for (std::int64_t jp = 0; jp < train_panels; ++jp)
-          pack_panel<T, NR>(G, a.train, j0 + jp * NR, std::min<std::int64_t>(NR, nc - jp * NR), k0, kc,
-                            &g_packed[jp * NR * kc]);
-#pragma omp for
-        for (std::int64_t ip = 0; ip < query_panels; ++ip)
-          pack_panel<T, MR>(S, a.queries, ip * MR, std::min<std::int64_t>(MR, n_query - ip * MR), k0, kc,
-                            &s_packed[ip * MR * kc]);
-#pragma omp for collapse(2) schedule(static)
-        for (std::int64_t ip = 0; ip < query_panels; ++ip)
-          for (std::int64_t jp = 0; jp < train_panels; ++jp)
-            micro_kernel(kc, &s_packed[ip * MR * kc], &g_packed[jp * NR * kc],
-                            &block[ip * MR * NC + jp * NR], NC,
-                            static_cast<int>(std::min<std::int64_t>(MR, n_query - ip * MR)),
-                            static_cast<int>(std::min<std::int64_t>(NR, nc - jp * NR)));
-      }
+      gemm_team<T>(S, a.queries, nc,
+                   [&](std::int64_t jp, std::int64_t k0, std::int64_t kc, T* panel) {
+                     pack_panel<T, NR>(G, a.train, j0 + jp * NR, std::min<std::int64_t>(NR, nc - jp * NR), k0, kc,
+                                       panel);
+                   },
+                   block.data(), NC, s_packed.data(), g_packed.data(), KC);
 
       // Epilogue: the block is complete; rows are independent from here on.
 #pragma omp for schedule(dynamic, 4)

@@ -25,28 +25,17 @@ template <typename T>
 void gemm_nt(const T* S, const MatrixRef& s, const T* G, const MatrixRef& g, T* C, std::int64_t ldc,
              std::vector<T>& s_packed, std::vector<T>& g_packed) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
-  const std::int64_t m = s.rows, n = g.rows, K = s.cols;
-  const std::int64_t s_panels = (m + MR - 1) / MR, g_panels = (n + NR - 1) / NR;
+  const std::int64_t n = g.rows, depth = std::min(KC, s.cols);
 #pragma omp single
   {
-    s_packed.resize(s_panels * MR * std::min(KC, K));
-    g_packed.resize(g_panels * NR * std::min(KC, K));
+    s_packed.resize(((s.rows + MR - 1) / MR) * MR * depth);
+    g_packed.resize(((n + NR - 1) / NR) * NR * depth);
   }
-  for (std::int64_t k0 = 0; k0 < K; k0 += KC) {
-    const std::int64_t kc = std::min(KC, K - k0);
-#pragma omp for nowait
-    for (std::int64_t jp = 0; jp < g_panels; ++jp)
-      pack_panel<T, NR>(G, g, jp * NR, std::min<std::int64_t>(NR, n - jp * NR), k0, kc, &g_packed[jp * NR * kc]);
-#pragma omp for
-    for (std::int64_t ip = 0; ip < s_panels; ++ip)
-      pack_panel<T, MR>(S, s, ip * MR, std::min<std::int64_t>(MR, m - ip * MR), k0, kc, &s_packed[ip * MR * kc]);
-#pragma omp for collapse(2) schedule(static)
-    for (std::int64_t ip = 0; ip < s_panels; ++ip)
-      for (std::int64_t jp = 0; jp < g_panels; ++jp)
-        micro_kernel(kc, &s_packed[ip * MR * kc], &g_packed[jp * NR * kc], C + ip * MR * ldc + jp * NR, ldc,
-                     static_cast<int>(std::min<std::int64_t>(MR, m - ip * MR)),
-                     static_cast<int>(std::min<std::int64_t>(NR, n - jp * NR)));
-  }
+  gemm_team<T>(S, s, n,
+               [&](std::int64_t jp, std::int64_t k0, std::int64_t kc, T* panel) {
+                 pack_panel<T, NR>(G, g, jp * NR, std::min<std::int64_t>(NR, n - jp * NR), k0, kc, panel);
+               },
+               C, ldc, s_packed.data(), g_packed.data(), KC);
 }
 
 template <typename T>

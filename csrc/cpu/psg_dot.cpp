@@ -81,27 +81,15 @@ void psg_dot_typed(const PsgDotArgs& a) {
     std::vector<T> row;
     for (std::int64_t j0 = 0; j0 < b; j0 += NC) {
       const std::int64_t nc = std::min(NC, b - j0);
-      const std::int64_t train_panels = (nc + NR - 1) / NR;
 #pragma omp for
       for (std::int64_t i = 0; i < n_query; ++i) std::fill(&block[i * NC], &block[i * NC] + nc, T(0));
 
-      for (std::int64_t k0 = 0; k0 < p; k0 += KC) {
-        const std::int64_t kc = std::min(KC, p - k0);
-#pragma omp for nowait schedule(dynamic, 1)
-        for (std::int64_t jp = 0; jp < train_panels; ++jp)
-          pack_gradient_panel<T, NR>(a, j0 + jp * NR, std::min<std::int64_t>(NR, nc - jp * NR), k0, kc,
-                                     &g_packed[jp * NR * kc], row);
-#pragma omp for
-        for (std::int64_t ip = 0; ip < query_panels; ++ip)
-          pack_panel<T, MR>(Q, a.queries, ip * MR, std::min<std::int64_t>(MR, n_query - ip * MR), k0, kc,
-                            &q_packed[ip * MR * kc]);
-#pragma omp for collapse(2) schedule(static)
-        for (std::int64_t ip = 0; ip < query_panels; ++ip)
-          for (std::int64_t jp = 0; jp < train_panels; ++jp)
-            micro_kernel(kc, &q_packed[ip * MR * kc], &g_packed[jp * NR * kc], &block[ip * MR * NC + jp * NR], NC,
-                         static_cast<int>(std::min<std::int64_t>(MR, n_query - ip * MR)),
-                         static_cast<int>(std::min<std::int64_t>(NR, nc - jp * NR)));
-      }
+      gemm_team<T>(Q, a.queries, nc,
+                   [&](std::int64_t jp, std::int64_t k0, std::int64_t kc, T* panel) {
+                     pack_gradient_panel<T, NR>(a, j0 + jp * NR, std::min<std::int64_t>(NR, nc - jp * NR), k0, kc,
+                                                panel, row);
+                   },
+                   block.data(), NC, q_packed.data(), g_packed.data(), KC);
 #pragma omp for
       for (std::int64_t i = 0; i < n_query; ++i) {
         T* dst = out + i * a.scores.stride_row + j0 * a.scores.stride_col;
