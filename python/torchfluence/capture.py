@@ -202,10 +202,13 @@ class Captured:
     output_grads: list[Tensor]
     outputs: Tensor
 
-    def per_sample_grads(self, layers: Sequence[Layer], num_params: int) -> Tensor:
-        """Per-sample gradients of the captured layers as flat vectors, (n, p) (uncaptured entries 0)."""
+    def per_sample_grads(self, layers: Sequence[Layer], num_params: int, out: Optional[Tensor] = None) -> Tensor:
+        """Per-sample gradients of the captured layers as flat vectors, (n, p) (uncaptured entries 0).
+
+        With `out` (n, p), they are written there (no second (n, p) block).
+        """
         n = self.outputs.shape[0]
-        flat = self.activations[0].new_zeros(n, num_params)
+        flat = self.activations[0].new_zeros(n, num_params) if out is None else out.zero_()
         for layer, a, g in zip(layers, self.activations, self.output_grads):
             layer.write(torch.einsum("nto,nti->noi", g, a), flat)
         return flat

@@ -166,7 +166,7 @@ class InfluenceFunctionModel(ABC):
                 continue
             # Captured layers: one forward/backward for the block and g a^T per sample
             # (several times faster than vmap); the other parameters through torch.func.
-            rows.copy_(capture(self.functions, plan.layers, xb, yb).per_sample_grads(plan.layers, self.num_params))
+            capture(self.functions, plan.layers, xb, yb).per_sample_grads(plan.layers, self.num_params, out=rows)
             if plan.rest is not None:
                 rows[:, plan.rest_index] = plan.rest.per_sample_grads(xb, yb)
         bad = (~torch.isfinite(out)).any(dim=1)

@@ -19,7 +19,6 @@ from .compute import (
     check_model_device,
     collate,
     dataset_size,
-    fit_solver,
     in_order,
     influence_rows,
     label_value,
@@ -72,7 +71,7 @@ def calc_img_wise(config: dict[str, Any], model: nn.Module, train_loader: DataLo
               settings.outdir / f"influences_results_meta_{start}-{num}.json")
 
     began = time.perf_counter()
-    solver = fit_solver(make_solver(model, settings), train_loader, settings)
+    solver = make_solver(model, settings).fit(train_loader)
     fit_share = (time.perf_counter() - began) / len(indices)
     ordered = in_order(train_loader, settings.batch_size)
 
@@ -126,7 +125,7 @@ def calc_all_grad_then_test(config: dict[str, Any], model: nn.Module, train_load
               settings.outdir / f"influences_results_meta_{start}-{num}.json")
 
     began = time.perf_counter()
-    solver = fit_solver(make_solver(model, settings), train_loader, settings)
+    solver = make_solver(model, settings).fit(train_loader)
     _check_manifest(store, solver, settings, n_train)
     blocks = _save_grad_z(solver, train_loader, store / "grad_z", settings.batch_size, n_train)
     factor_files = _save_s_test(solver, test_loader, indices, store / "s_test", settings)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from ..influence import InfluenceFunctionModel
@@ -56,7 +56,7 @@ def make_solver(model: nn.Module, settings: Settings) -> InfluenceFunctionModel:
     reg = settings.damp
     if settings.solver == "lissa":
         return LissaInfluence(model, loss, reg, maxiter=settings.recursion_depth, scale=settings.scale,
-                              repetitions=settings.repetitions, **common)
+                              repetitions=settings.repetitions, seed=settings.seed, **common)
     if settings.solver == "cg":
         return CgInfluence(model, loss, reg, **common)
     if settings.solver == "direct":
@@ -67,22 +67,6 @@ def make_solver(model: nn.Module, settings: Settings) -> InfluenceFunctionModel:
         return NystroemSketchInfluence(model, loss, reg, settings.rank, seed=settings.seed, **common)
     cls = EkfacInfluence if settings.solver == "ekfac" else KfacInfluence
     return cls(model, loss, reg, seed=settings.seed, **common)
-
-
-def fit_solver(solver: InfluenceFunctionModel, train_loader: DataLoader, settings: Settings
-               ) -> InfluenceFunctionModel:
-    """Fits `solver` on the training data; LiSSA's recursion draws random minibatches.
-
-    The recursion should see independent minibatches, and the ``r`` repetitions
-    different ones, so a loader that does not shuffle is replaced for it by a
-    shuffling one (seeded by ``seed``) with the same batch size.
-    """
-    if isinstance(solver, LissaInfluence) and not isinstance(train_loader.sampler, RandomSampler):
-        generator = torch.Generator().manual_seed(settings.seed)
-        train_loader = DataLoader(train_loader.dataset, batch_size=train_loader.batch_size or 1, shuffle=True,
-                                  collate_fn=train_loader.collate_fn, num_workers=train_loader.num_workers,
-                                  generator=generator)
-    return solver.fit(train_loader)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:

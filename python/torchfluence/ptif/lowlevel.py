@@ -21,7 +21,6 @@ from .compute import (
     check_model_device,
     collate,
     dataset_size,
-    fit_solver,
     in_order,
     influence_rows,
     loss,
@@ -80,16 +79,8 @@ def calc_s_test(model: nn.Module, test_loader: DataLoader, train_loader: DataLoa
     folder = Path(save) if save else None
     if folder is None:
         log.info("ATTENTION: not saving s_test files.")
-    s_tests = []
-    for begin in tqdm(range(start, dataset_size(test_loader, "test_loader"), _BLOCK), desc="s_test"):
-        group = range(begin, min(begin + _BLOCK, len(test_loader.dataset)))
-        x, y = collate(test_loader, group)
-        for i, factor in zip(group, solver.influence_factors(x, y)):
-            parts = _unflatten(solver, factor)
-            if folder is not None:
-                save_tensor([p.cpu() for p in parts], folder / f"{i}_recdep{recursion_depth}_r{r}.s_test")
-            else:
-                s_tests.append(parts)
+    s_tests = _per_sample(solver, test_loader, "test_loader", start, solver.influence_factors, folder,
+                          f"_recdep{recursion_depth}_r{r}.s_test", "s_test")
     return s_tests, (folder if folder is not None else save)
 
 
@@ -105,17 +96,7 @@ def calc_grad_z(model: nn.Module, train_loader: DataLoader, save_pth: PathLike =
     folder = Path(save_pth) if save_pth else None
     if folder is None:
         log.info("ATTENTION: Not saving grad_z files!")
-    grad_zs = []
-    n = dataset_size(train_loader, "train_loader")
-    for begin in tqdm(range(start, n, _BLOCK), desc="grad_z"):
-        group = range(begin, min(begin + _BLOCK, n))
-        x, y = collate(train_loader, group)
-        for i, g in zip(group, solver.grads(x, y)):
-            parts = _unflatten(solver, g)
-            if folder is not None:
-                save_tensor([p.cpu() for p in parts], folder / f"{i}.grad_z")
-            else:
-                grad_zs.append(parts)
+    grad_zs = _per_sample(solver, train_loader, "train_loader", start, solver.grads, folder, ".grad_z", "grad_z")
     return grad_zs, (folder if folder is not None else save_pth)
 
 
@@ -148,6 +129,23 @@ def calc_influence_single(model: nn.Module, train_loader: DataLoader, test_loade
     return row.tolist(), harmful, helpful, test_id_num
 
 
+def _per_sample(solver: InfluenceFunctionModel, loader: DataLoader, loader_name: str, start: int, compute,
+                folder: Optional[Path], suffix: str, desc: str) -> list[list[Tensor]]:
+    """``compute(x, y)`` -> (b, p) for the dataset from index `start` on, block by block; each row
+    saved to ``<folder>/<i><suffix>`` as parameter-shaped tensors, or returned when there is no folder."""
+    n = dataset_size(loader, loader_name)
+    kept = []
+    for begin in tqdm(range(start, n, _BLOCK), desc=desc):
+        group = range(begin, min(begin + _BLOCK, n))
+        for i, row in zip(group, compute(*collate(loader, group))):
+            parts = _unflatten(solver, row)
+            if folder is not None:
+                save_tensor([p.cpu() for p in parts], folder / f"{i}{suffix}")
+            else:
+                kept.append(parts)
+    return kept
+
+
 def _settings(gpu: int, damp: float = 0.01, scale: float = 25, recursion_depth: int = 5000,
               r: int = 1) -> Settings:
     return read_config({"gpu": gpu, "damp": damp, "scale": scale, "recursion_depth": recursion_depth,
@@ -156,7 +154,7 @@ def _settings(gpu: int, damp: float = 0.01, scale: float = 25, recursion_depth: 
 
 def _fitted(model: nn.Module, settings: Settings, train_loader: DataLoader) -> InfluenceFunctionModel:
     check_model_device(model, settings.device)
-    return fit_solver(make_solver(model, settings), train_loader, settings)
+    return make_solver(model, settings).fit(train_loader)
 
 
 def _unflatten(solver: InfluenceFunctionModel, flat: Tensor) -> list[Tensor]:

@@ -6,6 +6,7 @@ from typing import Iterator
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
 from .._data import iterate_batches
@@ -23,18 +24,22 @@ class LissaInfluence(InfluenceFunctionModel):
     for ``maxiter`` steps and returns h / scale, which approximates
     (H + lambda I)^-1 v when ``scale`` exceeds the largest eigenvalue of
     H + lambda I (and ``dampen`` is small). Nothing keeps an autograd graph
-    between steps. ``repetitions`` independent runs are averaged.
+    between steps. ``repetitions`` independent runs are averaged. The recursion
+    needs independent minibatches, and each repetition different ones, so a
+    DataLoader that does not shuffle is read through a shuffling copy (same
+    batch size, seeded by ``seed`` and the repetition).
 
     Args:
         maxiter: recursion depth.
         dampen: damping of the previous estimate, in [0, 1).
         scale: must exceed the largest eigenvalue of H + lambda I.
         repetitions: independent estimates averaged (pytorch-influence-functions' ``r``).
+        seed: seeds the minibatch order when the loader does not shuffle.
         (others as in :class:`~torchfluence.InfluenceFunctionModel`)
     """
 
     def __init__(self, *args, maxiter: int = 1000, dampen: float = 0.0, scale: float = 10.0,
-                 repetitions: int = 1, **kwargs) -> None:
+                 repetitions: int = 1, seed: int = 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if maxiter < 1:
             raise ValueError(f"maxiter must be >= 1, got {maxiter!r}")
@@ -45,19 +50,26 @@ class LissaInfluence(InfluenceFunctionModel):
         if repetitions < 1:
             raise ValueError(f"repetitions must be >= 1, got {repetitions!r}")
         self.maxiter, self.dampen, self.scale, self.repetitions = maxiter, dampen, scale, repetitions
+        self.seed = seed
 
-    def _minibatches(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def _minibatches(self, repetition: int) -> Iterator[tuple[Tensor, Tensor]]:
+        data = self._train_data
+        if (isinstance(data, DataLoader) and not isinstance(data.sampler, RandomSampler)
+                and data.batch_size is not None):
+            generator = torch.Generator().manual_seed(self.seed + repetition)
+            data = DataLoader(data.dataset, batch_size=data.batch_size, shuffle=True, collate_fn=data.collate_fn,
+                              num_workers=data.num_workers, drop_last=data.drop_last, generator=generator)
         while True:  # a shuffling DataLoader gives fresh samples on every pass
-            yield from iterate_batches(self._train_data, "train_data")
+            yield from iterate_batches(data, "train_data")
 
     def solve(self, vectors: Tensor) -> Tensor:
         self._require_fitted()
         v = vectors.to(self.dtype)
         total = torch.zeros_like(v)
         bar = tqdm(total=self.repetitions * self.maxiter, desc="lissa", disable=not self.progress)
-        for _ in range(self.repetitions):
+        for repetition in range(self.repetitions):
             h = v.clone()
-            batches = self._minibatches()
+            batches = self._minibatches(repetition)
             for step in range(self.maxiter):
                 x, y = next(batches)
                 curvature = self.batch_curvature_vp(h, x, y) + self.regularization * h
