@@ -239,12 +239,16 @@ def test_bad_arguments_are_named(problem):
         tfl.EkfacInfluence(model, lambda o, t: F.cross_entropy(o, t), REG).fit(loader(*problem[1:3]))
 
 
-def test_non_finite_factors_name_the_layer(problem):
+def test_non_finite_inputs_name_the_sample_and_overflow_names_the_layer(problem):
     model, x, y, _, _ = problem
     bad = x.clone()
     bad[3, 5] = float("inf")
-    with pytest.raises(ValueError, match=r"layer '0': the activation covariance A has NaN or inf"):
+    with pytest.raises(ValueError, match=r"train_data inputs: 1 value\(s\) are NaN or inf \(first at sample 3\)"):
         tfl.EkfacInfluence(model, LOSS, REG, fisher="empirical").fit(loader(bad, y))
+    huge = x.clone().float()
+    huge[3] = 1e30  # finite, but its square overflows float32 in the activation covariance
+    with pytest.raises(ValueError, match=r"layer '0': the activation covariance A has NaN or inf"):
+        tfl.EkfacInfluence(model.float(), LOSS, REG, fisher="empirical", dtype=torch.float32).fit(loader(huge, y))
 
 
 def test_singular_kfac_needs_regularization(problem):

@@ -79,7 +79,7 @@ def test_mismatched_lengths(fitted):
 def test_non_scalar_loss_is_rejected():
     x, y, _, _ = digits(n_train=20, n_test=1)
     loss = nn.CrossEntropyLoss(reduction="none")
-    with pytest.raises(ValueError, match=r"loss must return a scalar .* got shape \(20,\)"):
+    with pytest.raises(ValueError, match=r"loss must return a scalar .* got shape \(1,\)"):
         tfl.DirectInfluence(mlp(), loss, 0.1, dtype=torch.float64).fit(loader(x, y))
 
 
@@ -87,7 +87,7 @@ def test_nan_gradients_are_an_error(fitted):
     im, x, y, xt, yt = fitted
     bad = xt.clone()
     bad[2, 5] = float("nan")
-    with pytest.raises(ValueError, match=r"NaN or inf for 1 sample\(s\) \(first: sample 2\)"):
+    with pytest.raises(ValueError, match=r"inputs: 1 value\(s\) are NaN or inf \(first at sample 2\)"):
         im.influences(bad, yt, x, y)
 
 
@@ -121,7 +121,7 @@ def test_not_fitted_and_bad_arguments():
         tfl.DirectInfluence(mlp(), F.cross_entropy, 0.1, second_order="fisher")
     with pytest.raises(ValueError, match="scale must be > 0"):
         tfl.LissaInfluence(mlp(), F.cross_entropy, 0.1, scale=0)
-    with pytest.raises(ValueError, match="mode must be 'up' or 'perturbation', got 'down'"):
+    with pytest.raises(ValueError, match=r"mode must be one of \['up', 'perturbation'\], got 'down'"):
         tfl.CgInfluence(mlp(), F.cross_entropy, 0.1).fit(loader(x, y)).influences(x, y, mode="down")
 
 
@@ -169,7 +169,7 @@ def test_mse_regression_curvature_matches_autograd():
     assert torch.allclose(ggn.functions.ggn_vp(v, x, y), v @ ggn.curvature, rtol=1e-10, atol=1e-12)
 
 
-def test_both_hvp_routes_agree_and_one_is_kept():
+def test_both_hvp_routes_agree_and_the_route_is_fixed():
     x, y, _, _ = digits(n_train=50, n_test=1, image=True)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(192, 10)).double()
@@ -179,7 +179,7 @@ def test_both_hvp_routes_agree_and_one_is_kept():
     reverse = im.functions._hvp("reverse", v, x, y)
     assert torch.allclose(forward, reverse, rtol=1e-10, atol=1e-12)  # the same exact H v
     assert torch.allclose(im.functions.hvp(v, x, y), forward, rtol=1e-10, atol=1e-12)
-    assert im.functions._hvp_route in ("forward", "reverse")
+    assert im.functions.hvp_route == "forward"  # chosen by rule, never by timing
 
 
 def test_lissa_reads_a_non_shuffling_loader_in_seeded_random_order():

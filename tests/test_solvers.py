@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 import torchfluence as tfl
 from torch.func import functional_call, jacrev
-from torchfluence.topk import select_topk
+from torchfluence.reference import select_topk
 
 from .digits import (
     cnn,

@@ -8,6 +8,8 @@ from __future__ import annotations
 from . import capture
 from ._build_info import build_info
 from .capture import register_layer
+from .curvature import AutogradHessian, CurvatureOperator, GaussNewton, LinearHeadCurvature
+from .data import SampleBlock, Samples
 from .fused import psg_dot
 from .head import HeadInfluence
 from .influence import InfluenceFunctionModel, TopKInfluences
@@ -28,6 +30,12 @@ __version__: str = build_info()["version"]
 
 __all__ = [
     "ArnoldiInfluence",
+    "AutogradHessian",
+    "CurvatureOperator",
+    "GaussNewton",
+    "LinearHeadCurvature",
+    "SampleBlock",
+    "Samples",
     "CgInfluence",
     "DirectInfluence",
     "EkfacInfluence",

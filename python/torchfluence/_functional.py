@@ -7,7 +7,6 @@ perturbation mode. Nothing here keeps an autograd graph alive between calls.
 
 from __future__ import annotations
 
-import time
 import warnings
 from typing import Callable, Optional, Sequence
 
@@ -21,6 +20,20 @@ _STOCHASTIC_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.
                        nn.modules.batchnorm._BatchNorm)
 
 
+def resolve_dtype(dtype: Optional[torch.dtype], params: Sequence[Tensor]) -> torch.dtype:
+    """The computation dtype: `dtype`, or the parameters' own; float32 or float64 only."""
+    if dtype is None:
+        dtypes = {p.dtype for p in params}
+        if dtypes - {torch.float32, torch.float64}:
+            raise ValueError(f"dtype: the model's parameters are {sorted(map(str, dtypes))}, and influences need "
+                             "float32 or float64 arithmetic; pass dtype=torch.float32 (the parameters are cast "
+                             "for the computation, the model is left as it is)")
+        return torch.float64 if dtypes == {torch.float64} else torch.float32
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32, torch.float64 or None (the model's), got {dtype}")
+    return dtype
+
+
 class ModelFunctions:
     """Functional view of ``model`` + ``loss`` over the selected parameters.
 
@@ -30,11 +43,11 @@ class ModelFunctions:
         params: names of the parameters to differentiate (default: all with
             ``requires_grad``).
         dtype: dtype the computations run in (parameters, buffers and floating
-            inputs are cast to it).
+            inputs are cast to it); None: the selected parameters' dtype.
     """
 
     def __init__(self, model: nn.Module, loss: LossFn, params: Optional[Sequence[str]] = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: Optional[torch.dtype] = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss):
@@ -53,15 +66,20 @@ class ModelFunctions:
             warnings.warn(
                 "the model is in training mode and has dropout or batch-norm layers, so influences are "
                 "random or batch-dependent; call model.eval() first", stacklevel=3)
+        dtype = resolve_dtype(dtype, [named[n] for n in names])
+        devices = {named[n].device for n in names}
+        if len(devices) > 1:
+            raise ValueError(f"model: the selected parameters must be on one device, got {sorted(map(str, devices))}")
         self.model, self.loss, self.names, self.dtype = model, loss, names, dtype
-        self.device = next(iter(named.values())).device
+        self.device = devices.pop()
         self.shapes = [named[n].shape for n in names]
         self.sizes = [named[n].numel() for n in names]
         self.num_params = sum(self.sizes)
         self.frozen = {n: t.detach().to(dtype) if t.is_floating_point() else t.detach()
                        for n, t in list(model.named_parameters()) + list(model.named_buffers()) if n not in names}
         self.theta = torch.cat([named[n].detach().reshape(-1).to(dtype) for n in names])
-        self._hvp_route: Optional[str] = None  # "forward" or "reverse", timed on first use
+        # "forward" (forward-over-reverse) unless the loss has no forward-mode double backward.
+        self.hvp_route = "forward"
 
     # -- plumbing -------------------------------------------------------------------------------
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
@@ -72,7 +90,11 @@ class ModelFunctions:
         return x.to(self.dtype) if x.is_floating_point() else x
 
     def outputs(self, theta: Tensor, x: Tensor) -> Tensor:
-        return functional_call(self.model, {**self.frozen, **self.unflatten(theta)}, (x,))
+        out = functional_call(self.model, {**self.frozen, **self.unflatten(theta)}, (x,))
+        if not isinstance(out, Tensor):
+            raise TypeError(f"model must return one Tensor of outputs, got {type(out).__name__}; wrap it so that "
+                            "forward returns the tensor the loss takes (e.g. the logits)")
+        return out
 
     def batch_loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
         value = self.loss(self.outputs(theta, x), y)
@@ -91,25 +113,45 @@ class ModelFunctions:
         x, y = self.cast_input(x), y.to(self.device)
         return vmap(grad(self._sample_loss), in_dims=(None, 0, 0))(self.theta, x, y).detach()
 
-    def check_loss(self, x: Tensor, y: Tensor) -> None:
-        """Fails early, with a clear message, on a loss that is not a scalar mean."""
+    def check_loss(self, x: Tensor, y: Tensor) -> Tensor:
+        """Fails early, with a clear message, on a loss that is not the mean of per-sample losses.
+
+        Returns the model's outputs on the first sample of `x`. A loss is a mean
+        when two copies of one sample give the same value as the sample alone;
+        ``reduction="sum"`` gives twice that, and would scale every influence by n.
+        """
         with torch.no_grad():
-            self.batch_loss(self.theta, self.cast_input(x), y.to(self.device))
+            x1, y1 = self.cast_input(x[:1]), y[:1].to(self.device)
+            out = self.outputs(self.theta, x1)
+            one = self.batch_loss(self.theta, x1, y1)
+            two = self.loss(torch.cat([out, out]), torch.cat([y1, y1]))
+        if not bool(torch.isfinite(one)):
+            raise ValueError(f"loss: the loss of the first sample is {float(one)}; check the model and the targets")
+        if not torch.allclose(two, one, rtol=1e-4, atol=1e-12 * float(one.abs()) + 1e-30):
+            raise ValueError(f"loss must return the mean over the batch (reduction='mean'): two copies of one "
+                             f"sample give {float(two):.6g}, the sample alone {float(one):.6g}")
+        return out
 
     # -- second order -----------------------------------------------------------------------------
     def hvp(self, vectors: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """Hessian of the batch's mean loss times each row of `vectors` (k, p) -> (k, p).
 
-        Two exact routes, vmapped over the vectors: forward-over-reverse (jvp of the
-        gradient) and reverse-over-reverse (vjp of the gradient; H is symmetric).
-        Which is faster depends on the model and device, so the first call times
-        both and keeps the faster. A loss whose double backward has no forward-mode
-        rule in the installed torch (``mse_loss`` in some releases) uses reverse.
+        Forward-over-reverse (the jvp of the gradient), vmapped over the vectors.
+        A loss whose double backward has no forward-mode rule in the installed
+        torch (``mse_loss`` in some releases raises a ZeroTensor error) uses
+        reverse-over-reverse instead (H is symmetric, so the vjp of the gradient
+        is H v). The route depends only on the model and torch, never on timing,
+        so results are the same bits in every process.
         """
         x, y = self.cast_input(x), y.to(self.device)
-        if self._hvp_route is None:
-            self._hvp_route = self._fastest_hvp_route(vectors, x, y)
-        return self._hvp(self._hvp_route, vectors, x, y)
+        if self.hvp_route == "forward":
+            try:
+                return self._hvp("forward", vectors, x, y)
+            except RuntimeError as err:
+                if "ZeroTensor" not in str(err):
+                    raise
+                self.hvp_route = "reverse"
+        return self._hvp("reverse", vectors, x, y)
 
     def _hvp(self, route: str, vectors: Tensor, x: Tensor, y: Tensor) -> Tensor:
         gradient = grad(self.batch_loss)
@@ -117,25 +159,6 @@ class ModelFunctions:
             return vmap(lambda v: jvp(lambda t: gradient(t, x, y), (self.theta,), (v,))[1])(vectors).detach()
         _, pullback = vjp(lambda t: gradient(t, x, y), self.theta)
         return vmap(lambda v: pullback(v)[0])(vectors).detach()
-
-    def _fastest_hvp_route(self, vectors: Tensor, x: Tensor, y: Tensor) -> str:
-        seconds = {}
-        for route in ("forward", "reverse"):
-            try:
-                self._hvp(route, vectors, x, y)  # warm-up: first calls pay one-time costs
-                self._synchronize()
-                began = time.perf_counter()
-                self._hvp(route, vectors, x, y)
-                self._synchronize()
-                seconds[route] = time.perf_counter() - began
-            except RuntimeError as err:
-                if route == "reverse" or "ZeroTensor" not in str(err):
-                    raise
-        return min(seconds, key=seconds.get)
-
-    def _synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def ggn_vp(self, vectors: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """Generalised Gauss-Newton J^T H_out J times each row of `vectors` (k, p) -> (k, p)."""

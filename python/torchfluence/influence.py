@@ -9,6 +9,14 @@ Gauss-Newton matrix) of the mean training loss and lambda the regularization,
 test loss by about -eps * influences[i, j], so a positive value means z_j is
 *helpful* to z_test_i (it lowers the loss) and a negative one *harmful*.
 Koh & Liang's I_up,loss is the negative of this number.
+
+The engine is four parts, each chosen once at construction:
+
+    data (:mod:`.data`)  ->  gradient source (:mod:`.gradients`)
+        ->  curvature operator (:mod:`.curvature`) inside the solver  ->  sinks (:mod:`.sinks`)
+
+:meth:`InfluenceFunctionModel._stream` is the one loop that scores blocks of
+samples and hands them to the sinks.
 """
 
 from __future__ import annotations
@@ -16,20 +24,25 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence
+from pathlib import Path
+from typing import Callable, Literal, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._data import Batches, check_pair, chunks, count_samples, iterate_batches
 from ._functional import LossFn, ModelFunctions
-from .capture import capture, find_layers
-from .fused import psg_dot
-from .topk import StreamingTopK, influence_block
+from .checks import check_choice, check_finite, check_mode, check_positive_int, check_regularization
+from .curvature import CurvatureOperator, curvature_operator
+from .data import DataSource, SampleBlock, Samples
+from .gradients import GradientSource, gradient_source
+from .head import BackboneFeatures, HeadSpec
+from .linear_head import loss_kind
+from .sinks import DenseSink, MemmapSink, ScoreSink, TopKSink
 
 SecondOrder = Literal["hessian", "gauss_newton"]
 Mode = Literal["up", "perturbation"]
+Output = Union[None, str, Path]
 
 
 @dataclass
@@ -39,22 +52,13 @@ class TopKInfluences:
     Attributes:
         helpful_indices, helpful_values: (n_test, k), largest influence first.
         harmful_indices, harmful_values: (n_test, k), most negative first.
-    Indices count training samples in the order the loader yields them.
+    Indices count training samples in the order the data yields them.
     """
 
     helpful_indices: Tensor
     helpful_values: Tensor
     harmful_indices: Tensor
     harmful_values: Tensor
-
-
-@dataclass
-class FusedPlan:
-    """Captured layers scored by the fused kernel, and the other parameters (flat indices) by torch.func."""
-
-    layers: list
-    rest: Optional[ModelFunctions]
-    rest_index: Optional[Tensor]
 
 
 class InfluenceFunctionModel(ABC):
@@ -64,41 +68,53 @@ class InfluenceFunctionModel(ABC):
         model: a trained ``nn.Module`` (call ``model.eval()`` first).
         loss: ``loss(outputs, targets)`` returning the mean loss of the batch.
         regularization: lambda >= 0 added to the curvature's diagonal.
-        params: names of the parameters to use (default: all with ``requires_grad``).
+        params: names of the parameters to use (default: all with ``requires_grad``);
+            in head mode, names inside the head.
         second_order: ``"hessian"`` or ``"gauss_newton"`` (the generalised
             Gauss-Newton matrix J^T H_out J, positive semi-definite for convex losses).
-        dtype: computation dtype, float32 (default) or float64.
-        block_size: samples per per-sample-gradient block; bounds memory at
-            about block_size x num_params values.
+        dtype: computation dtype, float32 or float64; None (default): the model's.
+        block_size: samples per block; bounds memory at about block_size x num_params values.
         progress: show tqdm progress bars on long loops.
-        fused: for the parameters of captured layers (``nn.Linear``, ``nn.Conv2d``
-            and registered types), score with the fused per-sample-gradient kernel
-            (:func:`torchfluence.fused.psg_dot`) instead of materialised per-sample
-            gradients, and form per-sample gradients as ``g a^T`` from one
-            forward/backward per block instead of vmap; the other parameters still
-            go through ``torch.func``. Needs a loss that is the mean of per-sample losses.
+        fused: score the parameters of captured layers (``nn.Linear``, ``nn.Conv2d``,
+            registered types) from their inputs and output gradients
+            (:func:`torchfluence.psg_dot`) without per-sample gradients in memory;
+            the other parameters go through ``torch.func``. False: ``torch.func`` for all.
+        head: head mode: the trainable head (a module, its name, or ``"auto"`` for
+            the smallest submodule holding every trainable parameter). The backbone
+            runs once per sample and the solver works on the head alone.
+        cache_dir: head mode: memory-map the training features there.
     """
 
     def __init__(self, model: nn.Module, loss: LossFn, regularization: float = 0.0, *,
                  params: Optional[Sequence[str]] = None, second_order: SecondOrder = "hessian",
-                 dtype: torch.dtype = torch.float32, block_size: int = 256, progress: bool = False,
-                 fused: bool = True) -> None:
-        check_regularization(regularization)
-        if second_order not in ("hessian", "gauss_newton"):
-            raise ValueError(f"second_order must be 'hessian' or 'gauss_newton', got {second_order!r}")
-        if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        if not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-        self.regularization = float(regularization)
-        self.second_order = second_order
-        self.block_size = block_size
-        self.progress = progress
+                 dtype: Optional[torch.dtype] = None, block_size: int = 256, progress: bool = False,
+                 fused: bool = True, head: Optional[HeadSpec] = None,
+                 cache_dir: Optional[Union[str, Path]] = None) -> None:
+        self.regularization = check_regularization(regularization)
+        check_choice(second_order, "second_order", ("hessian", "gauss_newton"))
+        self.block_size = check_positive_int(block_size, "block_size")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.second_order, self.progress, self.fused = second_order, progress, fused
+        self.features: Optional[BackboneFeatures] = None
+        if head is not None:
+            if cache_dir is not None and not isinstance(cache_dir, (str, Path)):
+                raise TypeError(f"cache_dir must be a path, got {type(cache_dir).__name__}")
+            from ._functional import resolve_dtype
+
+            trainable = [p for p in model.parameters() if p.requires_grad] or list(model.parameters())
+            self.features = BackboneFeatures(model, head, resolve_dtype(dtype, trainable), cache_dir, progress)
+            model = self.features.head
+        elif cache_dir is not None:
+            raise ValueError("cache_dir is for head mode: pass head= too")
         self.functions = ModelFunctions(model, loss, params, dtype)
-        self.fused = fused
-        self._fused_plan: Optional[FusedPlan] = None
+        check_finite(self.functions.theta, "model parameters", -1)
+        self.source: GradientSource = gradient_source(self.functions, fused)
+        self.curvature_operator: CurvatureOperator = curvature_operator(self.functions, second_order)
+        self._loss_kind = loss_kind(loss)
+        self._classes: Optional[int] = None
         self.n_train: Optional[int] = None
-        self._train_data: Optional[Batches] = None
+        self._train: Optional[Samples] = None
 
     # -- properties ---------------------------------------------------------------------------------
     @property
@@ -117,63 +133,89 @@ class InfluenceFunctionModel(ABC):
     def dtype(self) -> torch.dtype:
         return self.functions.dtype
 
-    # -- fitting ------------------------------------------------------------------------------------
-    def fit(self, train_data: Batches) -> "InfluenceFunctionModel":
-        """Computes what the solver needs from the training data (a DataLoader of (x, y)).
+    # -- data ---------------------------------------------------------------------------------------
+    def samples(self, data: DataSource, name: str = "data") -> Samples:
+        """`data` as :class:`~torchfluence.data.Samples` of ``block_size`` blocks, with head-mode features."""
+        return Samples(data, name, self.block_size, check=self._check_targets, transform=self.features)
 
-        The curvature is that of the mean training loss: each batch's Hessian is
-        weighted by its size, so a short last batch counts for what it holds.
+    def _check_targets(self, x: Tensor, y: Tensor, offset: int) -> None:
+        """Class-index targets of a cross-entropy loss: integer and in range."""
+        if self._loss_kind != "cross_entropy" or y.is_floating_point() and y.dim() > 1:
+            return  # other losses check their own targets; (n, C) float targets are probabilities
+        if y.dtype != torch.long:
+            raise TypeError(f"targets for cross_entropy must be class indices of dtype torch.long (int64), got "
+                            f"{y.dtype} of shape {tuple(y.shape)}")
+        if self._classes is not None and y.numel():
+            low, high = int(y.min()), int(y.max())
+            if low < 0 or high >= self._classes:
+                bad = int(((y < 0) | (y >= self._classes)).nonzero()[0][0])
+                where = f"sample {offset + bad}" if offset >= 0 else f"position {bad} of a batch"
+                raise ValueError(f"targets must be class indices in [0, {self._classes}) for the model's "
+                                 f"{self._classes} outputs, got {int(y[bad])} at {where}")
+
+    def _inputs(self, x: Tensor, y: Tensor, name: str) -> Samples:
+        return self.samples((x, y), name)
+
+    # -- fitting ------------------------------------------------------------------------------------
+    def fit(self, train_data: DataSource) -> "InfluenceFunctionModel":
+        """Computes what the solver needs from the training data.
+
+        Args:
+            train_data: a DataLoader of (x, y) batches, an (x, y) pair of tensors, or a
+                Dataset of (x, y) items. The curvature is that of the mean training loss:
+                each block's curvature is weighted by its size.
         """
-        self.n_train = count_samples(train_data, "train_data")
-        x, y = next(iterate_batches(train_data, "train_data"))
-        self.functions.check_loss(x, y)
-        self._train_data = train_data
-        self._fit(train_data)
+        # Head mode reads raw inputs once here, to cache their features.
+        samples = Samples(train_data, "train_data", self.block_size, check=self._check_targets)
+        samples.require_reiterable(f"{type(self).__name__}.fit")
+        first = next(samples.batches(), None)
+        if first is None:
+            raise ValueError("train_data is empty: it yielded no samples")
+        x, y = first[0][:1], first[1][:1]
+        check_finite(x, "train_data inputs", 0)
+        self._check_targets(x, y, 0)
+        outputs = self.functions.check_loss(x if self.features is None else self.features(x), y)
+        if self._loss_kind == "cross_entropy" and outputs.dim() == 2:
+            self._classes = outputs.shape[1]
+        samples.validate_in_memory()
+        if self.features is not None:
+            samples = self.features.cache(samples)
+        return self.fit_samples(samples)
+
+    def fit_samples(self, samples: Samples) -> "InfluenceFunctionModel":
+        """:meth:`fit` on data already in the solver's input space (for solvers built on another's data)."""
+        self.n_train = samples.count()
+        self._train = samples
+        self._fit(samples)
         return self
 
-    def _fit(self, train_data: Batches) -> None:  # noqa: B027 - optional hook
+    def _fit(self, train: Samples) -> None:  # noqa: B027 - optional hook
         """Solver-specific work at fit time (default: none)."""
 
-    def _require_fitted(self) -> None:
-        if not self.is_fitted:
+    def _require_fitted(self) -> Samples:
+        if self._train is None:
             raise RuntimeError(f"{type(self).__name__} is not fitted: call .fit(train_loader) first")
+        return self._train
 
     # -- curvature ----------------------------------------------------------------------------------
-    def batch_curvature_vp(self, vectors: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        """Curvature of one batch's mean loss times each row of `vectors` (k, p) -> (k, p)."""
-        fn = self.functions.hvp if self.second_order == "hessian" else self.functions.ggn_vp
-        return fn(vectors, x, y)
-
-    def curvature_vp(self, vectors: Tensor, data: Optional[Batches] = None) -> Tensor:
+    def curvature_vp(self, vectors: Tensor, data: Optional[Samples] = None) -> Tensor:
         """H times each row of `vectors` (k, p) over all training data, without regularization."""
-        data = self._train_data if data is None else data
+        data = self._require_fitted() if data is None else data
+        n = data.count()
         total = torch.zeros_like(vectors)
-        for x, y in iterate_batches(data, "train_data"):
-            for _, xb, yb in chunks(x, y, self.block_size):
-                total += (xb.shape[0] / self.n_train) * self.batch_curvature_vp(vectors, xb, yb)
+        for block in data.blocks():
+            total += (block.size / n) * self.curvature_operator.batch_vp(vectors, block.x, block.y)
         return total
 
     # -- gradients ----------------------------------------------------------------------------------
     def grads(self, x: Tensor, y: Tensor) -> Tensor:
         """Per-sample gradients of the loss, (n, p), computed block_size samples at a time."""
-        check_pair(x, y)
-        out = torch.empty(x.shape[0], self.num_params, dtype=self.dtype, device=self.device)
-        plan = self.fused_plan()
-        for start, xb, yb in chunks(x, y, self.block_size):
-            rows = out[start:start + xb.shape[0]]
-            if plan is None:
-                rows.copy_(self.functions.per_sample_grads(xb, yb))
-                continue
-            # Captured layers: one forward/backward for the block and g a^T per sample
-            # (several times faster than vmap); the other parameters through torch.func.
-            capture(self.functions, plan.layers, xb, yb).per_sample_grads(plan.layers, self.num_params, out=rows)
-            if plan.rest is not None:
-                rows[:, plan.rest_index] = plan.rest.per_sample_grads(xb, yb)
-        bad = (~torch.isfinite(out)).any(dim=1)
-        if bool(bad.any()):
-            raise ValueError(
-                f"the loss gradient is NaN or inf for {int(bad.sum())} sample(s) (first: sample "
-                f"{int(bad.nonzero()[0])}); check the inputs and the model for overflow")
+        samples = self._inputs(x, y, "x, y")
+        out = torch.empty(samples.count(), self.num_params, dtype=self.dtype, device=self.device)
+        for block in samples.blocks():
+            rows = out[block.offset:block.offset + block.size]
+            self.source.grads(block.x, block.y, out=rows)
+            check_finite(rows, "per-sample gradients", block.offset)
         return out
 
     # -- solving ------------------------------------------------------------------------------------
@@ -184,17 +226,21 @@ class InfluenceFunctionModel(ABC):
     def influence_factors(self, x_test: Tensor, y_test: Tensor) -> Tensor:
         """Preconditioned test gradients (H + lambda I)^-1 grad L(z_test), (n_test, p)."""
         self._require_fitted()
-        return self.solve(self.grads(x_test, y_test))
+        factors = self.solve(self.grads(x_test, y_test))
+        check_finite(factors, "influence factors", 0)
+        return factors
 
     # -- scores -------------------------------------------------------------------------------------
     def influences(self, x_test: Tensor, y_test: Tensor, x: Optional[Tensor] = None,
-                   y: Optional[Tensor] = None, mode: Mode = "up") -> Tensor:
+                   y: Optional[Tensor] = None, mode: Mode = "up", *, out: Output = None) -> Tensor:
         """Influence of each (x, y) on each test point.
 
         Args:
             x_test, y_test: (n_test, ...) test inputs and targets.
             x, y: (n, ...) training inputs and targets (default: the test points).
             mode: ``"up"`` (up-weighting) or ``"perturbation"`` (input perturbation).
+            out: optional path of a ``.npy`` file to write the result into block by
+                block (memory-mapped); the returned tensor shares its pages.
 
         Returns:
             (n_test, n) for ``"up"``; (n_test, n, *x.shape[1:]) for ``"perturbation"``.
@@ -202,110 +248,101 @@ class InfluenceFunctionModel(ABC):
         if (x is None) != (y is None):
             raise ValueError("x and y must be given together (or both left out to use the test points)")
         check_mode(mode)
+        if mode == "perturbation":
+            self._check_perturbation()
         factors = self.influence_factors(x_test, y_test)
         if x is None:
             x, y = x_test, y_test
-        return self.influences_from_factors(factors, x, y, mode=mode)
+        return self.influences_from_factors(factors, x, y, mode=mode, out=out)
 
-    def influences_from_factors(self, factors: Tensor, x: Tensor, y: Tensor, mode: Mode = "up") -> Tensor:
+    def influences_from_factors(self, factors: Tensor, x: Tensor, y: Tensor, mode: Mode = "up", *,
+                                out: Output = None) -> Tensor:
         """Scores of (x, y) against precomputed factors (n_test, p); shapes as in :meth:`influences`."""
         self._require_fitted()
         check_mode(mode)
-        check_pair(x, y)
         factors = self._check_factors(factors)
+        samples = self._inputs(x, y, "x, y")
+        n = samples.count()
         if mode == "up":
-            out = torch.empty(factors.shape[0], x.shape[0], dtype=self.dtype, device=self.device)
-            for start, xb, yb in self._chunks(x, y, "scoring"):
-                self.score_block(factors, xb, yb, out=out[:, start:start + xb.shape[0]])
-            return out
-        parts = [self.functions.perturbation_scores(factors, xb, yb) for _, xb, yb in self._chunks(x, y, "scoring")]
-        return torch.cat(parts, dim=1)
+            sink = self._dense((factors.shape[0], n), out, sample_dim=1)
+            self._stream(samples, lambda b: self.source.scores(factors, b.x, b.y), [sink], "influence scores")
+            return sink.result()
+        self._check_perturbation()
+        sink = self._dense((factors.shape[0], n, *x.shape[1:]), out, sample_dim=1)
+        self._stream(samples, lambda b: self.functions.perturbation_scores(factors, b.x, b.y), [sink],
+                     "perturbation scores", sample_dim=1)
+        return sink.result()
+
+    def _check_perturbation(self) -> None:
+        if self.features is not None:
+            raise ValueError("head mode supports mode='up' only: mode='perturbation' needs gradients through the "
+                             "backbone; use the solver on the full model without head=")
+
+    def train_influences(self, x_test: Tensor, y_test: Tensor, *, out: Output = None) -> Tensor:
+        """(n_test, n_train) influences of every fitted training sample (in head mode from the cached features)."""
+        train = self._require_fitted()
+        factors = self.influence_factors(x_test, y_test)
+        sink = self._dense((factors.shape[0], self.n_train), out, sample_dim=1)
+        self._stream(train, lambda b: self.source.scores(factors, b.x, b.y), [sink], "influence scores")
+        return sink.result()
 
     def self_influences(self, x: Tensor, y: Tensor) -> Tensor:
         """grad L(z_j)^T (H + lambda I)^-1 grad L(z_j) for each sample, (n,)."""
         self._require_fitted()
-        check_pair(x, y)
-        out = torch.empty(x.shape[0], dtype=self.dtype, device=self.device)
-        for start, xb, yb in self._chunks(x, y, "self-influence"):
-            g = self.grads(xb, yb)
-            out[start:start + xb.shape[0]] = (g * self.solve(g)).sum(dim=1)
-        return out
+        samples = self._inputs(x, y, "x, y")
+        sink = DenseSink((samples.count(),), dtype=self.dtype, device=self.device)
+        self._stream(samples, self._self_influence_block, [sink], "self-influences")
+        return sink.result()
 
-    def top_k(self, x_test: Tensor, y_test: Tensor, train_data: Batches, k: int = 10) -> TopKInfluences:
+    def _self_influence_block(self, block: SampleBlock) -> Tensor:
+        g = self.source.grads(block.x, block.y)
+        return (g * self.solve(g)).sum(dim=1)
+
+    def top_k(self, x_test: Tensor, y_test: Tensor, train_data: Optional[DataSource] = None,
+              k: int = 10) -> TopKInfluences:
         """The k most helpful and harmful training points per test point, streamed.
 
-        Training gradients are computed block by block and merged into running
-        top-k lists by the fused kernel, so the (n_test, n_train) matrix is never held.
+        Score blocks of the training data are merged into running top-k lists, so
+        the (n_test, n_train) matrix is never held.
+
+        Args:
+            train_data: the training data to rank (default: the fitted data); a
+                one-shot iterable is fine here, it is read once.
+            k: how many on each side, at most the number of training samples.
         """
+        check_positive_int(k, "k")
+        train = self._require_fitted() if train_data is None else self.samples(train_data, "train_data")
+        known = train.known_count()
+        if known is not None and k > known:
+            raise ValueError(f"k must be at most the number of training samples ({known}), got {k}")
         factors = self.influence_factors(x_test, y_test)
-        state = StreamingTopK(factors.shape[0], k, device=self.device, dtype=self.dtype)
-        plan = self.fused_plan()
-        for x, y in tqdm(iterate_batches(train_data, "train_data"), desc="top-k", disable=not self.progress):
-            for _, xb, yb in chunks(x, y, self.block_size):
-                if plan is None:
-                    state.update(factors, self.grads(xb, yb))
-                else:
-                    state.update_scores(self.score_block(factors, xb, yb))
-        res = state.result()
+        sink = TopKSink(factors.shape[0], k, dtype=self.dtype, device=self.device)
+        self._stream(train, lambda b: self.source.scores(factors, b.x, b.y), [sink], "top-k")
+        res = sink.result()
         return TopKInfluences(res.largest_indices, res.largest_values, res.smallest_indices, res.smallest_values)
 
-    def score_block(self, factors: Tensor, x: Tensor, y: Tensor, out: Optional[Tensor] = None) -> Tensor:
-        """``factors @ grads(x, y).T`` for one block, (n_test, b), fused where the layers allow it."""
-        plan = self.fused_plan()
+    # -- the one scoring loop -----------------------------------------------------------------------
+    def _stream(self, samples: Samples, score: Callable[[SampleBlock], Tensor], sinks: Sequence[ScoreSink],
+                what: str, sample_dim: int = -1) -> None:
+        """Scores every block of `samples` and writes it to each sink; NaN/inf are reported with the sample."""
+        known = samples.known_count()
+        total = None if known is None else math.ceil(known / self.block_size)
+        bar = tqdm(samples.blocks(), total=total, desc=what, disable=not self.progress or total == 1)
+        for block in bar:
+            values = score(block)
+            check_finite(values, what, block.offset, sample_dim=sample_dim)
+            for sink in sinks:
+                sink.write(values, block.offset)
+
+    def _dense(self, shape: tuple[int, ...], out: Output, sample_dim: int) -> DenseSink:
         if out is None:
-            out = torch.empty(factors.shape[0], x.shape[0], dtype=self.dtype, device=self.device)
-        if plan is None:
-            influence_block(factors, self.grads(x, y), out=out)
-            return out
-        captured = capture(self.functions, plan.layers, x, y)
-        out.zero_()
-        for layer, activations, output_grads in zip(plan.layers, captured.activations, captured.output_grads):
-            psg_dot(layer.matrices(factors), activations, output_grads, out=out)
-        if plan.rest is not None:
-            out += factors[:, plan.rest_index] @ plan.rest.per_sample_grads(x, y).T
-        bad = ~torch.isfinite(out)
-        if bool(bad.any()):
-            query, sample = (int(v) for v in bad.nonzero()[0])
-            raise ValueError(
-                f"{int(bad.sum())} influence score(s) are NaN or inf (first: test row {query}, sample {sample} of "
-                "this block); check the inputs and the model for overflow")
-        return out
-
-    def fused_plan(self) -> Optional["FusedPlan"]:
-        """How scoring splits the parameters: captured layers (fused) and the rest (torch.func); None: no fusion."""
-        if not self.fused:
-            return None
-        if self._fused_plan is None:
-            layers, missing = find_layers(self.functions)
-            rest, rest_index = None, None
-            if layers and missing:
-                f = self.functions
-                rest = ModelFunctions(f.model, f.loss, missing, f.dtype)
-                offsets = dict(zip(f.names, torch.tensor([0, *f.sizes]).cumsum(0).tolist()))
-                sizes = dict(zip(f.names, f.sizes))
-                rest_index = torch.cat([torch.arange(offsets[n], offsets[n] + sizes[n]) for n in missing])
-                rest_index = rest_index.to(self.device)
-            self._fused_plan = FusedPlan(layers, rest, rest_index) if layers else FusedPlan([], None, None)
-        return self._fused_plan if self._fused_plan.layers else None
-
-    # -- helpers ------------------------------------------------------------------------------------
-    def _chunks(self, x: Tensor, y: Tensor, what: str):
-        n_blocks = math.ceil(x.shape[0] / self.block_size)
-        return tqdm(chunks(x, y, self.block_size), total=n_blocks, desc=what,
-                    disable=not self.progress or n_blocks < 2)
+            return DenseSink(shape, dtype=self.dtype, device=self.device, sample_dim=sample_dim)
+        if not isinstance(out, (str, Path)):
+            raise TypeError(f"out must be a path of a .npy file or None, got {type(out).__name__}")
+        return MemmapSink(out, shape, dtype=self.dtype, sample_dim=sample_dim)
 
     def _check_factors(self, factors: Tensor) -> Tensor:
-        if factors.dim() != 2 or factors.shape[1] != self.num_params:
-            raise ValueError(
-                f"factors must have shape (n_test, {self.num_params}), got {tuple(factors.shape)}")
+        if not isinstance(factors, Tensor) or factors.dim() != 2 or factors.shape[1] != self.num_params:
+            got = tuple(factors.shape) if isinstance(factors, Tensor) else type(factors).__name__
+            raise ValueError(f"factors must have shape (n_test, {self.num_params}), got {got}")
         return factors.to(device=self.device, dtype=self.dtype)
-
-
-def check_regularization(value: float) -> None:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"regularization must be a finite number >= 0, got {value!r}")
-
-
-def check_mode(mode: str) -> None:
-    if mode not in ("up", "perturbation"):
-        raise ValueError(f"mode must be 'up' or 'perturbation', got {mode!r}")

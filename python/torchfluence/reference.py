@@ -1,17 +1,52 @@
 """Plain-PyTorch twins of the compiled kernels: the oracle the tests compare against.
 
-Each function computes in float64 and makes no attempt to be fast.
+Each function computes in float64 and makes no attempt to be fast. Nothing here
+imports the package's own code, so the oracle never shares a bug with what it checks.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .topk import TopKResult, select_topk
+
+class TopKReference(NamedTuple):
+    """Per-query extremes, each (n_query, min(k, n)); field names as :class:`torchfluence.TopKResult`."""
+
+    largest_values: Tensor
+    largest_indices: Tensor
+    smallest_values: Tensor
+    smallest_indices: Tensor
 
 
-def influence_block_reference(S: Tensor, G: Tensor, offset: int = 0, k: int = 0) -> tuple[Tensor, TopKResult]:
+def select_topk(values: Tensor, indices: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor]:
+    """Top-k along dim 1 by (value, then lower index); entries with index -1 or a non-finite value sort last.
+
+    A row-by-row NumPy lexsort: slow, and independent of the compiled merge.
+
+    Args:
+        values, indices: (n, m) candidates.
+    Returns:
+        (n, min(k, m)) values and indices.
+    """
+    v = values.detach().double().cpu().numpy()
+    i = indices.detach().cpu().numpy()
+    keep = min(k, v.shape[1])
+    out_v, out_i = np.empty((v.shape[0], keep)), np.empty((v.shape[0], keep), dtype=np.int64)
+    for row in range(v.shape[0]):
+        invalid = (i[row] < 0) | ~np.isfinite(v[row])
+        key = -v[row] if largest else v[row]
+        order = np.lexsort((i[row], np.where(invalid, 0.0, key), invalid))[:keep]  # last key sorts first
+        out_v[row], out_i[row] = v[row][order], i[row][order]
+    return (torch.from_numpy(out_v).to(values.dtype).to(values.device),
+            torch.from_numpy(out_i).to(values.device))
+
+
+def influence_block_reference(S: Tensor, G: Tensor, offset: int = 0, k: int = 0) -> tuple[Tensor, TopKReference]:
     """Scores and exact top-k of ``S @ G.T`` in float64.
 
     Args:
@@ -28,7 +63,7 @@ def influence_block_reference(S: Tensor, G: Tensor, offset: int = 0, k: int = 0)
     index = torch.arange(offset, offset + G.shape[0], dtype=torch.int64, device=S.device).expand_as(scores)
     lv, li = select_topk(scores, index, k, largest=True)
     sv, si = select_topk(scores, index, k, largest=False)
-    return scores, TopKResult(lv, li, sv, si)
+    return scores, TopKReference(lv, li, sv, si)
 
 
 def psg_dot_reference(Q: Tensor, A: Tensor, D: Tensor) -> Tensor:
@@ -54,8 +89,6 @@ def linear_head_hvp_reference(features: Tensor, weight: Tensor, bias, vectors: T
     ``F.linear(features, W, b)`` twice. The Hessians do not depend on the targets,
     so fixed ones are used.
     """
-    import torch.nn.functional as F
-
     x = features.double()
     n, d = x.shape
     C = weight.shape[0]

@@ -1,8 +1,10 @@
-"""Blocked influence assembly with streaming top-k.
+"""Streaming top-k over blocks of influence scores.
 
-Scores ``S @ G.T`` arrive one block of training rows at a time; each block is
-merged into running per-query lists of the k largest and k smallest scores, so
-ranking millions of training points never holds the (n_query, n_train) matrix.
+Scores arrive one block of training samples at a time; each block is merged
+into running per-query lists of the k largest and k smallest scores by the
+compiled ``topk_merge`` op, so ranking millions of training points never holds
+the (n_query, n_train) matrix. The order is total (larger value first, lower
+training index on ties), so the result does not depend on the block sizes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import _ops
+from .checks import check_finite
 
 
 class TopKResult(NamedTuple):
@@ -37,6 +40,10 @@ class StreamingTopK:
         device: where the state lives (the inputs' device).
         dtype: dtype of the inputs; the state uses its accumulation dtype
             (float64 for float64 inputs, float32 otherwise).
+        fused: compute ``S @ G.T`` and select in one compiled kernel
+            (``influence_block``) in :meth:`update`, instead of a matmul followed
+            by ``topk_merge``. Off by default: on the measured CPU shapes the
+            matmul route is faster for k <= 32 (``benchmarks/RESULTS.md``).
 
     Example:
         >>> state = StreamingTopK(len(S), k=10, device=S.device, dtype=S.dtype)
@@ -46,20 +53,19 @@ class StreamingTopK:
     """
 
     def __init__(self, n_query: int, k: int, *, device: Union[str, torch.device] = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
-        if not isinstance(k, int) or k < 1:
+                 dtype: torch.dtype = torch.float32, fused: bool = False) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"StreamingTopK: k must be a positive int, got {k!r}")
-        if n_query < 0:
-            raise ValueError(f"StreamingTopK: n_query must be >= 0, got {n_query}")
-        self.n_query, self.k = n_query, k
-        self.device = torch.device(device)
+        if isinstance(n_query, bool) or not isinstance(n_query, int) or n_query < 0:
+            raise ValueError(f"StreamingTopK: n_query must be an int >= 0, got {n_query!r}")
+        self.n_query, self.k, self.fused = n_query, k, fused
         self.input_dtype = dtype
         acc = _ops.accumulation_dtype(dtype)
-        self.largest_values = torch.full((n_query, k), -torch.inf, dtype=acc, device=self.device)
-        self.smallest_values = torch.full((n_query, k), torch.inf, dtype=acc, device=self.device)
-        self.largest_indices = torch.full((n_query, k), -1, dtype=torch.int64, device=self.device)
-        self.smallest_indices = torch.full((n_query, k), -1, dtype=torch.int64, device=self.device)
-        self.status = torch.zeros(3, dtype=torch.int64, device=self.device)
+        self.largest_values = torch.full((n_query, k), -torch.inf, dtype=acc, device=device)
+        self.smallest_values = torch.full((n_query, k), torch.inf, dtype=acc, device=device)
+        self.largest_indices = torch.full((n_query, k), -1, dtype=torch.int64, device=device)
+        self.smallest_indices = torch.full((n_query, k), -1, dtype=torch.int64, device=device)
+        self.status = torch.zeros(3, dtype=torch.int64, device=device)
         # "cuda" and "cuda:0" name the same device but compare unequal: keep the resolved one.
         self.device = self.status.device
         self.n_seen = 0  # training rows merged so far; the default offset of the next block
@@ -78,64 +84,45 @@ class StreamingTopK:
             ``out`` (filled) or None.
         """
         _ops.check_block_inputs(S, G)
-        if S.shape[0] != self.n_query:
-            raise ValueError(f"StreamingTopK.update: S must have {self.n_query} rows, got {S.shape[0]}")
-        if S.device != self.device or S.dtype != self.input_dtype:
-            raise ValueError(
-                f"StreamingTopK.update: expected inputs of dtype {self.input_dtype} on {self.device}, "
-                f"got {S.dtype} on {S.device}"
-            )
-        offset = self.n_seen if offset is None else int(offset)
-        if offset < 0:
-            raise ValueError(f"StreamingTopK.update: offset must be >= 0, got {offset}")
+        if S.shape[0] != self.n_query or S.device != self.device or S.dtype != self.input_dtype:
+            raise ValueError(f"StreamingTopK.update: S must be ({self.n_query}, p) {self.input_dtype} on "
+                             f"{self.device}, got {tuple(S.shape)} {S.dtype} on {S.device}")
+        offset = self._offset(offset)
         if out is not None:
-            _check_out(out, (S.shape[0], G.shape[0]), _ops.accumulation_dtype(S.dtype), S.device)
-        fused_limit = _ops.max_fused_topk(S.device)
-        if fused_limit is None or self.k <= fused_limit:
-            _ops.influence_block_update(
-                S, G, offset, self.largest_values, self.largest_indices,
-                self.smallest_values, self.smallest_indices, self.status, out,
-            )
+            _check_out(out, (S.shape[0], G.shape[0]), self.largest_values.dtype, self.device)
+        limit = _ops.max_fused_topk(S.device)
+        if self.fused and (limit is None or self.k <= limit):
+            _ops.influence_block_update(S, G, offset, self.largest_values, self.largest_indices,
+                                        self.smallest_values, self.smallest_indices, self.status, out)
         else:
-            # k beyond what the CUDA epilogue keeps on chip: materialise this block only.
-            block = out if out is not None else torch.empty(
-                S.shape[0], G.shape[0], dtype=self.largest_values.dtype, device=S.device)
-            empty = self.largest_values[:, :0]
-            empty_idx = self.largest_indices[:, :0]
-            _ops.influence_block_update(S, G, offset, empty, empty_idx, empty, empty_idx, self.status, block)
-            self._merge_dense(block, offset)
+            scores = block_scores(S, G)
+            if out is not None:
+                out.copy_(scores)
+            self._merge(scores, offset)
         self.n_seen = max(self.n_seen, offset + G.shape[0])
         return out
 
     def update_scores(self, block: Tensor, offset: Optional[int] = None) -> None:
         """Merges precomputed scores (n_query, b) for rows ``offset .. offset + b`` into the state.
 
-        Raises ValueError on any NaN or inf score, naming the query and training index.
+        NaN or inf scores are never ranked: :meth:`result` raises, naming the first.
         """
-        if block.dim() != 2 or block.shape[0] != self.n_query:
-            raise ValueError(f"StreamingTopK.update_scores: block must have shape ({self.n_query}, b), "
-                             f"got {tuple(block.shape)}")
-        offset = self.n_seen if offset is None else int(offset)
-        bad = ~torch.isfinite(block)
-        if bool(bad.any()):
-            query, column = (int(v) for v in bad.nonzero()[0])
-            raise ValueError(f"StreamingTopK.update_scores: {int(bad.sum())} influence score(s) are NaN or inf "
-                             f"(e.g. query {query}, training index {offset + column})")
-        self._merge_dense(block.to(self.largest_values.dtype), offset)
+        if not isinstance(block, Tensor) or block.dim() != 2 or block.shape[0] != self.n_query:
+            got = tuple(block.shape) if isinstance(block, Tensor) else type(block).__name__
+            raise ValueError(f"StreamingTopK.update_scores: block must have shape ({self.n_query}, b), got {got}")
+        offset = self._offset(offset)
+        self._merge(block.to(device=self.device, dtype=self.largest_values.dtype), offset)
         self.n_seen = max(self.n_seen, offset + block.shape[1])
 
-    def _merge_dense(self, block: Tensor, offset: int) -> None:
-        index = torch.arange(offset, offset + block.shape[1], device=block.device).expand_as(block)
-        finite = torch.isfinite(block)
-        for largest in (True, False):
-            values = self.largest_values if largest else self.smallest_values
-            indices = self.largest_indices if largest else self.smallest_indices
-            fill = -torch.inf if largest else torch.inf
-            cand_v = torch.cat([values, torch.where(finite, block, fill)], dim=1)
-            cand_i = torch.cat([indices, torch.where(finite, index, -1)], dim=1)
-            new_v, new_i = select_topk(cand_v, cand_i, self.k, largest)
-            values.copy_(new_v)
-            indices.copy_(new_i)
+    def _offset(self, offset: Optional[int]) -> int:
+        offset = self.n_seen if offset is None else int(offset)
+        if offset < 0:
+            raise ValueError(f"StreamingTopK: offset must be >= 0, got {offset}")
+        return offset
+
+    def _merge(self, scores: Tensor, offset: int) -> None:
+        _ops.topk_merge(scores, offset, self.largest_values, self.largest_indices, self.smallest_values,
+                        self.smallest_indices, self.status)
 
     def result(self) -> TopKResult:
         """Returns the top-k so far, trimmed to the rows seen.
@@ -144,36 +131,28 @@ class StreamingTopK:
             ValueError: if any merged score was NaN or inf (a NaN gradient would
                 otherwise silently fall out of the ranking).
         """
-        _ops.raise_if_nonfinite(self.status)
+        _ops.raise_if_nonfinite(self.status, "influence scores")
         keep = min(self.k, self.n_seen)
-        return TopKResult(
-            self.largest_values[:, :keep], self.largest_indices[:, :keep],
-            self.smallest_values[:, :keep], self.smallest_indices[:, :keep],
-        )
+        return TopKResult(self.largest_values[:, :keep], self.largest_indices[:, :keep],
+                          self.smallest_values[:, :keep], self.smallest_indices[:, :keep])
 
 
-def select_topk(values: Tensor, indices: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor]:
-    """Top-k along dim 1 by (value, then lower index); index -1 entries sort last.
+def block_scores(S: Tensor, G: Tensor) -> Tensor:
+    """``S @ G.T`` in the accumulation dtype, (n_query, b); half inputs are multiplied in float32.
 
-    Args:
-        values, indices: (n, m) candidates.
-    Returns:
-        (n, min(k, m)) values and indices.
+    Scores are never rounded to 16 bits: a top-k over near-equal scores would
+    otherwise be decided by rounding.
     """
-    # Two stable sorts: by index ascending, then by value; ties keep index order.
-    order = torch.argsort(torch.where(indices < 0, torch.iinfo(torch.int64).max, indices), dim=1, stable=True)
-    values, indices = values.gather(1, order), indices.gather(1, order)
-    order = torch.argsort(values, dim=1, descending=largest, stable=True)
-    order = order[:, :k]
-    return values.gather(1, order), indices.gather(1, order)
+    acc = _ops.accumulation_dtype(S.dtype)
+    if S.dtype != acc:
+        S, G = S.to(acc), G.to(acc)
+    return S @ G.T
 
 
 def _check_out(out: Tensor, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
-    if tuple(out.shape) != shape or out.dtype != dtype or out.device != device:
-        raise ValueError(
-            f"influence_block: out must be a {shape} {dtype} tensor on {device}, "
-            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
-        )
+    if not isinstance(out, Tensor) or tuple(out.shape) != shape or out.dtype != dtype or out.device != device:
+        got = f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"out must be a {shape} {dtype} tensor on {device}, got {got}")
 
 
 class InfluenceBlock(NamedTuple):
@@ -183,15 +162,9 @@ class InfluenceBlock(NamedTuple):
     topk: Optional[StreamingTopK]
 
 
-def influence_block(
-    S: Tensor,
-    G: Tensor,
-    *,
-    offset: int = 0,
-    topk: Union[None, int, StreamingTopK] = None,
-    out: Optional[Tensor] = None,
-) -> InfluenceBlock:
-    """One block of the influence matrix, ``S @ G.T``, fused with top-k selection.
+def influence_block(S: Tensor, G: Tensor, *, offset: int = 0, topk: Union[None, int, StreamingTopK] = None,
+                    out: Optional[Tensor] = None) -> InfluenceBlock:
+    """One block of the influence matrix, ``S @ G.T``, optionally merged into a streaming top-k.
 
     Args:
         S: (n_query, p) preconditioned query gradients.
@@ -200,7 +173,7 @@ def influence_block(
         topk: None to return the scores only; an int k to start a new
             :class:`StreamingTopK`; or an existing state to merge this block into.
         out: optional (n_query, b) tensor for the scores. When ``topk`` is given
-            and ``out`` is None, the score block is never materialised.
+            and ``out`` is None, the scores are not returned.
 
     Returns:
         ``InfluenceBlock(scores, topk)``: scores is (n_query, b) in float32
@@ -211,22 +184,24 @@ def influence_block(
             are asked for, else at ``topk.result()``) if any score is NaN or inf.
     """
     if topk is None:
+        scores = influence_scores(S, G, offset)
         if out is None:
-            return InfluenceBlock(influence_scores(S, G), None)
-        _ops.check_block_inputs(S, G)
-        _check_out(out, (S.shape[0], G.shape[0]), _ops.accumulation_dtype(S.dtype), S.device)
-        _ops.fill_scores(S, G, offset, out)
+            return InfluenceBlock(scores, None)
+        _check_out(out, tuple(scores.shape), scores.dtype, scores.device)
+        out.copy_(scores)
         return InfluenceBlock(out, None)
+    if isinstance(topk, bool) or not isinstance(topk, (int, StreamingTopK)):
+        raise TypeError(f"influence_block: topk must be None, an int or a StreamingTopK, got {type(topk).__name__}")
     if isinstance(topk, int):
         _ops.check_block_inputs(S, G)
         topk = StreamingTopK(S.shape[0], topk, device=S.device, dtype=S.dtype)
-    elif not isinstance(topk, StreamingTopK):
-        raise TypeError(f"influence_block: topk must be None, an int or a StreamingTopK, got {type(topk).__name__}")
     topk.update(S, G, offset=offset, out=out)
     return InfluenceBlock(out, topk)
 
 
-def influence_scores(S: Tensor, G: Tensor) -> Tensor:
-    """The full score block ``S @ G.T``, (n_query, b), rejecting NaN/inf with a clear error."""
+def influence_scores(S: Tensor, G: Tensor, offset: int = 0) -> Tensor:
+    """The full score block ``S @ G.T``, (n_query, b), rejecting NaN/inf with an error naming the sample."""
     _ops.check_block_inputs(S, G)
-    return _ops.influence_scores(S, G)
+    scores = block_scores(S, G)
+    check_finite(scores, "influence scores", offset, sample_dim=1)
+    return scores

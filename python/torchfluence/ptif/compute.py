@@ -188,7 +188,7 @@ def influence_rows(score_blocks, n_train: int) -> Tensor:
 def scored_batches(solver: InfluenceFunctionModel, factors: Tensor, ordered: DataLoader):
     """Yields (k, b) score blocks of the ordered training data (fused kernels where the layers allow)."""
     for x, y in tqdm(ordered, desc="training gradients", total=len(ordered)):
-        yield solver.score_block(factors, x, y)
+        yield solver.influences_from_factors(factors, x, y)
 
 
 def scored_gradients(solver: InfluenceFunctionModel, factors: Tensor, gradient_blocks):

@@ -9,8 +9,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._data import Batches
-from ..influence import InfluenceFunctionModel, check_regularization
+from ..data import Samples
+from ..checks import check_regularization
+from ..influence import InfluenceFunctionModel
 from ._lowrank import Complement, LowRankCurvature, check_complement, check_rank
 
 
@@ -67,7 +68,7 @@ class ArnoldiInfluence(InfluenceFunctionModel):
         self.krylov_block = krylov_block
         self.low_rank: Optional[LowRankCurvature] = None
 
-    def _fit(self, train_data: Batches) -> None:
+    def _fit(self, train: Samples) -> None:
         p, m = self.num_params, self.krylov_dimension
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
         basis = torch.empty(0, p, dtype=torch.float64, device=self.device)  # (j, p) orthonormal rows

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._data import Batches, iterate_batches
 from .._fisher import exact_output_grads
+from ..data import Samples
 from ..influence import InfluenceFunctionModel
 from ._lowrank import LowRankCurvature, check_rank
 from .kfac import EkfacInfluence, KfacInfluence
@@ -87,20 +87,22 @@ class CgInfluence(InfluenceFunctionModel):
             self._kfac = self._make_kfac("true")  # checks the layers now; refitted at fit
         self.last_solve_info: Optional[SolveInfo] = None
 
-    def _fit(self, train_data: Batches) -> None:
+    def _fit(self, train: Samples) -> None:
         if self.preconditioner == "jacobi":
-            probes = torch.randint(0, 2, (self.preconditioner_samples, self.num_params), device=self.device)
+            generator = torch.Generator(device=self.device).manual_seed(0)  # same probes in every process
+            probes = torch.randint(0, 2, (self.preconditioner_samples, self.num_params), device=self.device,
+                                   generator=generator)
             probes = probes.to(self.dtype) * 2 - 1
             self.diagonal = (probes * self.curvature_vp(probes)).mean(dim=0)
         elif self._kfac is not None:
             # A preconditioner must not be noisy: take the Fisher's expectation in closed
             # form where the loss allows (cross-entropy or MSE on (n, C) outputs).
-            x, _ = next(iterate_batches(train_data, "train_data"))
+            x = train.first_block().x
             with torch.no_grad():
                 outputs = self.functions.outputs(self.functions.theta, self.functions.cast_input(x[:2]))
             exact = exact_output_grads(self.functions.loss, outputs) is not None
             self._kfac = self._make_kfac("exact" if exact else "true")
-            self._kfac.fit(train_data)
+            self._kfac.fit_samples(train)
         elif self.preconditioner == "nystroem":
             self._sketch = nystroem_sketch(self.curvature_vp, self.num_params, self.preconditioner_rank,
                                            self.dtype, self.device, seed=0)

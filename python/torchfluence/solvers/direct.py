@@ -6,8 +6,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._data import Batches, chunks, iterate_batches
-from ..influence import InfluenceFunctionModel, check_regularization
+from ..checks import check_regularization
+from ..data import Samples
+from ..influence import InfluenceFunctionModel
 
 
 class DirectInfluence(InfluenceFunctionModel):
@@ -40,16 +41,15 @@ class DirectInfluence(InfluenceFunctionModel):
         self._require_fitted()
         return (self.eigenvectors * self.eigenvalues) @ self.eigenvectors.T
 
-    def _fit(self, train_data: Batches) -> None:
-        matrix = self._explicit_curvature(train_data)
+    def _fit(self, train: Samples) -> None:
+        matrix = self._explicit_curvature(train)
         matrix = 0.5 * (matrix + matrix.T)  # symmetric up to rounding; eigh wants it exactly
         self.eigenvalues, self.eigenvectors = torch.linalg.eigh(matrix)
         self._check_positive_definite()
 
     def with_regularization(self, regularization: float) -> "DirectInfluence":
         """Sets lambda without refitting; returns self."""
-        check_regularization(regularization)
-        self.regularization = float(regularization)
+        self.regularization = check_regularization(regularization)
         if self.eigenvalues is not None:
             self._check_positive_definite()
         return self
@@ -74,27 +74,26 @@ class DirectInfluence(InfluenceFunctionModel):
                 f"least {suggestion:.2g} (or second_order='gauss_newton', which is positive semi-definite "
                 f"for convex losses)")
 
-    def _explicit_curvature(self, train_data: Batches) -> Tensor:
+    def _explicit_curvature(self, train: Samples) -> Tensor:
         p = self.num_params
-        use_jacobians = self.second_order == "gauss_newton" and self._outputs_per_sample(train_data) < p
+        use_jacobians = self.second_order == "gauss_newton" and self._outputs_per_sample(train) < p
         matrix = torch.zeros(p, p, dtype=torch.float64, device=self.device)
         eye = torch.eye(p, dtype=self.dtype, device=self.device)
-        batches = tqdm(iterate_batches(train_data, "train_data"), desc="curvature", disable=not self.progress)
-        for x, y in batches:
-            for _, xb, yb in chunks(x, y, self.block_size):
-                weight = xb.shape[0] / self.n_train
-                if use_jacobians:
-                    jac = self.functions.output_jacobians(xb).double()  # (b, c, p)
-                    h_out = self.functions.output_loss_hessians(xb, yb).double()  # (b, c, c)
-                    matrix += torch.einsum("bcp,bcd,bdq->pq", jac, h_out, jac) / self.n_train
-                    continue
-                for start in range(0, p, self.column_block):
-                    cols = eye[start:start + self.column_block]
-                    matrix[:, start:start + cols.shape[0]] += weight * self.batch_curvature_vp(cols, xb, yb).double().T
+        for block in tqdm(train.blocks(), desc="curvature", disable=not self.progress):
+            if use_jacobians:
+                jac = self.functions.output_jacobians(block.x).double()  # (b, c, p)
+                h_out = self.functions.output_loss_hessians(block.x, block.y).double()  # (b, c, c)
+                matrix += torch.einsum("bcp,bcd,bdq->pq", jac, h_out, jac) / self.n_train
+                continue
+            weight = block.size / self.n_train
+            for start in range(0, p, self.column_block):
+                cols = eye[start:start + self.column_block]
+                matrix[:, start:start + cols.shape[0]] += weight * self.curvature_operator.batch_vp(cols, block.x,
+                                                                                          block.y).double().T
         return matrix
 
-    def _outputs_per_sample(self, train_data: Batches) -> int:
-        x, _ = next(iterate_batches(train_data, "train_data"))
+    def _outputs_per_sample(self, train: Samples) -> int:
+        x = train.first_block().x
         with torch.no_grad():
             out = self.functions.outputs(self.functions.theta, self.functions.cast_input(x[:1]))
         return out[0].numel()

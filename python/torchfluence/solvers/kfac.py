@@ -25,11 +25,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._data import Batches, check_pair, chunks, iterate_batches
 from .._fisher import TargetSampler, default_sampler, exact_output_grads
 from ..capture import Layer, capture, describe_missing, find_layers
+from ..checks import check_finite, check_mode, check_regularization
+from ..data import SampleBlock, Samples
 from ..fused import psg_self_dot
-from ..influence import InfluenceFunctionModel, check_mode, check_regularization
+from ..influence import InfluenceFunctionModel
+from ..sinks import DenseSink
 
 
 @dataclass
@@ -113,30 +115,28 @@ class KfacInfluence(InfluenceFunctionModel):
                 "the torch function or module); pass sample_targets=outputs -> targets, or fisher='empirical'")
         return sampler
 
-    def _captures(self, train_data: Batches, sampler: Optional[TargetSampler], desc: str):
+    def _captures(self, train: Samples, sampler: Optional[TargetSampler], desc: str):
         exact = self.fisher == "exact"
         if exact and exact_output_grads(self.functions.loss, torch.zeros(1, 2)) is None:
             raise ValueError(
                 f"fisher='exact' needs the output Hessian's factors, known for cross-entropy and MSE passed as the "
                 f"torch function or module, got loss {self.functions.loss!r}; use fisher='true'")
         out_grads = (lambda o: exact_output_grads(self.functions.loss, o)) if exact else None
-        batches = tqdm(iterate_batches(train_data, "train_data"), desc=desc, disable=not self.progress)
-        for x, y in batches:
-            for _, xb, yb in chunks(x, y, self.block_size):
-                for _ in range(self.fisher_samples if sampler is not None else 1):
-                    cap = capture(self.functions, self.layers, xb, yb, sampler, out_grads)
-                    if exact and any(g.dim() != 4 for g in cap.output_grads):
-                        raise ValueError("fisher='exact' supports outputs of shape (n, classes) only; use fisher='true'")
-                    yield cap
+        for block in tqdm(train.blocks(), desc=desc, disable=not self.progress):
+            for _ in range(self.fisher_samples if sampler is not None else 1):
+                cap = capture(self.functions, self.layers, block.x, block.y, sampler, out_grads)
+                if exact and any(g.dim() != 4 for g in cap.output_grads):
+                    raise ValueError("fisher='exact' supports outputs of shape (n, classes) only; use fisher='true'")
+                yield cap
 
-    def _fit(self, train_data: Batches) -> None:
+    def _fit(self, train: Samples) -> None:
         sampler = self._sampler()
         dev = self.device
         a_sums = [torch.zeros(layer.d_in_total, layer.d_in_total, dtype=torch.float64, device=dev)
                   for layer in self.layers]
         s_sums = [torch.zeros(layer.d_out, layer.d_out, dtype=torch.float64, device=dev) for layer in self.layers]
         n = 0
-        for cap in self._captures(train_data, sampler, "K-FAC factors"):
+        for cap in self._captures(train, sampler, "K-FAC factors"):
             n += cap.outputs.shape[0]
             for i, (a, g) in enumerate(zip(cap.activations, cap.output_grads)):
                 a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
@@ -152,7 +152,7 @@ class KfacInfluence(InfluenceFunctionModel):
             # Covariances are PSD; eigh's rounding can leave tiny negatives.
             bases.append((q_a, q_s, torch.outer(l_s.clamp_min(0), l_a.clamp_min(0))))
         if self.eigenvalue_correction:
-            corrected = self._corrected_eigenvalues(train_data, bases, sampler)
+            corrected = self._corrected_eigenvalues(train, bases, sampler)
             bases = [(q_a, q_s, lam) for (q_a, q_s, _), lam in zip(bases, corrected)]
         self.factors = {layer.name: KroneckerFactors(q_a, q_s, lam)
                         for layer, (q_a, q_s, lam) in zip(self.layers, bases)}
@@ -163,11 +163,11 @@ class KfacInfluence(InfluenceFunctionModel):
         self._solve_factors = [(f.activation_eigenvectors.to(self.dtype), f.gradient_eigenvectors.to(self.dtype),
                                 f.eigenvalues.to(self.dtype)) for f in self.factors.values()]
 
-    def _corrected_eigenvalues(self, train_data, bases, sampler) -> list[Tensor]:
+    def _corrected_eigenvalues(self, train: Samples, bases, sampler) -> list[Tensor]:
         sums = [torch.zeros_like(lam) for _, _, lam in bases]
         typed = [(q_a.to(self.dtype), q_s.to(self.dtype)) for q_a, q_s, _ in bases]
         n = 0
-        for cap in self._captures(train_data, sampler, "EK-FAC eigenvalues"):
+        for cap in self._captures(train, sampler, "EK-FAC eigenvalues"):
             n += cap.outputs.shape[0]
             for i, (a, g) in enumerate(zip(cap.activations, cap.output_grads)):
                 q_a, q_s = typed[i]
@@ -178,8 +178,7 @@ class KfacInfluence(InfluenceFunctionModel):
 
     def with_regularization(self, regularization: float) -> "KfacInfluence":
         """Sets lambda without refitting; returns self."""
-        check_regularization(regularization)
-        self.regularization = float(regularization)
+        self.regularization = check_regularization(regularization)
         if self.factors:
             self._check_invertible()
         return self
@@ -203,42 +202,37 @@ class KfacInfluence(InfluenceFunctionModel):
             layer.write(q_s @ (rotated / (lam + self.regularization)) @ q_a.T, out)
         return out
 
-    def self_influences(self, x: Tensor, y: Tensor) -> Tensor:
-        """g_j^T (F + lambda I)^-1 g_j for each sample, (n,).
+    def _self_influence_block(self, block: SampleBlock) -> Tensor:
+        """g_j^T (F + lambda I)^-1 g_j for the block's samples, (b,).
 
         With ``fused`` (the default), from each layer's captured activations and
         output gradients rotated into its Kronecker eigenbasis, without forming the
         per-sample gradients when a layer has one position per sample.
         """
         if not self.fused:
-            return super().self_influences(x, y)
-        self._require_fitted()
-        check_pair(x, y)
-        out = torch.zeros(x.shape[0], dtype=self.dtype, device=self.device)
-        for start, xb, yb in self._chunks(x, y, "self-influence"):
-            cap = capture(self.functions, self.layers, xb, yb)
-            for (q_a, q_s, lam), a, g in zip(self._solve_factors, cap.activations, cap.output_grads):
-                out[start:start + xb.shape[0]] += psg_self_dot(1 / (lam + self.regularization), a @ q_a, g @ q_s)
-        bad = ~torch.isfinite(out)
-        if bool(bad.any()):
-            raise ValueError(f"self-influence is NaN or inf for {int(bad.sum())} sample(s) (first: sample "
-                             f"{int(bad.nonzero()[0])}); check the inputs and the model for overflow")
+            return super()._self_influence_block(block)
+        cap = capture(self.functions, self.layers, block.x, block.y)
+        out = torch.zeros(block.size, dtype=self.dtype, device=self.device)
+        for (q_a, q_s, lam), a, g in zip(self._solve_factors, cap.activations, cap.output_grads):
+            out += psg_self_dot(1 / (lam + self.regularization), a @ q_a, g @ q_s)
         return out
 
     # -- per-layer scores -----------------------------------------------------------------------------
     def influences_from_factors_by_layer(self, factors: Tensor, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         """Mode-"up" scores split by layer: {layer name: (n_test, n)}; they sum to :meth:`influences_from_factors`."""
         self._require_fitted()
-        check_pair(x, y)
         factors = self._check_factors(factors)
-        out = {layer.name: torch.empty(factors.shape[0], x.shape[0], dtype=self.dtype, device=self.device)
-               for layer in self.layers}
-        for start, xb, yb in self._chunks(x, y, "scoring by layer"):
-            g = self.grads(xb, yb)
+        samples = self._inputs(x, y, "x, y")
+        n = samples.count()
+        sinks = {layer.name: DenseSink((factors.shape[0], n), dtype=self.dtype, device=self.device)
+                 for layer in self.layers}
+        for block in samples.blocks():
+            g = self.source.grads(block.x, block.y)
             for layer in self.layers:
-                cols = _layer_columns(layer)
-                out[layer.name][:, start:start + xb.shape[0]] = sum(factors[:, c] @ g[:, c].T for c in cols)
-        return out
+                scores = sum(factors[:, c] @ g[:, c].T for c in _layer_columns(layer))
+                check_finite(scores, f"influence scores of layer {layer.name!r}", block.offset, sample_dim=1)
+                sinks[layer.name].write(scores, block.offset)
+        return {name: sink.result() for name, sink in sinks.items()}
 
     def influences_by_layer(self, x_test: Tensor, y_test: Tensor, x: Optional[Tensor] = None,
                             y: Optional[Tensor] = None, mode: str = "up") -> dict[str, Tensor]:

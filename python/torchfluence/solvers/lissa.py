@@ -6,10 +6,8 @@ from typing import Iterator
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
-from .._data import iterate_batches
 from ..influence import InfluenceFunctionModel
 
 
@@ -53,14 +51,7 @@ class LissaInfluence(InfluenceFunctionModel):
         self.seed = seed
 
     def _minibatches(self, repetition: int) -> Iterator[tuple[Tensor, Tensor]]:
-        data = self._train_data
-        if (isinstance(data, DataLoader) and not isinstance(data.sampler, RandomSampler)
-                and data.batch_size is not None):
-            generator = torch.Generator().manual_seed(self.seed + repetition)
-            data = DataLoader(data.dataset, batch_size=data.batch_size, shuffle=True, collate_fn=data.collate_fn,
-                              num_workers=data.num_workers, drop_last=data.drop_last, generator=generator)
-        while True:  # a shuffling DataLoader gives fresh samples on every pass
-            yield from iterate_batches(data, "train_data")
+        return self._require_fitted().shuffled_batches(self.seed + repetition)
 
     def solve(self, vectors: Tensor) -> Tensor:
         self._require_fitted()
@@ -72,7 +63,7 @@ class LissaInfluence(InfluenceFunctionModel):
             batches = self._minibatches(repetition)
             for step in range(self.maxiter):
                 x, y = next(batches)
-                curvature = self.batch_curvature_vp(h, x, y) + self.regularization * h
+                curvature = self.curvature_operator.batch_vp(h, x, y) + self.regularization * h
                 h = v + (1 - self.dampen) * h - curvature / self.scale
                 if step % 50 == 0 and not bool(torch.isfinite(h).all()):
                     raise ValueError(

@@ -7,8 +7,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._data import Batches
-from ..influence import InfluenceFunctionModel, check_regularization
+from ..data import Samples
+from ..checks import check_regularization
+from ..influence import InfluenceFunctionModel
 from ._lowrank import LowRankCurvature, check_rank
 
 
@@ -39,7 +40,7 @@ class NystroemSketchInfluence(InfluenceFunctionModel):
         self.rank, self.seed = rank, seed
         self.low_rank: Optional[LowRankCurvature] = None
 
-    def _fit(self, train_data: Batches) -> None:
+    def _fit(self, train: Samples) -> None:
         self.low_rank = nystroem_sketch(self.curvature_vp, self.num_params, self.rank, self.dtype, self.device,
                                         self.seed)
         self._typed = LowRankCurvature(self.low_rank.eigenvectors.to(self.dtype),

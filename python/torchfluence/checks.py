@@ -1,0 +1,75 @@
+"""Argument checks shared by the engine, and the one policy for NaN and inf.
+
+Every error names the argument, what was expected and what was given. A
+non-finite value is never ranked or returned silently: it is reported with
+the global sample index it belongs to, through :func:`check_finite` (on a
+tensor in hand) or :func:`nonfinite_error` (from a kernel's counter).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def nonfinite_error(what: str, count: int, row: Optional[int], index: Optional[int],
+                    hint: str = "check the inputs and the model for NaN/inf or overflow") -> ValueError:
+    """The error for `count` non-finite values of `what`; `row` is a query row, `index` a global sample index."""
+    where = []
+    if row is not None and row >= 0:
+        where.append(f"query row {row}")
+    if index is not None and index >= 0:
+        where.append(f"sample {index}")
+    at = f" (first at {', '.join(where)})" if where else ""
+    return ValueError(f"{what}: {count} value(s) are NaN or inf{at}; {hint}")
+
+
+def check_finite(tensor: Tensor, what: str, offset: int = 0, *, sample_dim: int = 0) -> None:
+    """Raises :func:`nonfinite_error` if `tensor` holds NaN or inf.
+
+    Args:
+        tensor: any shape; dimension `sample_dim` indexes samples whose global
+            index is ``offset + position``. For a (n_query, b) score block use
+            ``sample_dim=1``: the error then also names the query row.
+        what: what the tensor is, for the message ("inputs", "influence scores").
+        offset: global index of the tensor's first sample.
+    """
+    if not tensor.is_floating_point() and not tensor.is_complex():
+        return
+    bad = ~torch.isfinite(tensor)
+    if not bool(bad.any()):
+        return
+    first = bad.nonzero()[0].tolist()
+    if tensor.dim() == 0:
+        raise nonfinite_error(what, 1, None, None)
+    sample_dim %= tensor.dim()
+    row = first[0] if tensor.dim() == 2 and sample_dim == 1 else None
+    index = offset + first[sample_dim] if offset >= 0 else None
+    raise nonfinite_error(what, int(bad.sum()), row, index)
+
+
+def check_regularization(value: float, name: str = "regularization", positive: bool = False) -> float:
+    """A finite float >= 0 (> 0 with `positive`)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0 here, got {value!r}")
+    return float(value)
+
+
+def check_positive_int(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_choice(value, name: str, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def check_mode(mode: str) -> None:
+    check_choice(mode, "mode", ("up", "perturbation"))

@@ -1,0 +1,226 @@
+"""Data: user data as blocks of samples with global offsets.
+
+Every path of the engine reads data through :class:`Samples`. It accepts a
+DataLoader, an ``(x, y)`` pair of tensors, a map-style Dataset of ``(x, y)``
+items, or any iterable of ``(x, y)`` batches, and yields :class:`SampleBlock`
+objects of at most ``block_size`` samples, each knowing the global index of
+its first sample. Input errors (dicts, 3-tuples, mismatched lengths, NaN/inf
+inputs, empty data) are reported here, once, with the global sample index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
+
+from .checks import check_finite
+
+DataSource = Union[DataLoader, tuple, Dataset, Iterable]
+BlockCheck = Callable[[Tensor, Tensor, int], None]
+
+
+@dataclass(frozen=True)
+class SampleBlock:
+    """A block of samples: inputs (b, ...), targets (b, ...), and the global index of the first."""
+
+    x: Tensor
+    y: Tensor
+    offset: int
+
+    @property
+    def size(self) -> int:
+        return self.x.shape[0]
+
+
+class Samples:
+    """Blocks of (x, y) samples from any supported data source.
+
+    Args:
+        data: a DataLoader, an ``(x, y)`` pair of tensors, a map-style Dataset of
+            ``(x, y)`` items, or an iterable of ``(x, y)`` batches. A one-shot
+            iterable (a generator) can be read once: :meth:`require_reiterable`
+            refuses it where several passes are needed.
+        name: the argument's name, for error messages.
+        block_size: the largest block yielded.
+        check: optional ``(x, y, offset) -> None`` run on every block (target checks).
+        transform: optional ``x -> x'`` applied to every block's inputs (head mode's features).
+    """
+
+    def __init__(self, data: DataSource, name: str, block_size: int, *, check: Optional[BlockCheck] = None,
+                 transform: Optional[Callable[[Tensor], Tensor]] = None) -> None:
+        self.name, self.block_size, self.check, self.transform = name, block_size, check, transform
+        self._pair: Optional[tuple[Tensor, Tensor]] = None
+        if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+            check_pair(data[0], data[1], name)
+            self._pair = (data[0], data[1])
+            self._source: Any = None
+        elif isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+            self._source = DataLoader(data, batch_size=block_size, shuffle=False)
+        elif isinstance(data, IterableDataset):
+            self._source = DataLoader(data, batch_size=block_size)
+        elif isinstance(data, Tensor) or isinstance(data, dict) or not isinstance(data, Iterable):
+            raise TypeError(f"{name} must be a DataLoader, an (x, y) pair of tensors, a Dataset of (x, y) items "
+                            f"or an iterable of (x, y) batches, got {_describe(data)}")
+        else:
+            self._source = data
+        self._count: Optional[int] = None
+        self._consumed = False
+
+    # -- facts --------------------------------------------------------------------------------------
+    @property
+    def reiterable(self) -> bool:
+        """Whether the data can be read more than once (False for generators and iterators)."""
+        return self._pair is not None or not isinstance(self._source, Iterator)
+
+    def require_reiterable(self, why: str) -> None:
+        if not self.reiterable:
+            raise TypeError(f"{self.name} is a one-shot iterator ({type(self._source).__name__}), but {why} reads "
+                            "the data several times; pass a DataLoader, an (x, y) pair of tensors or a Dataset")
+
+    def count(self) -> int:
+        """The number of samples (one pass over the data when no length is known)."""
+        if self._count is None:
+            self._count = self._known_length()
+            if self._count is None:
+                self.require_reiterable("counting the samples")
+                self._count = sum(block.size for block in self.blocks(checked=False))
+            if self._count == 0:
+                raise ValueError(f"{self.name} is empty: it holds no samples")
+        return self._count
+
+    def known_count(self) -> Optional[int]:
+        """The number of samples if it is known without reading the data, else None."""
+        return self._count if self._count is not None else self._known_length()
+
+    def _known_length(self) -> Optional[int]:
+        if self._pair is not None:
+            return self._pair[0].shape[0]
+        loader = self._source
+        if not isinstance(loader, DataLoader) or loader.batch_size is None or isinstance(loader.dataset,
+                                                                                          IterableDataset):
+            return None
+        try:
+            n = len(loader.sampler)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+        return (n // loader.batch_size) * loader.batch_size if loader.drop_last else n
+
+    # -- iteration ----------------------------------------------------------------------------------
+    def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """The source's own batches, checked for shape and type (empty batches skipped)."""
+        if self._pair is not None:
+            if self._pair[0].shape[0]:
+                yield self._pair
+            return
+        if not self.reiterable:
+            if self._consumed:
+                raise TypeError(f"{self.name} is a one-shot iterator that was already read; pass a DataLoader or "
+                                "an (x, y) pair of tensors to read it again")
+            self._consumed = True
+        for batch in self._source:
+            if isinstance(batch, dict):
+                raise TypeError(f"{self.name} must yield (inputs, targets) pairs, got a dict with keys "
+                                f"{list(batch)[:5]}; wrap the loader to yield (x, y)")
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                got = f"a {type(batch).__name__} of {len(batch)} items" if isinstance(batch, (tuple, list)) \
+                    else _describe(batch)
+                raise TypeError(f"{self.name} must yield (inputs, targets) pairs of 2 items, got {got}")
+            x, y = batch
+            check_pair(x, y, self.name)
+            if x.shape[0]:
+                yield x, y
+
+    def blocks(self, *, checked: bool = True) -> Iterator[SampleBlock]:
+        """Blocks of at most ``block_size`` samples with global offsets, in data order.
+
+        Raises ValueError for NaN/inf inputs or targets (naming the sample), and
+        when a full pass yields a different number of samples than was counted.
+        """
+        offset = 0
+        for x, y in self.batches():
+            for start in range(0, x.shape[0], self.block_size):
+                xb, yb = x[start:start + self.block_size], y[start:start + self.block_size]
+                if checked:
+                    check_finite(xb, f"{self.name} inputs", offset)
+                    check_finite(yb, f"{self.name} targets", offset)
+                    if self.check is not None:
+                        self.check(xb, yb, offset)
+                if self.transform is not None:
+                    xb = self.transform(xb)
+                yield SampleBlock(xb, yb, offset)
+                offset += xb.shape[0]
+        if offset == 0:
+            raise ValueError(f"{self.name} is empty: it yielded no samples")
+        if self._count is not None and offset != self._count:
+            raise ValueError(f"{self.name} yielded {offset} samples in this pass, but {self._count} before; the "
+                             "data must yield the same samples on every pass (use drop_last=False)")
+
+    def validate_in_memory(self) -> None:
+        """Checks every block now when the data is an in-memory pair (cheap: no loading, no model)."""
+        if self._pair is not None:
+            for _ in self.blocks():
+                pass
+
+    def first_block(self) -> SampleBlock:
+        """The first block (reads only the first batch)."""
+        return next(iter(self.blocks()))
+
+    def shuffled_batches(self, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """An endless stream of random minibatches, reproducible from `seed`.
+
+        A shuffling DataLoader is read as it is; a non-shuffling one through a
+        shuffling copy with the same batch size seeded by `seed`; an (x, y) pair
+        in random blocks of ``block_size``.
+        """
+        self.require_reiterable("random minibatches")
+        generator = torch.Generator().manual_seed(seed)
+        source = self._source
+        if self._pair is not None:
+            x, y = self._pair
+            while True:
+                order = torch.randperm(x.shape[0], generator=generator)
+                for start in range(0, x.shape[0], self.block_size):
+                    index = order[start:start + self.block_size].to(x.device)
+                    yield self._prepare(x[index], y[index.to(y.device)])
+        if isinstance(source, DataLoader) and not isinstance(source.sampler, RandomSampler) \
+                and source.batch_size is not None and not isinstance(source.dataset, IterableDataset):
+            source = DataLoader(source.dataset, batch_size=source.batch_size, shuffle=True,
+                                collate_fn=source.collate_fn, num_workers=source.num_workers,
+                                drop_last=source.drop_last, generator=generator)
+        reader = Samples(source, self.name, self.block_size, check=self.check, transform=self.transform)
+        while True:
+            yielded = False
+            for x, y in reader.batches():
+                yielded = True
+                yield self._prepare(x, y)
+            if not yielded:
+                raise ValueError(f"{self.name} is empty: it yielded no samples")
+
+    def _prepare(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        check_finite(x, f"{self.name} inputs")
+        if self.check is not None:
+            self.check(x, y, -1)
+        return (self.transform(x) if self.transform is not None else x), y
+
+
+def check_pair(x: Tensor, y: Tensor, name: str = "data") -> None:
+    """x and y are tensors with the same number of samples."""
+    for what, t in (("inputs", x), ("targets", y)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} {what} must be a torch.Tensor, got {_describe(t)}")
+        if t.dim() == 0:
+            raise ValueError(f"{name} {what} must have a sample dimension, got a 0-d tensor")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"{name}: inputs and targets must have the same number of samples, got {x.shape[0]} "
+                         f"and {y.shape[0]}")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
