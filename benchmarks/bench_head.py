@@ -106,16 +106,17 @@ def main() -> None:
     # The head's curvature products alone: closed form against torch.func on the same features.
     hm = tfl.HeadInfluence(tfl.CgInfluence, model, F.cross_entropy, reg)
     features = hm.features(x)
-    plain = tfl.CgInfluence(model.fc, F.cross_entropy, reg, fused=False)
-    closed = hm.solver
+    plain = tfl.AutogradHessian(hm.functions)
+    closed = hm.curvature_operator
+    assert isinstance(closed, tfl.LinearHeadCurvature)
     hvp_rows = []
     for k in (16, 128):
-        v = torch.randn(k, plain.num_params, device=device)
-        expected = plain.batch_curvature_vp(v, features, y)
-        got = closed.batch_curvature_vp(v, features, y)
+        v = torch.randn(k, hm.num_params, device=device)
+        expected = plain.batch_vp(v, features, y)
+        got = closed.batch_vp(v, features, y)
         hvp_err = float((got - expected).norm() / expected.norm())
-        t_plain = median_seconds(lambda: plain.batch_curvature_vp(v, features, y), device)
-        t_closed = median_seconds(lambda: closed.batch_curvature_vp(v, features, y), device)
+        t_plain = median_seconds(lambda: plain.batch_vp(v, features, y), device)
+        t_closed = median_seconds(lambda: closed.batch_vp(v, features, y), device)
         hvp_rows.append([f"{n_train} x 512 -> 10, k={k}", f"{t_plain * 1e3:.2f}", f"{t_closed * 1e3:.2f}",
                          f"{t_plain / t_closed:.1f}x", f"{hvp_err:.1e}"])
 

@@ -39,11 +39,20 @@ class SolveInfo:
 class CgInfluence(InfluenceFunctionModel):
     """Solves (H + lambda I) x = b by conjugate gradients, all right-hand sides at once.
 
-    Every iteration does one pass over the training data with a single
-    vmapped Hessian-vector product for all still-active columns. Each column
-    stops on its own relative residual ``||r|| <= rtol * ||b||``; the counts and
-    final residuals are in :attr:`last_solve_info`, and a warning says when some
-    column hit ``maxiter`` first.
+    With ``block=True`` (the default) the right-hand sides share one Krylov
+    space: block CG (O'Leary 1980) in its breakdown-free form (Ji & Li 2017),
+    whose search block is re-orthonormalised every iteration with a
+    rank-revealing step that drops directions which became dependent, so the
+    block shrinks instead of breaking down. Every direction found for one
+    column helps all others, which cuts the iterations several-fold when there
+    are many right-hand sides. ``block=False`` runs independent CG per column
+    (the same vmapped product per iteration, one Krylov space per column).
+
+    Either way each iteration is one pass over the training data with a single
+    vmapped curvature product for the whole block. Each column stops on its own
+    relative residual ``||r|| <= rtol * ||b||``; the counts and final residuals
+    are in :attr:`last_solve_info`, and a warning says when some column hit
+    ``maxiter`` first.
 
     Args:
         rtol: relative residual at which a column stops.
@@ -59,13 +68,15 @@ class CgInfluence(InfluenceFunctionModel):
             ``"nystroem"``: a rank-``preconditioner_rank`` Nystrom sketch of H
             (Frangella, Tropp & Udell 2023), for positive semi-definite curvature.
         preconditioner_rank: sketch size for ``"nystroem"``.
+        block: one shared Krylov space (block CG) rather than one per column.
         (others as in :class:`~torchfluence.InfluenceFunctionModel`)
     """
 
     def __init__(self, *args, rtol: float = 1e-6, maxiter: Optional[int] = None,
                  preconditioner: Optional[Preconditioner] = None, preconditioner_samples: int = 64,
-                 preconditioner_rank: int = 32, **kwargs) -> None:
+                 preconditioner_rank: int = 32, block: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.block = bool(block)
         if not rtol > 0:
             raise ValueError(f"rtol must be > 0, got {rtol!r}")
         if maxiter is not None and maxiter < 1:
@@ -129,7 +140,61 @@ class CgInfluence(InfluenceFunctionModel):
 
     def solve(self, vectors: Tensor) -> Tensor:
         self._require_fitted()
-        b = vectors.to(self.dtype)
+        if self.block:
+            return self._solve_block(vectors.to(device=self.device, dtype=self.dtype))
+        return self._solve_independent(vectors.to(device=self.device, dtype=self.dtype))
+
+    def _operator(self, directions: Tensor) -> Tensor:
+        return self.curvature_vp(directions) + self.regularization * directions
+
+    def _solve_block(self, b: Tensor) -> Tensor:
+        """Breakdown-free block CG; rows of `b` (k, p) are the right-hand sides."""
+        k = b.shape[0]
+        maxiter = self.maxiter or self.num_params
+        x = torch.zeros_like(b)
+        r = b.clone()
+        b_norm = b.norm(dim=1)
+        residual = _relative(r, b_norm)
+        iterations = torch.zeros(k, dtype=torch.int64, device=b.device)
+        active = residual > self.rtol
+        directions = _orthonormal_rows(self._apply_preconditioner(r[active]))
+        bar = tqdm(total=maxiter, desc="block cg", disable=not self.progress)
+        for _ in range(maxiter):
+            if not bool(active.any()) or directions.shape[0] == 0:
+                break
+            products = self._operator(directions)  # A P, (m, p)
+            gram = _spd_factor(directions, products, self.regularization)  # Cholesky of P A P^T, float64
+            index = active.nonzero().flatten()
+            # alpha = (P A P^T)^-1 P R^T for the active columns.
+            alpha = torch.cholesky_solve((directions.double() @ r[index].double().T), gram).to(b.dtype)
+            x[index] += alpha.T @ directions
+            r[index] -= alpha.T @ products
+            iterations[index] += 1
+            residual[index] = _relative(r[index], b_norm[index])
+            active = residual > self.rtol
+            bar.update(1)
+            bar.set_postfix(active=int(active.sum()), block=directions.shape[0],
+                            max_residual=f"{float(residual.max()):.2e}")
+            if not bool(active.any()):
+                break
+            z = self._apply_preconditioner(r[active])
+            # New directions A-conjugate to the current block: Z - P^T (P A P^T)^-1 (A P) Z^T.
+            beta = torch.cholesky_solve(products.double() @ z.double().T, gram).to(b.dtype)
+            directions = _orthonormal_rows(z - beta.T @ directions)
+        bar.close()
+        self._record(iterations, residual, k, maxiter)
+        return x
+
+    def _record(self, iterations: Tensor, residual: Tensor, k: int, maxiter: int) -> None:
+        converged = residual <= self.rtol
+        self.last_solve_info = SolveInfo(iterations.cpu(), residual.cpu(), converged.cpu())
+        if not bool(converged.all()):
+            warnings.warn(
+                f"CG did not converge for {int((~converged).sum())} of {k} right-hand sides within "
+                f"maxiter={maxiter} (largest relative residual {float(residual.max()):.2e}, rtol={self.rtol:g}); "
+                "see last_solve_info, raise maxiter or regularization", stacklevel=3)
+
+    def _solve_independent(self, b: Tensor) -> Tensor:
         k = b.shape[0]
         maxiter = self.maxiter or self.num_params
         x = torch.zeros_like(b)
@@ -166,11 +231,49 @@ class CgInfluence(InfluenceFunctionModel):
             bar.update(1)
             bar.set_postfix(active=int(active.numel()), max_residual=f"{float(residual.max()):.2e}")
         bar.close()
-        converged = residual <= self.rtol
-        self.last_solve_info = SolveInfo(iterations.cpu(), residual.cpu(), converged.cpu())
-        if not bool(converged.all()):
-            warnings.warn(
-                f"CG did not converge for {int((~converged).sum())} of {k} right-hand sides within "
-                f"maxiter={maxiter} (largest relative residual {float(residual.max()):.2e}, rtol={self.rtol:g}); "
-                "see last_solve_info, raise maxiter or regularization", stacklevel=2)
+        self._record(iterations, residual, k, maxiter)
         return x
+
+
+def _relative(r: Tensor, b_norm: Tensor) -> Tensor:
+    """||r_j|| / ||b_j|| per row (0 where b_j = 0)."""
+    return torch.where(b_norm > 0, r.norm(dim=1) / b_norm.clamp_min(1e-300), torch.zeros_like(b_norm))
+
+
+def _orthonormal_rows(w: Tensor) -> Tensor:
+    """An orthonormal basis of the rows of `w` (a, p), dropping numerically dependent directions.
+
+    Rows are first scaled to unit length, so that a nearly converged column's
+    small residual counts as much as a large one. Then, rank-revealing through
+    the eigendecomposition of the float64 Gram matrix, directions whose
+    singular value is below ``sqrt(eps)`` of the largest (eps of the working
+    dtype) are dropped: they are rounding noise, not new information. Done
+    twice, so the rows are orthonormal to working precision.
+    """
+    eps = torch.finfo(w.dtype).eps
+    w = w.double()
+    norms = w.norm(dim=1)
+    w = w[norms > 0] / norms[norms > 0, None]
+    for _ in range(2):
+        if w.shape[0] == 0:
+            break
+        values, vectors = torch.linalg.eigh(w @ w.T)
+        keep = values > max(float(values[-1]), 1e-300) * eps
+        w = (vectors[:, keep] / values[keep].sqrt()).T @ w
+    return w.to(_working(eps))
+
+
+def _working(eps: float) -> torch.dtype:
+    return torch.float64 if eps < 1e-10 else torch.float32
+
+
+def _spd_factor(directions: Tensor, products: Tensor, regularization: float) -> Tensor:
+    """Cholesky factor (float64) of the block's curvature P A P^T; refuses a non-positive-definite one."""
+    gram = directions.double() @ products.double().T
+    factor, info = torch.linalg.cholesky_ex(0.5 * (gram + gram.T))
+    if int(info) != 0:
+        raise ValueError(
+            "CG met a direction of non-positive curvature: H + regularization * I is not positive "
+            f"definite (regularization={regularization:.3g}); increase regularization or use "
+            "second_order='gauss_newton'")
+    return factor

@@ -227,11 +227,14 @@ class KfacInfluence(InfluenceFunctionModel):
         sinks = {layer.name: DenseSink((factors.shape[0], n), dtype=self.dtype, device=self.device)
                  for layer in self.layers}
         for block in samples.blocks():
-            g = self.source.grads(block.x, block.y)
-            for layer in self.layers:
-                scores = sum(factors[:, c] @ g[:, c].T for c in _layer_columns(layer))
-                check_finite(scores, f"influence scores of layer {layer.name!r}", block.offset, sample_dim=1)
-                sinks[layer.name].write(scores, block.offset)
+            by_layer = self.source.scores_by_layer(factors, block.x, block.y)
+            if by_layer is None:  # fused=False: from dense per-sample gradients
+                g = self.source.grads(block.x, block.y)
+                by_layer = {layer.name: sum(factors[:, c] @ g[:, c].T for c in _layer_columns(layer))
+                            for layer in self.layers}
+            for name, scores in by_layer.items():
+                check_finite(scores, f"influence scores of layer {name!r}", block.offset, sample_dim=1)
+                sinks[name].write(scores, block.offset)
         return {name: sink.result() for name, sink in sinks.items()}
 
     def influences_by_layer(self, x_test: Tensor, y_test: Tensor, x: Optional[Tensor] = None,
