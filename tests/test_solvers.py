@@ -79,16 +79,45 @@ def test_gauss_newton_matches_closed_form(problem):
     assert rel_error(cg.fit(loader(x, y)).influences(xt, yt, x, y), exact) < 1e-7
 
 
+@pytest.mark.parametrize("block", [True, False])
 @pytest.mark.parametrize("preconditioner", [None, "jacobi"])
-def test_cg_matches_exact_to_its_tolerance(problem, preconditioner):
+def test_cg_matches_exact_to_its_tolerance(problem, preconditioner, block):
     model, x, y, xt, yt, _, exact = problem
-    im = tfl.CgInfluence(model, LOSS, REG, dtype=torch.float64, rtol=1e-9, preconditioner=preconditioner)
+    im = tfl.CgInfluence(model, LOSS, REG, dtype=torch.float64, rtol=1e-9, preconditioner=preconditioner,
+                         block=block)
     got = im.fit(loader(x, y, 128)).influences(xt, yt, x, y)
     info = im.last_solve_info
     assert bool(info.converged.all()) and float(info.relative_residuals.max()) <= 1e-9
     assert int(info.iterations.max()) > 1
     # Residual 1e-9 relative, times cond ~1e3, bounds the error of each factor.
     assert rel_error(got, exact) < 1e-5
+
+
+def test_block_cg_survives_dependent_right_hand_sides(problem):
+    model, x, y, xt, yt, h, _ = problem
+    im = tfl.CgInfluence(model, LOSS, REG, dtype=torch.float64, rtol=1e-10).fit(loader(x, y))
+    g = im.grads(xt[:6], yt[:6])
+    # Duplicates, a zero row and a linear combination: the block is rank-deficient from the start.
+    b = torch.cat([g, g[:2], torch.zeros(1, g.shape[1], dtype=g.dtype), (g[0] - 3 * g[4])[None]])
+    got = im.solve(b)
+    expected = torch.linalg.solve(h + REG * torch.eye(h.shape[0], dtype=h.dtype), b.T).T
+    info = im.last_solve_info
+    assert bool(info.converged.all()) and info.iterations.shape == (b.shape[0],)
+    assert int(info.iterations[8]) == 0 and bool((got[8] == 0).all())  # b = 0: x = 0 at once
+    # Residual 1e-10 relative times cond(H + reg I) ~ 1e3.
+    assert rel_error(got, expected) < 1e-6
+    assert rel_error(got[6:8], got[:2]) < 1e-9
+
+
+def test_block_cg_needs_fewer_iterations_than_independent_cg(problem):
+    model, x, y, xt, yt, _, _ = problem
+    iterations = {}
+    for block in (True, False):
+        im = tfl.CgInfluence(model, LOSS, REG, dtype=torch.float64, rtol=1e-8, block=block).fit(loader(x, y))
+        im.influence_factors(xt, yt)
+        iterations[block] = int(im.last_solve_info.iterations.max())
+    # 30 right-hand sides share one Krylov space: it grows 30 directions per iteration instead of 1.
+    assert iterations[True] * 3 <= iterations[False], iterations
 
 
 def test_cg_warns_when_not_converged(problem):
