@@ -150,3 +150,57 @@ def test_linear_head_kernel_float32_and_strided_features(device, kind):
         assert rel_error(got, expected) < 1e-5
         no_bias = linear_head_hvp(x, weight, None, v[..., :d].contiguous(), kind, kernel=kernel)
         assert rel_error(no_bias, expected_no_bias) < 1e-5
+
+
+class _Block(nn.Module):
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)) + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """layer1 frozen; layer2 (conv, BatchNorm, residual) + pooling + fc trainable: a tail, not one submodule."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer1, self.layer2, self.fc = _Block(1, 3), _Block(3, 4), nn.Linear(4, 10)
+
+    def forward(self, x):
+        x = F.adaptive_avg_pool2d(self.layer2(self.layer1(x)), 1)
+        return self.fc(torch.flatten(x, 1))
+
+
+@pytest.mark.parametrize("solver, kwargs", [(tfl.DirectInfluence, {}), (tfl.CgInfluence, {"rtol": 1e-11}),
+                                            (tfl.LissaInfluence, {"maxiter": 5, "scale": 20.0})])
+def test_a_trainable_tail_runs_in_head_mode(solver, kwargs):
+    from torchfluence.head import split_trainable_tail
+
+    x, y, xt, yt = digits(n_train=60, n_test=4, image=True)
+    torch.manual_seed(0)
+    model = SmallResNet().double().eval()
+    for p in model.layer1.parameters():
+        p.requires_grad_(False)
+    backbone, tail = split_trainable_tail(model)
+    assert torch.equal(tail(backbone(x)), model(x))
+    assert [n for n, _ in tail.named_parameters()] == [n for n, p in model.named_parameters() if p.requires_grad]
+    kwargs = dict(second_order="gauss_newton", **kwargs)  # an untrained net: H is indefinite
+    generic = solver(model, F.cross_entropy, 0.1, **kwargs).fit(loader(x, y, 25))
+    head = solver(model, F.cross_entropy, 0.1, head="auto", **kwargs).fit(loader(x, y, 25))
+    assert head.features.backbone is not None and head.num_params == generic.num_params
+    # The same float64 arithmetic on the same features; CG stops at rtol 1e-11.
+    assert rel_error(head.influences(xt, yt, x, y), generic.influences(xt, yt, x, y)) < 1e-9
+
+
+def test_no_split_without_a_frozen_prefix():
+    from torchfluence.head import split_trainable_tail
+
+    model = SmallResNet()
+    assert split_trainable_tail(model) is None  # everything trainable
+    for p in model.fc.parameters():
+        p.requires_grad_(False)
+    assert split_trainable_tail(model) is None  # the trainable part reads the input itself

@@ -273,8 +273,9 @@ def capture(functions: ModelFunctions, layers: Sequence[Layer], x: Tensor, y: Op
                 g = torch.zeros(len(basis), *out.shape, dtype=out.dtype, device=out.device) if g is None else g
                 g_parts.append(torch.stack([layer.rule.output_grads(layer.module, gk.detach()) for gk in g]))
         # A layer called several times (shared weights) adds its calls' positions.
-        activations.append(torch.cat(a_parts, dim=1))
-        gradients.append(torch.cat(g_parts, dim=-2))
+        # torch.cat copies even a single part: a layer called once keeps its tensors as they are.
+        activations.append(a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, dim=1))
+        gradients.append(g_parts[0] if len(g_parts) == 1 else torch.cat(g_parts, dim=-2))
     return Captured(activations, gradients, outputs.detach())
 
 

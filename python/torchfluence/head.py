@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+import torch.fx as fx
 from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
@@ -43,12 +44,23 @@ class BackboneFeatures:
     def __init__(self, model: nn.Module, head: HeadSpec, dtype: torch.dtype,
                  cache_dir: Optional[Union[str, Path]] = None, progress: bool = False) -> None:
         self.model = model
-        self.head_name, self.head = find_head(model, None if head == "auto" else head)
+        self.backbone: Optional[fx.GraphModule] = None
+        if head == "auto":
+            split = split_trainable_tail(model)
+            single = None if split is None else _single_module(split[1])
+            if single is not None:  # the tail is one module (a linear head): keep it, for its closed forms
+                head = single
+            elif split is not None:  # the trainable tail of a traced graph: the general case
+                self.backbone, self.head = split
+                self.head_name = "<trainable tail>"
+        if self.backbone is None:
+            self.head_name, self.head = find_head(model, None if head == "auto" else head)
         self.dtype, self.progress = dtype, progress
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.device = next(model.parameters()).device
+        source = self.backbone if self.backbone is not None else model
         self.state = {n: t.detach().to(dtype) if t.is_floating_point() else t.detach()
-                      for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+                      for n, t in list(source.named_parameters()) + list(source.named_buffers())}
 
     def __call__(self, x: Tensor) -> Tensor:
         """The head's inputs for `x`, (b, *feature_shape), in the computation dtype."""
@@ -62,6 +74,10 @@ class BackboneFeatures:
         x = x.to(self.device)
         if x.is_floating_point():
             x = x.to(self.dtype)
+        if self.backbone is not None:
+            with torch.no_grad():
+                features = functional_call(self.backbone, self.state, (x,))
+            return features.to(self.dtype) if features.is_floating_point() else features
         handle = self.head.register_forward_hook(hook)
         try:
             with torch.no_grad():
@@ -122,6 +138,77 @@ def HeadInfluence(solver: type, model: nn.Module, loss, regularization: float = 
         raise TypeError(f"solver must be an InfluenceFunctionModel subclass, got {solver!r}")
     return solver(model, loss, regularization, head="auto" if head is None else head, cache_dir=cache_dir,
                   block_size=batch_size, **solver_kwargs)
+
+
+def split_trainable_tail(model: nn.Module) -> Optional[tuple[fx.GraphModule, fx.GraphModule]]:
+    """(backbone, tail) with ``model(x) == tail(backbone(x))`` and every trainable parameter in the tail.
+
+    The model is traced with ``torch.fx``; the tail starts at the first operation
+    that uses a trainable parameter, and the split is taken only when everything
+    after that point reads a single tensor computed before it (the features),
+    besides parameters and buffers. The tail keeps the model's parameter names.
+
+    Returns None when the model cannot be traced, has no frozen prefix, or its
+    trainable part reads more than one tensor of the frozen part.
+    """
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    if not trainable or len(trainable) == sum(1 for _ in model.parameters()):
+        return None
+    try:
+        traced = fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 - any tracing failure means: no automatic split
+        return None
+    nodes = list(traced.graph.nodes)
+    modules = dict(traced.named_modules())
+
+    def uses_trainable(node: fx.Node) -> bool:
+        if node.op == "call_module":
+            prefix = f"{node.target}."
+            return any(name.startswith(prefix) for name in trainable)
+        return node.op == "get_attr" and node.target in trainable
+
+    first = next((i for i, node in enumerate(nodes) if uses_trainable(node)), None)
+    if first is None:
+        return None
+    tail_nodes = nodes[first:]
+    inside = set(tail_nodes)
+    boundary = {arg for node in tail_nodes for arg in node.all_input_nodes if arg not in inside
+                and arg.op != "get_attr"}
+    if len(boundary) != 1:
+        return None
+    (features,) = boundary
+    if features.op == "placeholder":  # nothing frozen in front: no backbone to skip
+        return None
+    if any(n.op == "placeholder" for node in tail_nodes for n in node.all_input_nodes):
+        return None
+    del modules
+
+    backbone_graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in nodes[:first]:
+        if node.op == "output":
+            continue
+        env[node] = backbone_graph.node_copy(node, lambda n: env[n])
+    backbone_graph.output(env[features])
+    tail_graph = fx.Graph()
+    env = {features: tail_graph.placeholder("features")}
+    for node in nodes[:first]:
+        if node.op == "get_attr":
+            env[node] = tail_graph.node_copy(node, lambda n: env[n])
+    for node in tail_nodes:
+        env[node] = tail_graph.node_copy(node, lambda n: env[n])
+    backbone, tail = fx.GraphModule(traced, backbone_graph), fx.GraphModule(traced, tail_graph)
+    tail.train(model.training)
+    backbone.train(model.training)
+    return backbone, tail
+
+
+def _single_module(tail: fx.GraphModule) -> Optional[str]:
+    """The name of the one module the tail calls, when the tail is nothing else."""
+    ops = [node for node in tail.graph.nodes if node.op not in ("placeholder", "output")]
+    if len(ops) == 1 and ops[0].op == "call_module":
+        return str(ops[0].target)
+    return None
 
 
 def find_head(model: nn.Module, head: Optional[HeadSpec]) -> tuple[str, nn.Module]:
