@@ -52,8 +52,13 @@ class Samples:
     """
 
     def __init__(self, data: DataSource, name: str, block_size: int, *, check: Optional[BlockCheck] = None,
-                 transform: Optional[Callable[[Tensor], Tensor]] = None) -> None:
+                 transform: Optional[Callable[[Tensor], Tensor]] = None,
+                 minibatch_size: Optional[int] = None) -> None:
         self.name, self.block_size, self.check, self.transform = name, block_size, check, transform
+        if minibatch_size is None:
+            loader_size = getattr(data, "batch_size", None) if isinstance(data, DataLoader) else None
+            minibatch_size = loader_size or block_size
+        self.minibatch_size = minibatch_size  # the size of random minibatches (a DataLoader's own batch size)
         self._pair: Optional[tuple[Tensor, Tensor]] = None
         if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
             check_pair(data[0], data[1], name)
@@ -175,7 +180,8 @@ class Samples:
 
         A shuffling DataLoader is read as it is; a non-shuffling one through a
         shuffling copy with the same batch size seeded by `seed`; an (x, y) pair
-        in random blocks of ``block_size``.
+        in random blocks of ``minibatch_size``, drawn exactly as that shuffling
+        copy would draw them (so cached features give the same minibatches).
         """
         self.require_reiterable("random minibatches")
         generator = torch.Generator().manual_seed(seed)
@@ -184,18 +190,24 @@ class Samples:
             x, y = self._pair
             while True:
                 order = torch.randperm(x.shape[0], generator=generator)
-                for start in range(0, x.shape[0], self.block_size):
-                    index = order[start:start + self.block_size].to(x.device)
+                for start in range(0, x.shape[0], self.minibatch_size):
+                    index = order[start:start + self.minibatch_size].to(x.device)
                     yield self._prepare(x[index], y[index.to(y.device)])
         if isinstance(source, DataLoader) and not isinstance(source.sampler, RandomSampler) \
                 and source.batch_size is not None and not isinstance(source.dataset, IterableDataset):
-            source = DataLoader(source.dataset, batch_size=source.batch_size, shuffle=True,
-                                collate_fn=source.collate_fn, num_workers=source.num_workers,
-                                drop_last=source.drop_last, generator=generator)
-        reader = Samples(source, self.name, self.block_size, check=self.check, transform=self.transform)
-        while True:
+            # Each pass reads the dataset in a fresh seeded permutation: the same permutations,
+            # and so the same minibatches, as an (x, y) pair of the same samples above.
+            n = len(source.dataset)  # type: ignore[arg-type]
+            while True:
+                order = torch.randperm(n, generator=generator).tolist()
+                epoch = DataLoader(source.dataset, batch_size=source.batch_size, sampler=order,
+                                   collate_fn=source.collate_fn, num_workers=source.num_workers,
+                                   drop_last=source.drop_last, generator=torch.Generator().manual_seed(seed))
+                for x, y in Samples(epoch, self.name, self.block_size).batches():
+                    yield self._prepare(x, y)
+        while True:  # a shuffling DataLoader or another source gives its own order on every pass
             yielded = False
-            for x, y in reader.batches():
+            for x, y in Samples(source, self.name, self.block_size).batches():
                 yielded = True
                 yield self._prepare(x, y)
             if not yielded:

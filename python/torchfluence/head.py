@@ -111,7 +111,8 @@ class BackboneFeatures:
                         else DenseSink(shape, dtype=self.dtype, device=features.device, sample_dim=0))
             sink.write(features, block.offset)
             targets.append(block.y)
-        return Samples((sink.result(), torch.cat(targets)), samples.name, samples.block_size, check=samples.check)
+        return Samples((sink.result(), torch.cat(targets)), samples.name, samples.block_size, check=samples.check,
+                       minibatch_size=samples.minibatch_size)
 
 
 def HeadInfluence(solver: type, model: nn.Module, loss, regularization: float = 0.0, *,  # noqa: N802 - a class's name
