@@ -100,7 +100,7 @@ def frozen_problem():
 ])
 def test_head_mode_equals_the_generic_path(frozen_problem, tmp_path, solver, kwargs):
     model, x, y, xt, yt = frozen_problem
-    generic = solver(model, F.cross_entropy, 0.05, dtype=torch.float64, **kwargs).fit(loader(x, y, 50))
+    generic = solver(model, F.cross_entropy, 0.05, dtype=torch.float64, head=False, **kwargs).fit(loader(x, y, 50))
     head = HeadInfluence(solver, model, F.cross_entropy, 0.05, dtype=torch.float64, batch_size=50,
                          cache_dir=tmp_path, **kwargs).fit(loader(x, y, 50))
     assert isinstance(head, solver)  # head mode is a feature transform in front of the same class
@@ -189,11 +189,15 @@ def test_a_trainable_tail_runs_in_head_mode(solver, kwargs):
     assert torch.equal(tail(backbone(x)), model(x))
     assert [n for n, _ in tail.named_parameters()] == [n for n, p in model.named_parameters() if p.requires_grad]
     kwargs = dict(second_order="gauss_newton", **kwargs)  # an untrained net: H is indefinite
-    generic = solver(model, F.cross_entropy, 0.1, **kwargs).fit(loader(x, y, 25))
-    head = solver(model, F.cross_entropy, 0.1, head="auto", **kwargs).fit(loader(x, y, 25))
+    generic = solver(model, F.cross_entropy, 0.1, head=False, **kwargs).fit(loader(x, y, 25))
+    assert generic.features is None
+    head = solver(model, F.cross_entropy, 0.1, **kwargs).fit(loader(x, y, 25))  # automatic: no head= needed
     assert head.features.backbone is not None and head.num_params == generic.num_params
     # The same float64 arithmetic on the same features; CG stops at rtol 1e-11.
     assert rel_error(head.influences(xt, yt, x, y), generic.influences(xt, yt, x, y)) < 1e-9
+    if solver is tfl.DirectInfluence:  # perturbation needs the backbone: the full model is kept for it
+        got = head.influences(xt[:2], yt[:2], x[:3], y[:3], mode="perturbation")
+        assert rel_error(got, generic.influences(xt[:2], yt[:2], x[:3], y[:3], mode="perturbation")) < 1e-9
 
 
 def test_no_split_without_a_frozen_prefix():

@@ -39,14 +39,16 @@ class BackboneFeatures:
         dtype: the computation dtype; the backbone runs in it (a float32 model
             is cast for a float64 computation, as in the generic path).
         cache_dir: where the training features are memory-mapped (None: in memory).
+        split: the (backbone, tail) of :func:`split_trainable_tail`, if already found.
     """
 
     def __init__(self, model: nn.Module, head: HeadSpec, dtype: torch.dtype,
-                 cache_dir: Optional[Union[str, Path]] = None, progress: bool = False) -> None:
+                 cache_dir: Optional[Union[str, Path]] = None, progress: bool = False,
+                 split: Optional[tuple[fx.GraphModule, fx.GraphModule]] = None) -> None:
         self.model = model
         self.backbone: Optional[fx.GraphModule] = None
         if head == "auto":
-            split = split_trainable_tail(model)
+            split = split_trainable_tail(model) if split is None else split
             single = None if split is None else _single_module(split[1])
             if single is not None:  # the tail is one module (a linear head): keep it, for its closed forms
                 head = single

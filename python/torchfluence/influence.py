@@ -36,7 +36,7 @@ from .checks import check_choice, check_finite, check_mode, check_positive_int, 
 from .curvature import CurvatureOperator, curvature_operator
 from .data import DataSource, SampleBlock, Samples
 from .gradients import GradientSource, gradient_source
-from .head import BackboneFeatures, HeadSpec
+from .head import BackboneFeatures, HeadSpec, split_trainable_tail
 from .linear_head import loss_kind
 from .sinks import DenseSink, MemmapSink, ScoreSink, TopKSink
 
@@ -79,16 +79,19 @@ class InfluenceFunctionModel(ABC):
             registered types) from their inputs and output gradients
             (:func:`torchfluence.psg_dot`) without per-sample gradients in memory;
             the other parameters go through ``torch.func``. False: ``torch.func`` for all.
-        head: head mode: the trainable head (a module, its name, or ``"auto"`` for
-            the smallest submodule holding every trainable parameter). The backbone
-            runs once per sample and the solver works on the head alone.
+        head: head mode: the backbone runs once per sample and the solver works on
+            the trainable head alone. A module, its name, or ``"auto"`` (the
+            trainable tail behind the frozen part). None (default): automatic when
+            ``params`` is not given and the trainable parameters form such a tail
+            (found by tracing the model with ``torch.fx``); False: never.
+            Results equal the generic path's.
         cache_dir: head mode: memory-map the training features there.
     """
 
     def __init__(self, model: nn.Module, loss: LossFn, regularization: float = 0.0, *,
                  params: Optional[Sequence[str]] = None, second_order: SecondOrder = "hessian",
                  dtype: Optional[torch.dtype] = None, block_size: int = 256, progress: bool = False,
-                 fused: bool = True, head: Optional[HeadSpec] = None,
+                 fused: bool = True, head: Union[None, bool, HeadSpec] = None,
                  cache_dir: Optional[Union[str, Path]] = None) -> None:
         self.regularization = check_regularization(regularization)
         check_choice(second_order, "second_order", ("hessian", "gauss_newton"))
@@ -97,13 +100,22 @@ class InfluenceFunctionModel(ABC):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.second_order, self.progress, self.fused = second_order, progress, fused
         self.features: Optional[BackboneFeatures] = None
-        if head is not None:
+        self._full_model: Optional[nn.Module] = None  # for mode="perturbation" in automatic head mode
+        split = None
+        if head is None and params is None and cache_dir is None:
+            split = split_trainable_tail(model)
+            if split is not None:
+                head, self._full_model = "auto", model
+        if head is True:
+            head = "auto"
+        if head is not None and head is not False:
             if cache_dir is not None and not isinstance(cache_dir, (str, Path)):
                 raise TypeError(f"cache_dir must be a path, got {type(cache_dir).__name__}")
             from ._functional import resolve_dtype
 
             trainable = [p for p in model.parameters() if p.requires_grad] or list(model.parameters())
-            self.features = BackboneFeatures(model, head, resolve_dtype(dtype, trainable), cache_dir, progress)
+            self.features = BackboneFeatures(model, head, resolve_dtype(dtype, trainable), cache_dir, progress,
+                                             split=split)
             model = self.features.head
         elif cache_dir is not None:
             raise ValueError("cache_dir is for head mode: pass head= too")
@@ -115,6 +127,7 @@ class InfluenceFunctionModel(ABC):
         self._classes: Optional[int] = None
         self.n_train: Optional[int] = None
         self._train: Optional[Samples] = None
+        self._train_source: Optional[DataSource] = None  # what fit was given, to reuse its blocks
 
     # -- properties ---------------------------------------------------------------------------------
     @property
@@ -180,6 +193,7 @@ class InfluenceFunctionModel(ABC):
         samples.validate_in_memory()
         if self.features is not None:
             samples = self.features.cache(samples)
+        self._train_source = train_data
         return self.fit_samples(samples)
 
     def fit_samples(self, samples: Samples) -> "InfluenceFunctionModel":
@@ -268,13 +282,23 @@ class InfluenceFunctionModel(ABC):
             self._stream(samples, lambda b: self.source.scores(factors, b.x, b.y), [sink], "influence scores")
             return sink.result()
         self._check_perturbation()
+        functions = self._perturbation_functions()
+        raw = Samples((x, y), "x, y", self.block_size, check=self._check_targets)  # gradients need the inputs
         sink = self._dense((factors.shape[0], n, *x.shape[1:]), out, sample_dim=1)
-        self._stream(samples, lambda b: self.functions.perturbation_scores(factors, b.x, b.y), [sink],
+        self._stream(raw, lambda b: functions.perturbation_scores(factors, b.x, b.y), [sink],
                      "perturbation scores", sample_dim=1)
         return sink.result()
 
+    def _perturbation_functions(self) -> ModelFunctions:
+        """The model as a function of the parameters (the full model in automatic head mode)."""
+        if self._full_model is None:
+            return self.functions
+        prefix = "" if self.features.backbone is not None else f"{self.features.head_name}."
+        f = self.functions
+        return ModelFunctions(self._full_model, f.loss, [prefix + name for name in f.names], f.dtype)
+
     def _check_perturbation(self) -> None:
-        if self.features is not None:
+        if self.features is not None and self._full_model is None:
             raise ValueError("head mode supports mode='up' only: mode='perturbation' needs gradients through the "
                              "backbone; use the solver on the full model without head=")
 
@@ -306,12 +330,13 @@ class InfluenceFunctionModel(ABC):
         the (n_test, n_train) matrix is never held.
 
         Args:
-            train_data: the training data to rank (default: the fitted data); a
-                one-shot iterable is fine here, it is read once.
+            train_data: the training data to rank (default: the fitted data, whose
+                head-mode features are cached); a one-shot iterable is fine here, it is read once.
             k: how many on each side, at most the number of training samples.
         """
         check_positive_int(k, "k")
-        train = self._require_fitted() if train_data is None else self.samples(train_data, "train_data")
+        same = train_data is None or train_data is self._train_source
+        train = self._require_fitted() if same else self.samples(train_data, "train_data")
         known = train.known_count()
         if known is not None and k > known:
             raise ValueError(f"k must be at most the number of training samples ({known}), got {k}")
