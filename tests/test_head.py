@@ -208,3 +208,15 @@ def test_no_split_without_a_frozen_prefix():
     for p in model.fc.parameters():
         p.requires_grad_(False)
     assert split_trainable_tail(model) is None  # the trainable part reads the input itself
+
+
+def test_a_curvature_operator_can_be_injected(frozen_problem):
+    model, x, y, xt, yt = frozen_problem
+    closed = tfl.CgInfluence(model, F.cross_entropy, 0.05, rtol=1e-11).fit(loader(x, y, 50))
+    autograd = tfl.CgInfluence(model, F.cross_entropy, 0.05, rtol=1e-11, curvature=tfl.AutogradHessian)
+    assert isinstance(closed.curvature_operator, tfl.LinearHeadCurvature)
+    assert isinstance(autograd.curvature_operator, tfl.AutogradHessian)
+    # A linear head's Hessian is its Gauss-Newton matrix: both operators give the same solves.
+    assert rel_error(autograd.fit(loader(x, y, 50)).influences(xt, yt), closed.influences(xt, yt)) < 1e-8
+    with pytest.raises(TypeError, match="curvature must be a CurvatureOperator subclass"):
+        tfl.CgInfluence(model, F.cross_entropy, 0.05, curvature="hessian")

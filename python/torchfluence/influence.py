@@ -86,13 +86,17 @@ class InfluenceFunctionModel(ABC):
             (found by tracing the model with ``torch.fx``); False: never.
             Results equal the generic path's.
         cache_dir: head mode: memory-map the training features there.
+        curvature: a :class:`~torchfluence.curvature.CurvatureOperator` class to use
+            instead of the one ``second_order`` picks (it is built on this solver's
+            model functions). K-FAC and EK-FAC fit Kronecker factors and ignore it.
     """
 
     def __init__(self, model: nn.Module, loss: LossFn, regularization: float = 0.0, *,
                  params: Optional[Sequence[str]] = None, second_order: SecondOrder = "hessian",
                  dtype: Optional[torch.dtype] = None, block_size: int = 256, progress: bool = False,
                  fused: bool = True, head: Union[None, bool, HeadSpec] = None,
-                 cache_dir: Optional[Union[str, Path]] = None) -> None:
+                 cache_dir: Optional[Union[str, Path]] = None,
+                 curvature: Optional[type[CurvatureOperator]] = None) -> None:
         self.regularization = check_regularization(regularization)
         check_choice(second_order, "second_order", ("hessian", "gauss_newton"))
         self.block_size = check_positive_int(block_size, "block_size")
@@ -122,7 +126,10 @@ class InfluenceFunctionModel(ABC):
         self.functions = ModelFunctions(model, loss, params, dtype)
         check_finite(self.functions.theta, "model parameters", -1)
         self.source: GradientSource = gradient_source(self.functions, fused)
-        self.curvature_operator: CurvatureOperator = curvature_operator(self.functions, second_order)
+        if curvature is not None and not (isinstance(curvature, type) and issubclass(curvature, CurvatureOperator)):
+            raise TypeError(f"curvature must be a CurvatureOperator subclass, got {curvature!r}")
+        self.curvature_operator: CurvatureOperator = (curvature_operator(self.functions, second_order)
+                                                      if curvature is None else curvature(self.functions))
         self._loss_kind = loss_kind(loss)
         self._classes: Optional[int] = None
         self.n_train: Optional[int] = None
