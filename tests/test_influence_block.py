@@ -4,7 +4,7 @@ import pytest
 import torch
 import torchfluence as tfl
 from torchfluence.reference import influence_block_reference
-from torchfluence.topk import select_topk
+from torchfluence.reference import select_topk
 
 from .conftest import DEVICES, dtypes_for
 
@@ -132,7 +132,9 @@ def test_non_contiguous_inputs(device):
 def test_non_finite_input_is_an_error(device, where, bad):
     S, G = torch.randn(6, 10, device=device), torch.randn(20, 10, device=device)
     (S if where == "S" else G)[2, 3] = bad
-    with pytest.raises(ValueError, match=f"{where} row 2"):
+    # A NaN/inf in query row 2 spoils that row of scores; in training row 2, that column (global sample 2).
+    first = "query row 2, sample 0" if where == "S" else "query row 0, sample 2"
+    with pytest.raises(ValueError, match=f"NaN or inf \\(first at {first}\\)"):
         tfl.influence_scores(S, G)
     state = tfl.StreamingTopK(6, 3, device=device)
     state.update(S, G)
@@ -170,26 +172,7 @@ def test_bad_state_arguments():
     with pytest.raises(ValueError, match="k must be a positive int, got 0"):
         tfl.StreamingTopK(3, 0)
     state = tfl.StreamingTopK(3, 2)
-    with pytest.raises(ValueError, match="S must have 3 rows, got 4"):
+    with pytest.raises(ValueError, match=r"S must be \(3, p\) torch.float32 on cpu, got \(4, 5\)"):
         state.update(torch.randn(4, 5), torch.randn(6, 5))
     with pytest.raises(ValueError, match=r"out must be a \(3, 6\)"):
         state.update(torch.randn(3, 5), torch.randn(6, 5), out=torch.empty(3, 5))
-
-
-def test_custom_ops_pass_opcheck():
-    S, G = torch.randn(5, 7), torch.randn(9, 7)
-    torch.library.opcheck(torch.ops.torchfluence.influence_scores.default, (S, G))
-    k = 3
-    state = tfl.StreamingTopK(5, k)
-    args = (S, G, 0, state.largest_values, state.largest_indices, state.smallest_values,
-            state.smallest_indices, state.status, torch.empty(5, 9))
-    torch.library.opcheck(torch.ops.torchfluence.influence_block_update.default, args)
-
-
-def test_works_under_torch_compile():
-    @torch.compile(backend="aot_eager", fullgraph=True)
-    def scores_then_rowsum(S, G):
-        return torch.ops.torchfluence.influence_scores(S * 2, G).sum(dim=1)
-
-    S, G = torch.randn(4, 6), torch.randn(8, 6)
-    assert torch.allclose(scores_then_rowsum(S, G), (2 * S @ G.T).sum(dim=1), rtol=1e-5, atol=1e-5)

@@ -5,8 +5,9 @@
 // training rows, for each KC-slice of the parameter dimension, pack G's slice
 // into NR-wide panels and S's slice into MR-tall panels, then run an MR x NR
 // register micro-kernel over every (query panel, train panel) pair. When the last slice is done, every
-// query row of the NC-wide score block is checked for non-finite values,
-// optionally copied to `scores`, and merged into that row's running top-k.
+// query row of the NC-wide score block is optionally copied to `scores` and
+// merged into that row's running top-k (merge_row: non-finite scores are
+// counted, never ranked).
 #include <omp.h>
 
 #include <algorithm>
@@ -32,8 +33,11 @@ void influence_block_typed(const InfluenceBlockArgs& a) {
   const T* S = reinterpret_cast<const T*>(a.queries.data);
   const T* G = reinterpret_cast<const T*>(a.train.data);
   T* out = reinterpret_cast<T*>(a.scores.data);
-  auto* status = reinterpret_cast<std::int64_t*>(a.status);
-  const std::int64_t k = a.topk.k;
+  const std::int64_t k = a.topk.k();
+  T* lv = reinterpret_cast<T*>(a.topk.largest_values.data);
+  T* sv = reinterpret_cast<T*>(a.topk.smallest_values.data);
+  auto* li = reinterpret_cast<std::int64_t*>(a.topk.largest_indices.data);
+  auto* si = reinterpret_cast<std::int64_t*>(a.topk.smallest_indices.data);
 
   const std::int64_t query_panels = (n_query + MR - 1) / MR;
   const std::int64_t max_train_panels = (std::min(NC, b) + NR - 1) / NR;
@@ -45,7 +49,8 @@ void influence_block_typed(const InfluenceBlockArgs& a) {
 
 #pragma omp parallel
   {
-    std::vector<Entry<T>> candidates, merged;
+    RowScratch<T> scratch;
+    std::int64_t count = 0, row = -1, col = -1;  // this thread's non-finite scores, row-major first
     for (std::int64_t j0 = 0; j0 < b; j0 += NC) {
       const std::int64_t nc = std::min(NC, b - j0);
 #pragma omp for
@@ -61,40 +66,31 @@ void influence_block_typed(const InfluenceBlockArgs& a) {
       // Epilogue: the block is complete; rows are independent from here on.
 #pragma omp for schedule(dynamic, 4)
       for (std::int64_t i = 0; i < n_query; ++i) {
-        const T* row = &block[i * NC];
-        for (std::int64_t j = 0; j < nc; ++j) {
-          if (!std::isfinite(row[j])) {
-#pragma omp critical(torchfluence_nonfinite)
-            {
-              if (nonfinite++ == 0) bad_query = i, bad_train = a.offset + j0 + j;
-            }
-          }
-        }
+        const T* scores_row = &block[i * NC];
         if (out) {
           T* dst = out + i * a.scores.stride_row + j0 * a.scores.stride_col;
-          for (std::int64_t j = 0; j < nc; ++j) dst[j * a.scores.stride_col] = row[j];
+          for (std::int64_t j = 0; j < nc; ++j) dst[j * a.scores.stride_col] = scores_row[j];
         }
         if (k == 0) continue;
-        auto merge = [&](auto largest_tag, std::uintptr_t values_ptr, std::uintptr_t indices_ptr) {
-          constexpr bool Largest = decltype(largest_tag)::value;
-          T* values = reinterpret_cast<T*>(values_ptr) + i * k;
-          std::int64_t* indices = reinterpret_cast<std::int64_t*>(indices_ptr) + i * k;
-          const Entry<T> worst{values[k - 1], indices[k - 1]};
-          candidates.clear();
-          for (std::int64_t j = 0; j < nc; ++j) {
-            const Entry<T> e{row[j], a.offset + j0 + j};
-            if (std::isfinite(e.value) && (worst.index < 0 || ranks_before<T, Largest>(e, worst)))
-              candidates.push_back(e);
-          }
-          merge_into_topk<T, Largest>(candidates, merged, values, indices, k);
-        };
-        merge(std::true_type{}, a.topk.largest_values, a.topk.largest_indices);
-        merge(std::false_type{}, a.topk.smallest_values, a.topk.smallest_indices);
+        const NonFiniteCount bad = merge_row<T>(scores_row, 1, nc, a.offset + j0, lv + i * k, li + i * k,
+                                                sv + i * k, si + i * k, k, scratch);
+        if (bad.count > 0) {
+          if (comes_first(i, j0 + bad.first, row, col)) row = i, col = j0 + bad.first;
+          count += bad.count;
+        }
+      }
+    }
+    if (count > 0) {
+#pragma omp critical(torchfluence_nonfinite)
+      {
+        nonfinite += count;
+        if (comes_first(row, col, bad_query, bad_train)) bad_query = row, bad_train = col;
       }
     }
   }
-  if (nonfinite > 0 && status) {
-    if (status[0] == 0) status[1] = bad_query, status[2] = bad_train;
+  if (nonfinite > 0) {
+    auto* status = reinterpret_cast<std::int64_t*>(a.status.data);
+    if (status[0] == 0) status[1] = bad_query, status[2] = a.offset + bad_train;
     status[0] += nonfinite;
   }
 }

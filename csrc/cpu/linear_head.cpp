@@ -47,15 +47,15 @@ T dot(const T* a, std::int64_t stride_a, const T* x, std::int64_t stride_x, std:
 
 template <typename T>
 void linear_head_typed(const LinearHeadArgs& a) {
-  const std::int64_t n = a.features.rows, d = a.features.cols, C = a.weight.rows, k = a.k, kC = k * C;
-  if (n == 0 || k == 0) return;
-  const bool has_bias = a.bias != 0;
+  const std::int64_t n = a.features.rows, d = a.features.cols, C = a.weight.rows, k = a.k(), kC = k * C;
+  if (n == 0 || k == 0 || C == 0) return;
+  const bool has_bias = a.has_bias();
   const std::int64_t d1 = d + (has_bias ? 1 : 0);
   const T* X = reinterpret_cast<const T*>(a.features.data);
   const T* W = reinterpret_cast<const T*>(a.weight.data);
-  const T* b = reinterpret_cast<const T*>(a.bias);
-  const T* V = reinterpret_cast<const T*>(a.vectors);
-  T* out = reinterpret_cast<T*>(a.out);
+  const T* b = reinterpret_cast<const T*>(a.bias.data);
+  const T* V = reinterpret_cast<const T*>(a.vectors.data);
+  T* out = reinterpret_cast<T*>(a.out.data);
   const T inv_n = T(1) / static_cast<T>(a.n_total);
 
   // Pass 1: what h_i needs per sample and class (probabilities, or sigmoid slopes).
@@ -80,7 +80,7 @@ void linear_head_typed(const LinearHeadArgs& a) {
   }
 
   // V as a (kC x d) matrix with row stride d1 (the bias column is left out of the GEMM).
-  const MatrixRef v_ref{a.vectors, kC, d, d1, 1};
+  const MatrixRef v_ref{a.vectors.data, kC, d, d1, 1, a.vectors.dtype};
   std::vector<T> r(BLOCK * kC);
   std::vector<T> s_packed, g_packed;
   std::vector<T> bias_sums(has_bias ? kC : 0, T(0));
@@ -92,7 +92,7 @@ void linear_head_typed(const LinearHeadArgs& a) {
     for (std::int64_t ii = 0; ii < nb; ++ii)
       for (std::int64_t q = 0; q < kC; ++q) r[ii * kC + q] = has_bias ? V[q * d1 + d] : T(0);
     const MatrixRef x_block{a.features.data + static_cast<std::uintptr_t>(i0 * a.features.stride_row * sizeof(T)),
-                            nb, d, a.features.stride_row, a.features.stride_col};
+                            nb, d, a.features.stride_row, a.features.stride_col, a.features.dtype};
     gemm_nt<T>(reinterpret_cast<const T*>(x_block.data), x_block, V, v_ref, r.data(), kC, s_packed, g_packed);
     // R = h(U), per (sample, vector): C values at a time.
 #pragma omp for
@@ -111,8 +111,8 @@ void linear_head_typed(const LinearHeadArgs& a) {
       }
     }
     // out[:, :d] += R^T X_block: S = R^T (kC x nb), G = X_block^T (d x nb).
-    const MatrixRef rt{reinterpret_cast<std::uintptr_t>(r.data()), kC, nb, 1, kC};
-    const MatrixRef xt{x_block.data, d, nb, a.features.stride_col, a.features.stride_row};
+    const MatrixRef rt{reinterpret_cast<std::uintptr_t>(r.data()), kC, nb, 1, kC, a.features.dtype};
+    const MatrixRef xt{x_block.data, d, nb, a.features.stride_col, a.features.stride_row, a.features.dtype};
     gemm_nt<T>(r.data(), rt, reinterpret_cast<const T*>(xt.data), xt, out, d1, s_packed, g_packed);
     if (has_bias) {
 #pragma omp for

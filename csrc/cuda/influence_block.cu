@@ -23,6 +23,7 @@ namespace torchfluence::cuda {
 namespace {
 
 constexpr int BM = 64, BN = 64, BK = 16;
+static_assert(kMaxQueryRows == 65535LL * BM && kMaxTrainRows == 2147483647LL * BN, "limits follow the tiles");
 constexpr int THREADS = 256;  // 16 x 16 threads, each a 4 x 4 micro-tile
 constexpr int TM = BM / 16, TN = BN / 16;
 constexpr int WARPS = THREADS / 32;
@@ -191,10 +192,13 @@ block_scores_topk_kernel(const In* __restrict__ S, long long s_row, long long s_
         const Acc v = Cs[r * (BN + 1) + c0 + lane];
         const bool in_range = col < b;
         const bool finite = is_finite(v);
-        if (in_range && !finite) {
-          if (atomicAdd(reinterpret_cast<unsigned long long*>(status), 1ull) == 0ull) {
+        // One atomic per warp and 32 columns that hold a non-finite score.
+        const unsigned bad = __ballot_sync(0xffffffffu, in_range && !finite);
+        if (bad != 0u && lane == 0) {
+          const auto count = static_cast<unsigned long long>(__popc(bad));
+          if (atomicAdd(reinterpret_cast<unsigned long long*>(status), count) == 0ull) {
             status[1] = row;
-            status[2] = offset + col;
+            status[2] = offset + n0 + c0 + (__ffs(bad) - 1);
           }
         }
         if (in_range && out) out[row * out_row + col * out_col] = v;
@@ -272,7 +276,7 @@ template <typename In, typename Acc>
 void launch(const InfluenceBlockArgs& a, std::uintptr_t workspace, int splits, cudaStream_t stream) {
   const long long n_query = a.queries.rows, b = a.train.rows, p = a.queries.cols;
   if (n_query == 0 || b == 0) return;
-  const int k = static_cast<int>(a.topk.k);
+  const int k = static_cast<int>(a.topk.k());
   const long long n_tiles = (b + BN - 1) / BN;
   if (k == 0) splits = static_cast<int>(std::min<long long>(n_tiles, 65535));
   const int tiles_per_split = static_cast<int>((n_tiles + splits - 1) / splits);
@@ -297,14 +301,14 @@ void launch(const InfluenceBlockArgs& a, std::uintptr_t workspace, int splits, c
       reinterpret_cast<const In*>(a.queries.data), a.queries.stride_row, a.queries.stride_col,
       reinterpret_cast<const In*>(a.train.data), a.train.stride_row, a.train.stride_col, n_query, b, p, a.offset,
       reinterpret_cast<Acc*>(a.scores.data), a.scores.stride_row, a.scores.stride_col, k, tiles_per_split, lists,
-      reinterpret_cast<long long*>(a.status));
+      reinterpret_cast<long long*>(a.status.data));
   check_cuda(cudaGetLastError(), "launching the block kernel");
   if (k == 0) return;
   const size_t merge_smem = (sizeof(Acc) + sizeof(long long)) * WARPS * k;
   merge_splits_kernel<Acc><<<static_cast<unsigned>((n_query + WARPS - 1) / WARPS), THREADS, merge_smem, stream>>>(
-      n_query, k, splits, lists, reinterpret_cast<Acc*>(a.topk.largest_values),
-      reinterpret_cast<long long*>(a.topk.largest_indices), reinterpret_cast<Acc*>(a.topk.smallest_values),
-      reinterpret_cast<long long*>(a.topk.smallest_indices));
+      n_query, k, splits, lists, reinterpret_cast<Acc*>(a.topk.largest_values.data),
+      reinterpret_cast<long long*>(a.topk.largest_indices.data), reinterpret_cast<Acc*>(a.topk.smallest_values.data),
+      reinterpret_cast<long long*>(a.topk.smallest_indices.data));
   check_cuda(cudaGetLastError(), "launching the merge kernel");
 }
 
@@ -320,9 +324,15 @@ int influence_block_splits(std::int64_t n_query, std::int64_t b, std::int64_t k,
 }
 
 void influence_block(const InfluenceBlockArgs& args, std::uintptr_t workspace, int splits, std::uintptr_t stream) {
-  check(args.topk.k <= kMaxFusedTopK, "influence_block (CUDA): fused top-k supports k <= " +
-                                          std::to_string(kMaxFusedTopK) + ", got " + std::to_string(args.topk.k));
-  check(args.queries.rows <= 65535LL * BM, "influence_block (CUDA): too many query rows for one launch");
+  check(args.topk.k() >= 1 && args.topk.k() <= kMaxFusedTopK,
+        "influence_block (CUDA): fused top-k supports 1 <= k <= " + std::to_string(kMaxFusedTopK) + ", got " +
+            std::to_string(args.topk.k()));
+  check(args.queries.rows <= kMaxQueryRows, "influence_block (CUDA): at most " + std::to_string(kMaxQueryRows) +
+                                                " query rows per launch, got " + std::to_string(args.queries.rows));
+  check(args.train.rows <= kMaxTrainRows, "influence_block (CUDA): at most " + std::to_string(kMaxTrainRows) +
+                                              " training rows per launch, got " + std::to_string(args.train.rows));
+  check(splits >= 1 && splits <= 65535, "influence_block (CUDA): splits must be in [1, 65535], got " +
+                                            std::to_string(splits));
   auto s = reinterpret_cast<cudaStream_t>(stream);
   switch (args.dtype) {
     case DType::Float32: launch<float, float>(args, workspace, splits, s); break;

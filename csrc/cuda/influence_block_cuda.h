@@ -12,6 +12,18 @@ namespace torchfluence::cuda {
 // query row, for 64 rows per CTA). Larger k goes through the scores path.
 constexpr std::int64_t kMaxFusedTopK = 32;
 
+// Query rows one launch covers: 64 per CTA, at most 65535 CTAs along grid.y.
+constexpr std::int64_t kMaxQueryRows = 65535LL * 64;
+
+// Training rows one launch covers: 64 per tile, tile counts kept in int.
+constexpr std::int64_t kMaxTrainRows = 2147483647LL * 64;
+
+// Bytes of workspace a launch with `splits` column splits needs.
+inline std::int64_t influence_block_workspace_bytes(std::int64_t n_query, std::int64_t k, int splits,
+                                                    std::int64_t acc_bytes) {
+  return 2 * n_query * splits * k * (acc_bytes + 8);
+}
+
 // How many column splits (CTAs along the training rows) a call will use; the
 // caller allocates a workspace of 2 * n_query * splits * k * (sizeof(acc) + 8)
 // bytes for them.

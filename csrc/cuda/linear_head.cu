@@ -14,6 +14,7 @@ namespace torchfluence::cuda {
 namespace {
 
 constexpr int THREADS = 256;
+static_assert(kHeadMaxVectorSamples == 2147483647LL * THREADS, "one thread per (vector, sample)");
 
 template <typename T>
 __global__ void probabilities(LinearHeadArgs a, T* prob) {
@@ -22,7 +23,7 @@ __global__ void probabilities(LinearHeadArgs a, T* prob) {
   if (i >= n) return;
   const T* X = reinterpret_cast<const T*>(a.features.data);
   const T* W = reinterpret_cast<const T*>(a.weight.data);
-  const T* b = reinterpret_cast<const T*>(a.bias);
+  const T* b = reinterpret_cast<const T*>(a.bias.data);
   T* p = prob + i * C;
   T top = -INFINITY;
   for (long long c = 0; c < C; ++c) {
@@ -48,15 +49,15 @@ template <typename T>
 __global__ void curvature_times_u(LinearHeadArgs a, const T* prob, T* r) {
   const long long t = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
   const long long n = a.features.rows, d = a.features.cols, C = a.weight.rows;
-  if (t >= a.k * n) return;
-  const long long v = t / n, i = t % n, d1 = d + (a.bias ? 1 : 0);
+  if (t >= a.k() * n) return;
+  const long long v = t / n, i = t % n, d1 = d + (a.has_bias() ? 1 : 0);
   const T* X = reinterpret_cast<const T*>(a.features.data);
-  const T* V = reinterpret_cast<const T*>(a.vectors) + v * C * d1;
+  const T* V = reinterpret_cast<const T*>(a.vectors.data) + v * C * d1;
   const T* p = prob + i * C;
   T* ri = r + (v * n + i) * C;
   T pu = 0;
   for (long long c = 0; c < C; ++c) {
-    T u = a.bias ? V[c * d1 + d] : T(0);
+    T u = a.has_bias() ? V[c * d1 + d] : T(0);
     for (long long j = 0; j < d; ++j) u += V[c * d1 + j] * X[i * a.features.stride_row + j * a.features.stride_col];
     ri[c] = u;
     pu += p[c] * u;
@@ -70,7 +71,7 @@ __global__ void curvature_times_u(LinearHeadArgs a, const T* prob, T* r) {
 
 template <typename T>
 __global__ void accumulate(LinearHeadArgs a, const T* r) {
-  const long long n = a.features.rows, d = a.features.cols, C = a.weight.rows, d1 = d + (a.bias ? 1 : 0);
+  const long long n = a.features.rows, d = a.features.cols, C = a.weight.rows, d1 = d + (a.has_bias() ? 1 : 0);
   const long long j = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
   const long long vc = blockIdx.y;  // (vector, class)
   if (j >= d1) return;
@@ -81,7 +82,7 @@ __global__ void accumulate(LinearHeadArgs a, const T* r) {
     const T x = j < d ? X[i * a.features.stride_row + j * a.features.stride_col] : T(1);
     sum += r[(v * n + i) * C + c] * x;
   }
-  reinterpret_cast<T*>(a.out)[vc * d1 + j] += sum / static_cast<T>(a.n_total);
+  reinterpret_cast<T*>(a.out.data)[vc * d1 + j] += sum / static_cast<T>(a.n_total);
 }
 
 void check_launch(const char* what) {
@@ -92,15 +93,20 @@ void check_launch(const char* what) {
 
 template <typename T>
 void launch(const LinearHeadArgs& a, cudaStream_t stream) {
-  const long long n = a.features.rows, C = a.weight.rows, d1 = a.features.cols + (a.bias ? 1 : 0);
-  check(a.k * C <= 65535, "linear_head_hvp (CUDA): k * C must be <= 65535 per call, got " + std::to_string(a.k * C));
+  const long long n = a.features.rows, C = a.weight.rows, d1 = a.features.cols + (a.has_bias() ? 1 : 0);
+  check(a.k() * C <= kHeadMaxVectorClasses, "linear_head_hvp (CUDA): k * C must be <= " +
+                                                std::to_string(kHeadMaxVectorClasses) + " per call, got " +
+                                                std::to_string(a.k() * C));
+  check(a.k() * n <= kHeadMaxVectorSamples, "linear_head_hvp (CUDA): k * n must be <= " +
+                                                std::to_string(kHeadMaxVectorSamples) + " per call, got " +
+                                                std::to_string(a.k() * n));
   T* prob = reinterpret_cast<T*>(a.workspace);
   T* r = prob + n * C;
   probabilities<T><<<static_cast<unsigned>((n + THREADS - 1) / THREADS), THREADS, 0, stream>>>(a, prob);
   check_launch("probabilities");
-  curvature_times_u<T><<<static_cast<unsigned>((a.k * n + THREADS - 1) / THREADS), THREADS, 0, stream>>>(a, prob, r);
+  curvature_times_u<T><<<static_cast<unsigned>((a.k() * n + THREADS - 1) / THREADS), THREADS, 0, stream>>>(a, prob, r);
   check_launch("curvature_times_u");
-  const dim3 grid(static_cast<unsigned>((d1 + THREADS - 1) / THREADS), static_cast<unsigned>(a.k * C));
+  const dim3 grid(static_cast<unsigned>((d1 + THREADS - 1) / THREADS), static_cast<unsigned>(a.k() * C));
   accumulate<T><<<grid, THREADS, 0, stream>>>(a, r);
   check_launch("accumulate");
 }
@@ -108,7 +114,7 @@ void launch(const LinearHeadArgs& a, cudaStream_t stream) {
 }  // namespace
 
 void linear_head_hvp(const LinearHeadArgs& args, std::uintptr_t stream_handle) {
-  if (args.features.rows == 0 || args.k == 0) return;
+  if (args.features.rows == 0 || args.k() == 0 || args.weight.rows == 0) return;
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   switch (args.dtype) {
     case DType::Float32: launch<float>(args, stream); break;

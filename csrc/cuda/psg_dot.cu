@@ -21,6 +21,7 @@ namespace {
 constexpr int BQ = 32, BJ = 32, BK = 32;
 constexpr int THREADS = 256;  // 8 x 32 threads; each owns 4 queries of one sample column
 constexpr int TQ = BQ * BJ / THREADS;
+static_assert(kPsgDotMaxQueryRows == 65535LL * BQ && kPsgDotMaxSamples == 2147483647LL * BJ, "limits follow the tiles");
 
 template <typename T> __device__ __forceinline__ float load(const T* p) { return static_cast<float>(*p); }
 template <> __device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
@@ -86,10 +87,12 @@ __global__ void __launch_bounds__(THREADS) psg_dot_kernel(PsgDotArgs a) {
 
 template <typename T, typename Acc>
 void launch(const PsgDotArgs& a, cudaStream_t stream) {
+  check(a.queries.rows <= kPsgDotMaxQueryRows, "psg_dot (CUDA): at most " + std::to_string(kPsgDotMaxQueryRows) +
+                                                   " queries per call, got " + std::to_string(a.queries.rows));
+  check(a.activations.n <= kPsgDotMaxSamples, "psg_dot (CUDA): at most " + std::to_string(kPsgDotMaxSamples) +
+                                                 " samples per call, got " + std::to_string(a.activations.n));
   const dim3 grid(static_cast<unsigned>((a.activations.n + BJ - 1) / BJ),
                   static_cast<unsigned>((a.queries.rows + BQ - 1) / BQ));
-  check(grid.y <= 65535u, "psg_dot (CUDA): at most 65535 * 32 queries per call, got " +
-                              std::to_string(a.queries.rows));
   psg_dot_kernel<T, Acc><<<grid, THREADS, 0, stream>>>(a);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) throw std::runtime_error(std::string("psg_dot (CUDA): launch failed: ") + cudaGetErrorString(err));
