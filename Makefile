@@ -46,3 +46,37 @@ wheel: install
 
 clean:
 	rm -rf build dist $(VENV)
+
+# make bench-peers: torchfluence against pyDVL, kronfluence and pytorch-influence-functions,
+# each pinned, in a venv of its own (.bench-venv/, never .venv/) so the peers' dependencies
+# cannot change the test environment. Pass options with BENCH_ARGS, e.g.
+#   make bench-peers BENCH_ARGS="--quick"      make bench-peers BENCH_ARGS="--only ekfac-100k"
+# torch is pinned on the same pip command line as the peers: kronfluence requires torchvision,
+# and only with the pin does pip pick the torchvision built for this torch instead of
+# upgrading torch (pyDVL also pins numpy<2 here). The extension is built in its own build
+# folder so that this venv and .venv/ never rebuild each other's CMake tree.
+BENCH_VENV := .bench-venv
+BENCH_BIN := $(BENCH_VENV)/bin
+BENCH_TORCH_SPEC ?= torch==2.13.0
+BENCH_PEERS := "pydvl[influence]==0.10.0" "kronfluence==1.0.1" "pytorch-influence-functions==0.1.1"
+BENCH_ARGS ?=
+
+.PHONY: bench-peers
+
+$(BENCH_BIN)/python:
+	$(PYTHON) -m venv $(BENCH_VENV)
+
+$(BENCH_VENV)/.deps-$(subst =,_,$(subst /,_,$(BENCH_TORCH_SPEC))): | $(BENCH_BIN)/python
+	$(BENCH_BIN)/pip install --quiet "$(BENCH_TORCH_SPEC)" $(BENCH_PEERS) numpy scikit-learn tqdm \
+		pybind11 "scikit-build-core>=0.10" ninja
+	$(BENCH_BIN)/python -c "import sys, torch; v = torch.__version__.split('+')[0]; \
+		sys.exit(None if '$(BENCH_TORCH_SPEC)' == 'torch==' + v else 'peers replaced the pinned torch: got ' + torch.__version__)"
+	touch $@
+
+$(BENCH_VENV)/.torchfluence-installed: $(BENCH_VENV)/.deps-$(subst =,_,$(subst /,_,$(BENCH_TORCH_SPEC))) $(SOURCES)
+	$(BENCH_BIN)/pip install --quiet --no-build-isolation --no-deps -C "build-dir=build/bench-{wheel_tag}" -e .
+	$(BENCH_BIN)/python -c "import torchfluence as t; print('torchfluence', t.__version__, t.build_info())"
+	touch $@
+
+bench-peers: $(BENCH_VENV)/.torchfluence-installed
+	$(BENCH_BIN)/python benchmarks/bench_peers.py $(BENCH_ARGS)
