@@ -12,12 +12,14 @@ from ..influence import InfluenceFunctionModel
 
 
 class DirectInfluence(InfluenceFunctionModel):
-    """Builds H (or the Gauss-Newton matrix) explicitly and eigendecomposes it at fit.
+    """Builds H (or the Gauss-Newton matrix) explicitly and factors H + lambda I at fit.
 
     Needs p x p memory, so it suits up to a few thousand parameters; it is the
-    exact reference the iterative solvers are judged against. Because H is kept
-    as Q diag(eigenvalues) Q^T (in float64), :meth:`with_regularization` changes
-    lambda without refitting.
+    exact reference the iterative solvers are judged against. H is kept in
+    float64 and solved through the Cholesky factor of H + lambda I;
+    :meth:`with_regularization` changes lambda without refitting (one new
+    factorisation), and :attr:`eigenvalues` / :attr:`eigenvectors` are computed
+    on first access only.
 
     The matrix comes from whichever route is cheaper for the shapes: batched
     curvature-vector products against identity columns (p products per sample),
@@ -32,47 +34,72 @@ class DirectInfluence(InfluenceFunctionModel):
     def __init__(self, *args, column_block: int = 512, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.column_block = column_block
-        self.eigenvalues: Tensor | None = None  # (p,) float64, ascending
-        self.eigenvectors: Tensor | None = None  # (p, p) float64, columns
+        self._matrix: Tensor | None = None  # (p, p) float64 H
+        self._factor: Tensor | None = None  # Cholesky factor of H + lambda I
+        self._eigen: tuple[Tensor, Tensor] | None = None
 
     @property
     def curvature(self) -> Tensor:
         """The fitted H (without regularization), (p, p) float64."""
         self._require_fitted()
-        return (self.eigenvectors * self.eigenvalues) @ self.eigenvectors.T
+        return self._matrix
+
+    @property
+    def eigenvalues(self) -> Tensor:
+        """(p,) float64 eigenvalues of H, ascending."""
+        return self._eigendecomposition()[0]
+
+    @property
+    def eigenvectors(self) -> Tensor:
+        """(p, p) float64 eigenvectors of H, as columns."""
+        return self._eigendecomposition()[1]
+
+    def _eigendecomposition(self) -> tuple[Tensor, Tensor]:
+        self._require_fitted()
+        if self._eigen is None:
+            self._eigen = torch.linalg.eigh(self._matrix)
+        return self._eigen
 
     def _fit(self, train: Samples) -> None:
         matrix = self._explicit_curvature(train)
-        matrix = 0.5 * (matrix + matrix.T)  # symmetric up to rounding; eigh wants it exactly
-        self.eigenvalues, self.eigenvectors = torch.linalg.eigh(matrix)
-        self._check_positive_definite()
+        self._matrix = 0.5 * (matrix + matrix.T)  # symmetric up to rounding
+        self._eigen = None
+        self._largest = _largest_magnitude(self._matrix)
+        self._factorize()
 
     def with_regularization(self, regularization: float) -> "DirectInfluence":
         """Sets lambda without refitting; returns self."""
         self.regularization = check_regularization(regularization)
-        if self.eigenvalues is not None:
-            self._check_positive_definite()
+        if self._matrix is not None:
+            self._factorize()
         return self
 
     def solve(self, vectors: Tensor) -> Tensor:
         self._require_fitted()
-        q = self.eigenvectors
-        coeffs = (vectors.to(q.dtype) @ q) / (self.eigenvalues + self.regularization)
-        return (coeffs @ q.T).to(self.dtype)
+        solved = torch.cholesky_solve(vectors.to(device=self.device, dtype=torch.float64).T, self._factor)
+        return solved.T.to(self.dtype)
 
-    def _check_positive_definite(self) -> None:
-        smallest = float(self.eigenvalues[0])
-        largest = float(self.eigenvalues[-1].abs())
-        # Eigenvalues within rounding of zero count as zero: a float32-built matrix
-        # is only known to about 1e-6 of its largest eigenvalue.
-        tolerance = largest * (1e-12 if self.dtype == torch.float64 else 1e-6)
-        if smallest + self.regularization <= tolerance:
-            suggestion = max(-smallest, 0.0) + max(tolerance, 1e-3 * largest)
+    def _factorize(self) -> None:
+        """Cholesky of H + lambda I, refusing a matrix that is not positive definite beyond rounding.
+
+        Eigenvalues within rounding of zero count as zero: a float32-built matrix is
+        only known to about 1e-6 of its largest eigenvalue. H + lambda I passes when
+        H + (lambda - tolerance) I still has a Cholesky factor, which is the same as
+        ``smallest eigenvalue + lambda > tolerance`` without an eigendecomposition.
+        """
+        eye = torch.eye(self._matrix.shape[0], dtype=torch.float64, device=self._matrix.device)
+        tolerance = self._largest * (1e-12 if self.dtype == torch.float64 else 1e-6)
+        _, info = torch.linalg.cholesky_ex(self._matrix + (self.regularization - tolerance) * eye)
+        factor, info_exact = torch.linalg.cholesky_ex(self._matrix + self.regularization * eye)
+        if int(info) != 0 or int(info_exact) != 0:
+            smallest = float(self.eigenvalues[0])
+            suggestion = max(-smallest, 0.0) + max(tolerance, 1e-3 * self._largest)
             raise ValueError(
                 f"H + regularization * I is not positive definite: the smallest eigenvalue of H is "
                 f"{smallest:.3g} and regularization is {self.regularization:.3g}. Use a regularization of at "
                 f"least {suggestion:.2g} (or second_order='gauss_newton', which is positive semi-definite "
                 f"for convex losses)")
+        self._factor = factor
 
     def _explicit_curvature(self, train: Samples) -> Tensor:
         p = self.num_params
@@ -81,9 +108,12 @@ class DirectInfluence(InfluenceFunctionModel):
         eye = torch.eye(p, dtype=self.dtype, device=self.device)
         for block in tqdm(train.blocks(), desc="curvature", disable=not self.progress):
             if use_jacobians:
-                jac = self.functions.output_jacobians(block.x).double()  # (b, c, p)
-                h_out = self.functions.output_loss_hessians(block.x, block.y).double()  # (b, c, c)
-                matrix += torch.einsum("bcp,bcd,bdq->pq", jac, h_out, jac) / self.n_train
+                jac = self.functions.output_jacobians(block.x)  # (b, c, p), computation dtype
+                h_out = self.functions.output_loss_hessians(block.x, block.y)  # (b, c, c)
+                # One (p x bc) @ (bc x p) GEMM in the computation dtype per block, summed in float64.
+                p_ = jac.shape[2]
+                product = jac.reshape(-1, p_).T @ torch.bmm(h_out, jac).reshape(-1, p_)
+                matrix += product.double() / self.n_train
                 continue
             weight = block.size / self.n_train
             for start in range(0, p, self.column_block):
@@ -97,3 +127,17 @@ class DirectInfluence(InfluenceFunctionModel):
         with torch.no_grad():
             out = self.functions.outputs(self.functions.theta, self.functions.cast_input(x[:1]))
         return out[0].numel()
+
+
+def _largest_magnitude(matrix: Tensor, iterations: int = 50) -> float:
+    """|largest eigenvalue| of a symmetric matrix by power iteration (a lower bound, close after 50 steps)."""
+    generator = torch.Generator(device=matrix.device).manual_seed(0)
+    v = torch.randn(matrix.shape[0], dtype=matrix.dtype, device=matrix.device, generator=generator)
+    value = 0.0
+    for _ in range(iterations):
+        w = matrix @ v
+        value = float(w.norm())
+        if value == 0:
+            return 0.0
+        v = w / value
+    return value
