@@ -162,7 +162,6 @@ def split_trainable_tail(model: nn.Module) -> Optional[tuple[fx.GraphModule, fx.
     except Exception:  # noqa: BLE001 - any tracing failure means: no automatic split
         return None
     nodes = list(traced.graph.nodes)
-    modules = dict(traced.named_modules())
 
     def uses_trainable(node: fx.Node) -> bool:
         if node.op == "call_module":
@@ -184,7 +183,6 @@ def split_trainable_tail(model: nn.Module) -> Optional[tuple[fx.GraphModule, fx.
         return None
     if any(n.op == "placeholder" for node in tail_nodes for n in node.all_input_nodes):
         return None
-    del modules
 
     backbone_graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._functional import LossFn, ModelFunctions
+from ._functional import LossFn, ModelFunctions, resolve_dtype
 from .checks import check_choice, check_finite, check_mode, check_positive_int, check_regularization
 from .curvature import CurvatureOperator, curvature_operator
 from .data import DataSource, SampleBlock, Samples
@@ -115,8 +115,6 @@ class InfluenceFunctionModel(ABC):
         if head is not None and head is not False:
             if cache_dir is not None and not isinstance(cache_dir, (str, Path)):
                 raise TypeError(f"cache_dir must be a path, got {type(cache_dir).__name__}")
-            from ._functional import resolve_dtype
-
             trainable = [p for p in model.parameters() if p.requires_grad] or list(model.parameters())
             self.features = BackboneFeatures(model, head, resolve_dtype(dtype, trainable), cache_dir, progress,
                                              split=split)

@@ -203,7 +203,7 @@ class CgInfluence(InfluenceFunctionModel):
         d = z.clone()
         rz = (r * z).sum(dim=1)
         b_norm = b.norm(dim=1)
-        residual = torch.where(b_norm > 0, r.norm(dim=1) / b_norm.clamp_min(1e-300), torch.zeros_like(b_norm))
+        residual = _relative(r, b_norm)
         iterations = torch.zeros(k, dtype=torch.int64, device=b.device)
         active = (residual > self.rtol).nonzero().flatten()
         bar = tqdm(total=maxiter, desc="cg", disable=not self.progress)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .._fisher import TargetSampler, default_sampler, exact_output_grads
 from ..capture import Layer, capture, describe_missing, find_layers
-from ..checks import check_finite, check_mode, check_regularization
+from ..checks import check_mode, check_regularization
 from ..data import SampleBlock, Samples
 from ..fused import psg_self_dot
 from ..influence import InfluenceFunctionModel
@@ -223,19 +223,18 @@ class KfacInfluence(InfluenceFunctionModel):
         self._require_fitted()
         factors = self._check_factors(factors)
         samples = self._inputs(x, y, "x, y")
-        n = samples.count()
-        sinks = {layer.name: DenseSink((factors.shape[0], n), dtype=self.dtype, device=self.device)
-                 for layer in self.layers}
-        for block in samples.blocks():
-            by_layer = self.source.scores_by_layer(factors, block.x, block.y)
-            if by_layer is None:  # fused=False: from dense per-sample gradients
-                g = self.source.grads(block.x, block.y)
-                by_layer = {layer.name: sum(factors[:, c] @ g[:, c].T for c in _layer_columns(layer))
-                            for layer in self.layers}
-            for name, scores in by_layer.items():
-                check_finite(scores, f"influence scores of layer {name!r}", block.offset, sample_dim=1)
-                sinks[name].write(scores, block.offset)
-        return {name: sink.result() for name, sink in sinks.items()}
+        sink = DenseSink((len(self.layers), factors.shape[0], samples.count()), dtype=self.dtype, device=self.device)
+        self._stream(samples, lambda b: self._scores_by_layer(factors, b), [sink], "influence scores by layer")
+        return {layer.name: scores for layer, scores in zip(self.layers, sink.result())}
+
+    def _scores_by_layer(self, factors: Tensor, block: SampleBlock) -> Tensor:
+        """(n_layers, n_test, b) scores of one block, through psg_dot when fused."""
+        by_layer = self.source.scores_by_layer(factors, block.x, block.y)
+        if by_layer is not None:
+            return torch.stack([by_layer[layer.name] for layer in self.layers])
+        g = self.source.grads(block.x, block.y)  # fused=False: from dense per-sample gradients
+        return torch.stack([sum(factors[:, c] @ g[:, c].T for c in _layer_columns(layer)) for layer in self.layers])
+
 
     def influences_by_layer(self, x_test: Tensor, y_test: Tensor, x: Optional[Tensor] = None,
                             y: Optional[Tensor] = None, mode: str = "up") -> dict[str, Tensor]:
