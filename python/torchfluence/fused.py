@@ -14,12 +14,30 @@ import torch
 from torch import Tensor
 
 from ._ops import _CPU_DTYPES, _DTYPE_CODES, accumulation_dtype, cuda_available_in_build, psg_dot_accumulate
+from .precision import mm_float32
 
 Queries = Union[Tensor, tuple[Tensor, Tensor]]
 
 # Elements of the per-block intermediates (low-rank projections, per-sample gradient
-# blocks) held at once: 64 MiB in float32, whatever n is.
+# blocks) held at once on the CPU: 64 MiB in float32, whatever n is (cache-friendly).
 _BLOCK_ELEMENTS = 1 << 24
+# On a GPU the block of per-sample gradients is the right-hand side of one GEMM with
+# the queries; it must hold hundreds of samples for the GEMM to run at tensor-core rate
+# and to read the queries once per block instead of once per few samples. It takes
+# 1/32 of the device's memory (2.5 GB on an 80 GB card). The budget depends on the
+# device model only, never on free memory, so a run's blocks (and bits) do not
+# depend on what else is allocated.
+_GPU_MEMORY_FRACTION = 32
+
+
+def gradient_block_samples(d_in: int, d_out: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Samples per block of (b, d_out, d_in) per-sample gradients (at least 1)."""
+    if device.type == "cuda":
+        budget = torch.cuda.get_device_properties(device).total_memory // _GPU_MEMORY_FRACTION
+        elements = budget // torch.empty((), dtype=dtype).element_size()
+    else:
+        elements = _BLOCK_ELEMENTS
+    return max(1, elements // (d_in * d_out))
 
 
 def psg_dot(queries: Queries, activations: Tensor, output_grads: Tensor, *, out: Optional[Tensor] = None) -> Tensor:
@@ -64,25 +82,37 @@ def psg_dot(queries: Queries, activations: Tensor, output_grads: Tensor, *, out:
         if T * rank * (d_in + d_out) <= d_in * d_out:
             return _low_rank(queries, activations, output_grads, out)
         queries = queries[0] @ queries[1].transpose(1, 2)
-    Q = queries.reshape(n_query, d_out * d_in)
-    if T == 1 and ref.device.type == "cpu":
-        # The kernel reads any strides.
-        psg_dot_accumulate(Q, activations, output_grads, out)
+    return score_layer(queries.reshape(n_query, d_out * d_in), activations, output_grads, out)
+
+
+def score_layer(Q: Tensor, A: Tensor, D: Tensor, out: Tensor) -> Tensor:
+    """Adds one layer's scores ``<Q[q], sum_t D[j,t] A[j,t]^T>`` to `out` (n_query, n); no input checks.
+
+    Args:
+        Q: (n_query, d_out * d_in) query matrices, flattened row-major; their dtype is
+            the operand dtype of the products (16-bit: tensor cores, float32 results).
+        A: (n, T, d_in); D: (n, T, d_out), any floating dtype (cast block by block).
+        out: (n_query, n) float32 (float64 for float64 queries).
+    """
+    T = A.shape[1]
+    if T == 1 and Q.device.type == "cpu" and Q.dtype in _CPU_DTYPES and A.dtype == D.dtype == Q.dtype:
+        # The compiled kernel forms each gradient only as a cache-sized panel; it reads any strides.
+        psg_dot_accumulate(Q, A, D, out)
         return out
-    # On CUDA the per-sample gradients of a block go through cuBLAS: the CUDA kernel
-    # (``_ops.psg_dot_accumulate``, tested against the same reference) is an FMA tile
-    # kernel and is not the default until it is measured faster than cuBLAS there.
-    return _gradient_blocks(Q, activations, output_grads, out)
+    # Elsewhere the per-sample gradients of a block go through cuBLAS / MKL: the CUDA
+    # kernel (``_ops.psg_dot_accumulate``, tested against the same reference) is an FMA
+    # tile kernel, slower than the tensor-core GEMMs of this route.
+    return _gradient_blocks(Q, A, D, out)
 
 
 def _gradient_blocks(Q: Tensor, A: Tensor, D: Tensor, out: Tensor) -> Tensor:
     n, d_in, d_out = A.shape[0], A.shape[2], D.shape[2]
-    block = max(1, _BLOCK_ELEMENTS // (d_in * d_out))
-    Q = Q.to(out.dtype)
+    operand = Q.dtype
+    block = gradient_block_samples(d_in, d_out, operand, Q.device)
     for start in range(0, n, block):
-        a, d = A[start:start + block].to(out.dtype), D[start:start + block].to(out.dtype)
+        a, d = A[start:start + block].to(operand), D[start:start + block].to(operand)
         grads = d.transpose(1, 2) @ a  # (b, d_out, d_in) = sum_t D[j,t] A[j,t]^T
-        out[:, start:start + a.shape[0]] += Q @ grads.flatten(1).T
+        out[:, start:start + a.shape[0]] += mm_float32(Q, grads.flatten(1).T)
     return out
 
 
@@ -165,7 +195,7 @@ def psg_self_dot(weights: Tensor, activations: Tensor, output_grads: Tensor) -> 
     if T == 1:
         return ((output_grads[:, 0].square() @ weights) * activations[:, 0].square()).sum(dim=1)
     out = torch.empty(n, dtype=weights.dtype, device=weights.device)
-    block = max(1, _BLOCK_ELEMENTS // (d_in * d_out))
+    block = gradient_block_samples(d_in, d_out, weights.dtype, weights.device)
     for start in range(0, n, block):
         grads = output_grads[start:start + block].transpose(1, 2) @ activations[start:start + block]
         out[start:start + grads.shape[0]] = (grads.square() * weights).sum(dim=(1, 2))

@@ -17,7 +17,8 @@ cached backbone features, so the same two sources serve it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -25,7 +26,31 @@ from torch import Tensor
 from ._functional import ModelFunctions
 from ._ops import accumulation_dtype
 from .capture import Layer, capture, find_layers
-from .fused import psg_dot
+from .fused import psg_dot, score_layer
+from .precision import mm_float32
+
+
+@dataclass
+class PreparedQueries:
+    """Query vectors laid out once for a source's scoring, in the operand dtype of the products.
+
+    Attributes:
+        count: number of queries.
+        parts: one contiguous (count, width) matrix per part of the parameter vector:
+            for :class:`CapturedGradients` one per captured layer (its (d_out, d_in_total)
+            matrix flattened), then the uncaptured parameters; for
+            :class:`FuncGradients` the whole vector.
+    """
+
+    count: int
+    parts: list[Tensor]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parts[0].dtype
+
+
+Queries = Union[Tensor, PreparedQueries]
 
 
 class GradientSource(ABC):
@@ -42,13 +67,40 @@ class GradientSource(ABC):
     def grads(self, x: Tensor, y: Tensor, out: Optional[Tensor] = None) -> Tensor:
         """Per-sample gradients of the loss, (b, p), written into `out` when given."""
 
-    def scores(self, queries: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        """``queries @ grads(x, y).T``, (n_query, b), in the accumulation dtype.
+    def part_widths(self) -> list[int]:
+        """Widths of the parts a :class:`PreparedQueries` holds (they sum to num_params)."""
+        return [self.num_params]
+
+    def part_columns(self, queries: Tensor) -> list[Tensor]:
+        """The parts of (k, p) vectors, as (k, width) views or copies."""
+        return [queries]
+
+    def allocate_queries(self, count: int, dtype: torch.dtype) -> PreparedQueries:
+        """Empty prepared queries for `count` vectors, filled with :meth:`write_queries`."""
+        device = self.functions.device
+        return PreparedQueries(count, [torch.empty(count, w, dtype=dtype, device=device) for w in self.part_widths()])
+
+    def write_queries(self, prepared: PreparedQueries, rows: Tensor, offset: int) -> None:
+        """Copies (k, p) vectors into rows ``offset .. offset + k`` of `prepared` (casting to its dtype)."""
+        for part, columns in zip(prepared.parts, self.part_columns(rows)):
+            part[offset:offset + rows.shape[0]].copy_(columns)
+
+    def prepare(self, queries: Queries, dtype: Optional[torch.dtype] = None) -> PreparedQueries:
+        """(n_query, p) vectors laid out for :meth:`scores`, in `dtype` (default: theirs)."""
+        if isinstance(queries, PreparedQueries):
+            return queries
+        prepared = self.allocate_queries(queries.shape[0], dtype or queries.dtype)
+        self.write_queries(prepared, queries, 0)
+        return prepared
+
+    def scores(self, queries: Queries, x: Tensor, y: Tensor) -> Tensor:
+        """``queries @ grads(x, y).T``, (n_query, b), in the accumulation dtype (float32 for 16-bit operands).
 
         Args:
-            queries: (n_query, p) vectors in the computation dtype.
+            queries: (n_query, p) vectors, or :class:`PreparedQueries` (prepare once, score many blocks).
         """
-        return queries @ self.grads(x, y).T
+        q = queries if isinstance(queries, Tensor) else queries.parts[0]
+        return mm_float32(q, self.grads(x, y).to(q.dtype).T)
 
     def scores_by_layer(self, queries: Tensor, x: Tensor, y: Tensor) -> Optional[dict[str, Tensor]]:
         """{layer name: (n_query, b)} scores of each captured layer, or None when there are no layers."""
@@ -97,14 +149,24 @@ class CapturedGradients(GradientSource):
             out[:, self.rest_index] = self.rest.per_sample_grads(x, y)
         return out
 
-    def scores(self, queries: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    def part_widths(self) -> list[int]:
+        widths = [layer.d_out * layer.d_in_total for layer in self.layers]
+        return widths + ([self.rest_index.numel()] if self.rest is not None else [])
+
+    def part_columns(self, queries: Tensor) -> list[Tensor]:
+        parts = [layer.matrices(queries).flatten(1) for layer in self.layers]
+        return parts + ([queries[:, self.rest_index]] if self.rest is not None else [])
+
+    def scores(self, queries: Queries, x: Tensor, y: Tensor) -> Tensor:
+        prepared = self.prepare(queries)
         captured = capture(self.functions, self.layers, x, y)
-        out = torch.zeros(queries.shape[0], x.shape[0], dtype=accumulation_dtype(queries.dtype),
-                          device=queries.device)
-        for layer, a, d in zip(self.layers, captured.activations, captured.output_grads):
-            psg_dot(layer.matrices(queries), a, d, out=out)
+        out = torch.zeros(prepared.count, x.shape[0], dtype=accumulation_dtype(prepared.dtype),
+                          device=prepared.parts[0].device)
+        for layer, q, a, d in zip(self.layers, prepared.parts, captured.activations, captured.output_grads):
+            score_layer(q, a, d, out)
         if self.rest is not None:
-            out += queries[:, self.rest_index] @ self.rest.per_sample_grads(x, y).T
+            rest = prepared.parts[-1]
+            out += mm_float32(rest, self.rest.per_sample_grads(x, y).to(rest.dtype).T)
         return out
 
     def scores_by_layer(self, queries: Tensor, x: Tensor, y: Tensor) -> dict[str, Tensor]:

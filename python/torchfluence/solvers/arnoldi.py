@@ -45,6 +45,8 @@ class ArnoldiInfluence(InfluenceFunctionModel):
         (others as in :class:`~torchfluence.InfluenceFunctionModel`)
     """
 
+    _solves_rows_independently = True  # a fixed linear map: factors can be made in blocks of rows
+
     def __init__(self, model, loss, regularization: float = 0.0, rank: int = 10, *,
                  krylov_dimension: Optional[int] = None, krylov_block: int = 8, tol: float = 1e-4,
                  complement: Complement = "regularization", seed: int = 0, **kwargs) -> None:

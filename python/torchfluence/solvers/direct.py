@@ -31,6 +31,8 @@ class DirectInfluence(InfluenceFunctionModel):
         (others as in :class:`~torchfluence.InfluenceFunctionModel`)
     """
 
+    _solves_rows_independently = True  # a fixed linear map: factors can be made in blocks of rows
+
     def __init__(self, *args, column_block: int = 512, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.column_block = column_block

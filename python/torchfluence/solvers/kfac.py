@@ -76,6 +76,8 @@ class KfacInfluence(InfluenceFunctionModel):
         (others as in :class:`~torchfluence.InfluenceFunctionModel`; ``second_order`` is not taken)
     """
 
+    _solves_rows_independently = True  # a fixed linear map: factors can be made in blocks of rows
+
     def __init__(self, model, loss, regularization: float = 0.0, *,
                  fisher: Literal["true", "exact", "empirical"] = "true",
                  sample_targets: Optional[Callable] = None, fisher_samples: int = 1, seed: int = 0,

@@ -32,6 +32,8 @@ class NystroemSketchInfluence(InfluenceFunctionModel):
         (others as in :class:`~torchfluence.InfluenceFunctionModel`; ``regularization`` must be > 0)
     """
 
+    _solves_rows_independently = True  # a fixed linear map: factors can be made in blocks of rows
+
     def __init__(self, model, loss, regularization: float, rank: int = 10, *, seed: int = 0, **kwargs) -> None:
         super().__init__(model, loss, regularization, **kwargs)
         if self.regularization <= 0:

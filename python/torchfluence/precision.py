@@ -1,0 +1,76 @@
+"""Arithmetic precision of the library's own matrix products.
+
+Two rules, the same on every device:
+
+- **float32 means IEEE float32.** torch lets a process turn on TF32 for all
+  float32 matmuls (``torch.backends.cuda.matmul.allow_tf32``); scores computed
+  under that flag carry ~1e-3 relative error, so the library's products run
+  with it off (:func:`matmul_precision`) unless the caller asks for TF32.
+- **16-bit scoring keeps 32-bit scores.** With ``score_dtype=torch.bfloat16``
+  (or float16) the operands of the scoring products are 16-bit and run on
+  tensor cores, but the products are accumulated and returned in float32
+  (:func:`mm_float32`); scores are never rounded to 16 bits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+SCORE_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@contextlib.contextmanager
+def matmul_precision(allow_tf32: bool) -> Iterator[None]:
+    """Runs the block with CUDA float32 matmuls in IEEE precision (or TF32 when `allow_tf32`).
+
+    The caller's setting is restored on exit, also after an exception.
+    """
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.allow_tf32
+    if previous == allow_tf32:
+        yield
+        return
+    matmul.allow_tf32 = allow_tf32
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = previous
+
+
+def check_score_dtype(score_dtype: Optional[torch.dtype], dtype: torch.dtype) -> Optional[torch.dtype]:
+    """Validates ``score_dtype``: None (the computation dtype), torch.bfloat16 or torch.float16."""
+    if score_dtype is None or score_dtype == dtype:
+        return None
+    if score_dtype not in SCORE_DTYPES:
+        raise ValueError(f"score_dtype must be None (the computation dtype, {dtype}), torch.bfloat16 or "
+                         f"torch.float16, got {score_dtype}")
+    if dtype == torch.float64:
+        raise ValueError(f"score_dtype={score_dtype} with dtype=torch.float64 would throw the float64 "
+                         "computation away; use float32 (dtype=None on a float32 model) for 16-bit scoring")
+    return score_dtype
+
+
+def _has_out_dtype_mm() -> bool:
+    return "dtype" in torch.ops.aten.mm.overloads()
+
+
+_OUT_DTYPE_MM = _has_out_dtype_mm()
+
+
+def mm_float32(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for 2-D `a`, `b` of one dtype, returned in float32 (float64 stays float64).
+
+    16-bit operands on CUDA run as one tensor-core GEMM with float32 output
+    (``torch.mm(..., out_dtype=torch.float32)``, torch >= 2.8). Where that is not
+    available (CPU, older torch) the operands are widened first: slower, never
+    less accurate.
+    """
+    if a.dtype in SCORE_DTYPES:
+        if a.is_cuda and _OUT_DTYPE_MM:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return a.float() @ b.float()
+    return a @ b
