@@ -345,6 +345,7 @@ PYBIND11_MODULE(_C, m) {
         cuda::linear_head_hvp(args, stream);
       },
       py::arg("args"), py::arg("stream"));
+  m.def("influence_block_shared_bytes", &cuda::influence_block_shared_bytes, py::arg("k"), py::arg("acc_bytes"));
   m.def("cuda_limits", []() {
     py::dict limits;
     limits["influence_block_max_query_rows"] = cuda::kMaxQueryRows;

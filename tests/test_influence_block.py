@@ -176,3 +176,29 @@ def test_bad_state_arguments():
         state.update(torch.randn(4, 5), torch.randn(6, 5))
     with pytest.raises(ValueError, match=r"out must be a \(3, 6\)"):
         state.update(torch.randn(3, 5), torch.randn(6, 5), out=torch.empty(3, 5))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_topk_limit_follows_dtype_and_device(device, dtype):
+    from torchfluence import _C, _ops
+
+    limit = _ops.max_fused_topk(torch.device(device), dtype)
+    if device == "cpu":
+        assert limit is None
+        return
+    optin = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+    acc_bytes = 8 if dtype == torch.float64 else 4
+    assert 1 <= limit <= tfl.build_info()["max_fused_topk"]
+    assert _C.influence_block_shared_bytes(limit, acc_bytes) <= optin
+    if limit < tfl.build_info()["max_fused_topk"]:
+        assert _C.influence_block_shared_bytes(limit + 1, acc_bytes) > optin
+    # A fused state asked for more than the limit still gives the exact top-k (through the matmul route).
+    S = torch.randn(70, 33, dtype=dtype, device=device)
+    G = torch.randn(500, 33, dtype=dtype, device=device)
+    k = tfl.build_info()["max_fused_topk"] + 3
+    state = tfl.StreamingTopK(70, k, device=device, dtype=dtype, fused=True)
+    state.update(S, G[:200])
+    state.update(S, G[200:])
+    expected = (S.double() @ G.double().T).topk(k, dim=1)
+    assert torch.equal(state.result().largest_indices, expected.indices)

@@ -291,8 +291,15 @@ void launch(const InfluenceBlockArgs& a, std::uintptr_t workspace, int splits, c
     lists.largest_indices = reinterpret_cast<long long*>(lists.smallest_values + n);
     lists.smallest_indices = lists.largest_indices + n;
   }
-  const size_t smem = sizeof(Acc) * (BK * (BM + 1) + BK * (BN + 1) + BM * (BN + 1)) +
-                      (sizeof(Acc) + sizeof(long long)) * 2 * BM * k;
+  const size_t smem = static_cast<size_t>(influence_block_shared_bytes(k, sizeof(Acc)));
+  int device = 0, optin = 0;
+  check_cuda(cudaGetDevice(&device), "reading the current device");
+  check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+             "reading the shared-memory limit");
+  check(smem <= static_cast<size_t>(optin),
+        "influence_block (CUDA): k = " + std::to_string(k) + " needs " + std::to_string(smem) +
+            " bytes of shared memory per block for this dtype, this device allows " + std::to_string(optin) +
+            "; use a smaller k or the matmul + topk_merge route");
   auto kernel = block_scores_topk_kernel<In, Acc>;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
              "raising the shared-memory limit");
@@ -313,6 +320,10 @@ void launch(const InfluenceBlockArgs& a, std::uintptr_t workspace, int splits, c
 }
 
 }  // namespace
+
+std::int64_t influence_block_shared_bytes(std::int64_t k, std::int64_t acc_bytes) {
+  return acc_bytes * (BK * (BM + 1) + BK * (BN + 1) + BM * (BN + 1)) + (acc_bytes + 8) * 2 * BM * k;
+}
 
 int influence_block_splits(std::int64_t n_query, std::int64_t b, std::int64_t k, int num_sms) {
   if (k == 0 || n_query == 0 || b == 0) return 1;

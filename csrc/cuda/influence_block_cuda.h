@@ -12,6 +12,12 @@ namespace torchfluence::cuda {
 // query row, for 64 rows per CTA). Larger k goes through the scores path.
 constexpr std::int64_t kMaxFusedTopK = 32;
 
+// Dynamic shared memory (bytes) the fused kernel needs for k kept per side with
+// acc_bytes-wide accumulators (4 or 8); a device can give a CTA at most its
+// opt-in limit (cudaDevAttrMaxSharedMemoryPerBlockOptin), so the usable k
+// depends on the dtype and the device.
+std::int64_t influence_block_shared_bytes(std::int64_t k, std::int64_t acc_bytes);
+
 // Query rows one launch covers: 64 per CTA, at most 65535 CTAs along grid.y.
 constexpr std::int64_t kMaxQueryRows = 65535LL * 64;
 

@@ -42,9 +42,31 @@ def cuda_available_in_build() -> bool:
     return hasattr(_C, "influence_block_cuda")
 
 
-def max_fused_topk(device: torch.device) -> Optional[int]:
-    """Largest k the kernel selects on `device` without materialising scores (None: any k)."""
-    return _C.build_info()["max_fused_topk"] if device.type == "cuda" else None
+_fused_topk_limits: dict[tuple[int, int], int] = {}
+
+
+def max_fused_topk(device: torch.device, dtype: torch.dtype = torch.float32) -> Optional[int]:
+    """Largest k the fused kernel selects on `device` for `dtype` inputs (None: any k; 0: none).
+
+    The kernel keeps 2 x 64 x k (value, index) pairs per CTA in shared memory, so
+    the limit depends on the accumulator width (float64 for float64 inputs) and
+    on the device's opt-in shared memory per block (99 KiB on sm_86/sm_89,
+    227 KiB on sm_90); it never exceeds ``build_info()["max_fused_topk"]``.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    acc_bytes = 8 if dtype == torch.float64 else 4
+    key = (index, acc_bytes)
+    if key not in _fused_topk_limits:
+        props = torch.cuda.get_device_properties(index)
+        optin = getattr(props, "shared_memory_per_block_optin", 48 * 1024)
+        k = _C.build_info()["max_fused_topk"]
+        while k > 0 and _C.influence_block_shared_bytes(k, acc_bytes) > optin:
+            k -= 1
+        _fused_topk_limits[key] = k
+    return _fused_topk_limits[key]
 
 
 _cuda_limits_cache: Optional[dict] = None
@@ -301,10 +323,11 @@ def _check_influence_block_update(
     acc, device = accumulation_dtype(S.dtype), S.device
     k = _state_k(op, largest_values, n_query, acc, device)
     if device.type == "cuda":
-        limit = max_fused_topk(device)
+        limit = max_fused_topk(device, S.dtype)
         if k > limit:
             raise ValueError(
-                f"{op}: k = {k} is above the fused CUDA top-k limit max_fused_topk = {limit}; "
+                f"{op}: k = {k} is above the fused CUDA top-k limit for {S.dtype} on this device, "
+                f"max_fused_topk = {limit}; "
                 "compute S @ G.T and merge it with topk_merge instead"
             )
         limits = _cuda_limits()

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ._ops import _CPU_DTYPES, _DTYPE_CODES, accumulation_dtype, cuda_available_in_build, psg_dot_accumulate
-from .precision import mm_float32
+from .precision import SCORE_DTYPES, mm_float32
 
 Queries = Union[Tensor, tuple[Tensor, Tensor]]
 
@@ -108,10 +108,16 @@ def score_layer(Q: Tensor, A: Tensor, D: Tensor, out: Tensor) -> Tensor:
 def _gradient_blocks(Q: Tensor, A: Tensor, D: Tensor, out: Tensor) -> Tensor:
     n, d_in, d_out = A.shape[0], A.shape[2], D.shape[2]
     operand = Q.dtype
+    # CPUs have no fast 16-bit batched products: there the 16-bit operands are formed
+    # in float32 from rounded inputs and rounded again, the values a GPU would use.
+    widen = Q.device.type == "cpu" and operand in SCORE_DTYPES
     block = gradient_block_samples(d_in, d_out, operand, Q.device)
     for start in range(0, n, block):
         a, d = A[start:start + block].to(operand), D[start:start + block].to(operand)
-        grads = d.transpose(1, 2) @ a  # (b, d_out, d_in) = sum_t D[j,t] A[j,t]^T
+        if widen:
+            grads = (d.float().transpose(1, 2) @ a.float()).to(operand)
+        else:
+            grads = d.transpose(1, 2) @ a  # (b, d_out, d_in) = sum_t D[j,t] A[j,t]^T
         out[:, start:start + a.shape[0]] += mm_float32(Q, grads.flatten(1).T)
     return out
 

@@ -3,9 +3,12 @@
 Two rules, the same on every device:
 
 - **float32 means IEEE float32.** torch lets a process turn on TF32 for all
-  float32 matmuls (``torch.backends.cuda.matmul.allow_tf32``); scores computed
-  under that flag carry ~1e-3 relative error, so the library's products run
-  with it off (:func:`matmul_precision`) unless the caller asks for TF32.
+  float32 matmuls (``torch.backends.cuda.matmul.allow_tf32``); products under
+  that flag carry ~1e-3 relative error, so the library's own products (factor
+  covariances, solves, scoring GEMMs) run with it off (:func:`matmul_precision`)
+  unless the caller asks for TF32. The model's own convolutions follow the
+  caller's ``torch.backends.cudnn.allow_tf32`` (torch's default is on): they are
+  the model's forward and backward, run as the caller configured them.
 - **16-bit scoring keeps 32-bit scores.** With ``score_dtype=torch.bfloat16``
   (or float16) the operands of the scoring products are 16-bit and run on
   tensor cores, but the products are accumulated and returned in float32
@@ -25,7 +28,7 @@ SCORE_DTYPES = (torch.bfloat16, torch.float16)
 
 @contextlib.contextmanager
 def matmul_precision(allow_tf32: bool) -> Iterator[None]:
-    """Runs the block with CUDA float32 matmuls in IEEE precision (or TF32 when `allow_tf32`).
+    """Runs the block with CUDA float32 matmuls in IEEE precision (TF32 when `allow_tf32`).
 
     The caller's setting is restored on exit, also after an exception.
     """

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import _ops
 from .checks import check_finite
+from .precision import mm_float32
 
 
 class TopKResult(NamedTuple):
@@ -90,7 +91,7 @@ class StreamingTopK:
         offset = self._offset(offset)
         if out is not None:
             _check_out(out, (S.shape[0], G.shape[0]), self.largest_values.dtype, self.device)
-        limit = _ops.max_fused_topk(S.device)
+        limit = _ops.max_fused_topk(S.device, S.dtype)
         if self.fused and (limit is None or self.k <= limit):
             _ops.influence_block_update(S, G, offset, self.largest_values, self.largest_indices,
                                         self.smallest_values, self.smallest_indices, self.status, out)
@@ -143,10 +144,7 @@ def block_scores(S: Tensor, G: Tensor) -> Tensor:
     Scores are never rounded to 16 bits: a top-k over near-equal scores would
     otherwise be decided by rounding.
     """
-    acc = _ops.accumulation_dtype(S.dtype)
-    if S.dtype != acc:
-        S, G = S.to(acc), G.to(acc)
-    return S @ G.T
+    return mm_float32(S, G.T)
 
 
 def _check_out(out: Tensor, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
