@@ -75,6 +75,9 @@ class Samples:
             self._source = data
         self._count: Optional[int] = None
         self._consumed = False
+        # An in-memory pair is checked on its first full pass only: later passes read the
+        # same tensors, and on a GPU each check would be a host synchronisation per block.
+        self._pair_checked = False
 
     # -- facts --------------------------------------------------------------------------------------
     @property
@@ -147,6 +150,7 @@ class Samples:
         when a full pass yields a different number of samples than was counted.
         """
         offset = 0
+        checked = checked and not self._pair_checked
         for x, y in self.batches():
             for start in range(0, x.shape[0], self.block_size):
                 xb, yb = x[start:start + self.block_size], y[start:start + self.block_size]
@@ -164,6 +168,8 @@ class Samples:
         if self._count is not None and offset != self._count:
             raise ValueError(f"{self.name} yielded {offset} samples in this pass, but {self._count} before; the "
                              "data must yield the same samples on every pass (use drop_last=False)")
+        if checked and self._pair is not None:
+            self._pair_checked = True
 
     def validate_in_memory(self) -> None:
         """Checks every block now when the data is an in-memory pair (cheap: no loading, no model)."""
