@@ -329,8 +329,9 @@ int influence_block_splits(std::int64_t n_query, std::int64_t b, std::int64_t k,
   if (k == 0 || n_query == 0 || b == 0) return 1;
   const long long query_tiles = (n_query + BM - 1) / BM;
   const long long n_tiles = (b + BN - 1) / BN;
-  // Enough CTAs for about two waves on the chip, never more than one per tile.
-  const long long wanted = (2LL * num_sms + query_tiles - 1) / query_tiles;
+  // At most two full waves on the chip (rounded down: one CTA over a wave would cost a
+  // whole extra wave), never more than one CTA per tile.
+  const long long wanted = (2LL * num_sms) / query_tiles;
   return static_cast<int>(std::max<long long>(1, std::min<long long>(wanted, std::min<long long>(n_tiles, 65535))));
 }
 
