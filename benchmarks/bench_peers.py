@@ -68,6 +68,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 sys.path.insert(0, str(Path(__file__).parent))
 import torchfluence as tfl  # noqa: E402
 import torchfluence.ptif as tfl_ptif  # noqa: E402
+from _resnet9 import cifar_like, kronfluence_pairwise, trained_resnet9  # noqa: E402
 from _timing import environment, print_table  # noqa: E402
 
 ROWS = ("cg-mlp", "cg-cnn", "cg-mlp-reg1e-2", "direct-mlp", "direct-cnn", "ekfac-100k", "ekfac-1m", "ptif")
@@ -586,120 +587,23 @@ def row_direct(name: str, kind: str, reg: float, sizes: Sizes, report: Report) -
 # -- ResNet-9 (EK-FAC rows) -------------------------------------------------------------------------
 
 
-def conv_bn(c_in: int, c_out: int, pool: bool = False) -> list[nn.Module]:
-    layers = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
-    return layers + [nn.MaxPool2d(2)] if pool else layers
-
-
-class Residual(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.inner = nn.Sequential(*conv_bn(channels, channels), *conv_bn(channels, channels))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.inner(x)
-
-
-def resnet9(width: int) -> nn.Sequential:
-    """The DAWNBench ResNet-9 layout at base width `width` (64 in the original): ~1602 width^2 parameters."""
-    w = width
-    return nn.Sequential(
-        *conv_bn(3, w),
-        *conv_bn(w, 2 * w, pool=True),
-        Residual(2 * w),
-        *conv_bn(2 * w, 4 * w, pool=True),
-        *conv_bn(4 * w, 8 * w, pool=True),
-        Residual(8 * w),
-        nn.AdaptiveMaxPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8 * w, 10),
-    )
-
-
-def cifar_like(n: int, seed: int) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
-
-
-def trained_resnet9(width: int, x: Tensor, y: Tensor, steps: int = 20) -> nn.Module:
-    """A few Adam steps (BatchNorm in training mode, so its running statistics move), then
-    eval mode with BatchNorm's affine parameters frozen: the conv and linear weights are the
-    parameters both libraries score (kronfluence tracks only Linear and Conv2d modules)."""
-    torch.manual_seed(0)
-    model = resnet9(width)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        batch = torch.randint(0, len(x), (64,), generator=g)
-        opt.zero_grad()
-        F.cross_entropy(model(x[batch]), y[batch]).backward()
-        opt.step()
-    model.eval()
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.requires_grad_(False)
-    return model
-
-
-def kronfluence_task():
-    from kronfluence.task import Task
-
-    class Classification(Task):
-        """kronfluence's documented classification task: summed losses (per-sample gradients), labels
-        sampled from the model's predictive distribution for the true Fisher, loss as measurement."""
-
-        def compute_train_loss(self, batch, model, sample=False):
-            inputs, labels = batch
-            logits = model(inputs)
-            if sample:
-                with torch.no_grad():
-                    labels = torch.multinomial(
-                        torch.softmax(logits.detach(), dim=-1), num_samples=1
-                    ).flatten()
-            return F.cross_entropy(logits, labels, reduction="sum")
-
-        def compute_measurement(self, batch, model):
-            inputs, labels = batch
-            return F.cross_entropy(model(inputs), labels, reduction="sum")
-
-    return Classification()
-
-
 def run_kronfluence(
     model: nn.Module, x: Tensor, y: Tensor, xq: Tensor, yq: Tensor, batch: int, reg: float
 ) -> tuple[dict[str, float], Tensor]:
-    from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
 
-    task = kronfluence_task()
-    prepared = prepare_model(copy.deepcopy(model), task)  # wraps modules in place: a fresh copy per run
-    train, queries = TensorDataset(x, y), TensorDataset(xq, yq)
-    with tempfile.TemporaryDirectory() as out_dir:  # kronfluence writes factors and scores to disk
-        began = time.perf_counter()
-        analyzer = Analyzer(
-            "bench",
-            prepared,
-            task,
-            cpu=True,
-            disable_tqdm=True,
-            output_dir=out_dir,
-            log_level=logging.WARNING,
-        )
-        analyzer.fit_all_factors("factors", train, per_device_batch_size=batch, factor_args=FactorArguments())
-        fitted = time.perf_counter()
-        # damping_factor is absolute (added to the eigenvalues; None would mean 0.1 x their mean).
-        analyzer.compute_pairwise_scores(
-            "scores",
-            "factors",
-            queries,
-            train,
-            per_device_query_batch_size=len(xq),
-            per_device_train_batch_size=batch,
-            score_args=ScoreArguments(damping_factor=reg),
-        )
-        scores = analyzer.load_pairwise_scores("scores")["all_modules"]  # (n_queries, n_train)
-        done = time.perf_counter()
-    return {"fit": fitted - began, "scores": done - fitted}, scores
+    # damping_factor is absolute (added to the eigenvalues; None would mean 0.1 x their mean).
+    return kronfluence_pairwise(
+        model,
+        (x, y),
+        (xq, yq),
+        cpu=True,
+        factor_batch=batch,
+        query_batch=len(xq),
+        train_batch=batch,
+        factor_args=FactorArguments(),
+        score_args=ScoreArguments(damping_factor=reg),
+    )
 
 
 def run_tfl_ekfac(

@@ -272,13 +272,28 @@ class InfluenceFunctionModel(ABC):
     # never held beside it.
     _solves_rows_independently = False
 
+    def _factor_rows(self) -> int:
+        """Test rows per block of factors: a block holds its gradients and their solve, 2 x rows x p values.
+
+        At most ``block_size``, and at most 1/16 of the GPU's memory (1 GiB on a CPU)
+        for the two: with millions of parameters a full block of test gradients would
+        not fit beside the scoring layout.
+        """
+        if self.device.type == "cuda":
+            budget = torch.cuda.get_device_properties(self.device).total_memory // 16
+        else:
+            budget = 1 << 30
+        per_row = 2 * self.num_params * torch.empty((), dtype=self.dtype).element_size()
+        return max(1, min(self.block_size, budget // per_row))
+
     def _prepared_factors(self, x_test: Tensor, y_test: Tensor) -> PreparedQueries:
         """The test factors laid out for scoring, in the scoring dtype."""
         self._require_fitted()
         dtype = self.score_dtype or self.dtype
         if not self._solves_rows_independently:
             return self.source.prepare(self.influence_factors(x_test, y_test), dtype)
-        samples = self._inputs(x_test, y_test, "x_test, y_test")
+        samples = Samples((x_test, y_test), "x_test, y_test", self._factor_rows(), check=self._check_targets,
+                          transform=self.features)
         prepared = self.source.allocate_queries(samples.count(), dtype)
         with matmul_precision(self.allow_tf32):
             for block in samples.blocks():
