@@ -14,6 +14,7 @@
 #   sanitize  compute-sanitizer memcheck, racecheck, initcheck, synccheck on the CUDA kernel tests
 #   kernels   benchmarks/bench_gpu_kernels.py (ceilings, topk_merge, scoring, psg_dot)
 #   e2e       benchmarks/bench_gpu_e2e.py --device cuda
+#   profile   benchmarks/profile_gpu_ekfac.py (stage times, torch.profiler's top operators) into bench.log
 # Wheels in .whl/ (when the folder exists) are installed first into /tmp/site, on PYTHONPATH.
 # tests, sanitize, kernels and e2e need the CUDA build: without `build` in STEPS it is
 # built anyway when `import torchfluence` has no CUDA kernels. Put kernels before sanitize
@@ -356,6 +357,13 @@ step_e2e() {
   add_row e2e "$(status_of $STEP_RC)" "$STEP_SECONDS" "${notes:-see e2e.md}"
 }
 
+step_profile() {
+  : >>"$LOG_BENCH"
+  # shellcheck disable=SC2086
+  run profile "${LIMIT_PROFILE:-240}" "$LOG_BENCH" "$PY" benchmarks/profile_gpu_ekfac.py ${PROFILE_ARGS:-}
+  add_row profile "$(status_of $STEP_RC)" "$STEP_SECONDS" "$(grep -E '^[a-z_ 0-9x]+( \(profiled\))?: [0-9.]+ s$' "$TMP/profile.out" | tr '\n' ';')"
+}
+
 # ---------------------------------------------------------------------------- main
 echo "[$(elapsed)] gpu_suite: STEPS='$STEPS', OUT=$OUT, python=$PY, budget ${SUITE_BUDGET:-560}s"
 step_wheels
@@ -364,7 +372,7 @@ for step in $STEPS; do
   case $step in
     env) step_env ;;
     build) step_build build ;;
-    tests | sanitize | kernels | e2e)
+    tests | sanitize | kernels | e2e | profile)
       if ((!built_checked)) && ! has_step build; then
         cuda_built || step_build build-auto
       fi

@@ -79,8 +79,12 @@ def test_streaming_topk_is_exact_with_ties(device, k, block_sizes):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_streaming_equals_full_matrix_topk_on_random_data(device):
-    # Streaming must rank exactly like the full matrix + a stable sort, on the
-    # kernel's own scores (same arithmetic, so equality is exact).
+    # Streaming must rank like the full matrix + a stable sort. On the CPU the block
+    # products are the full product's columns bit for bit, so equality is exact; cuBLAS
+    # picks a kernel per shape, and blocks of 1000, 13 and 1036 columns may sum the
+    # 203 terms in another order than the full product: values agree to float32
+    # rounding of such a sum (|terms| ~ 1, so ~203 * 6e-8 * |score|), indices exactly
+    # (no two of these random scores are that close).
     S = torch.randn(67, 203, device=device)
     G = torch.randn(2049, 203, device=device)
     got = _stream(S, G, 7, [1000, 13, 1036])
@@ -88,7 +92,14 @@ def test_streaming_equals_full_matrix_topk_on_random_data(device):
     index = torch.arange(G.shape[0], device=device).expand_as(full)
     lv, li = select_topk(full, index, 7, largest=True)
     sv, si = select_topk(full, index, 7, largest=False)
-    _assert_same_topk(got, tfl.TopKResult(lv, li, sv, si))
+    ref = tfl.TopKResult(lv, li, sv, si)
+    if device == "cpu":
+        _assert_same_topk(got, ref)
+        return
+    for name in ("largest_indices", "smallest_indices"):
+        assert torch.equal(getattr(got, name), getattr(ref, name)), name
+    for name in ("largest_values", "smallest_values"):
+        assert torch.allclose(getattr(got, name), getattr(ref, name), rtol=2e-5, atol=0), name
 
 
 @pytest.mark.parametrize("device", DEVICES)
