@@ -56,6 +56,8 @@ Queries = Union[Tensor, PreparedQueries]
 class GradientSource(ABC):
     """Per-sample gradients of one block of samples, dense or contracted with queries."""
 
+    _flat_layout = True  # prepared queries are the (n_query, p) vectors themselves
+
     def __init__(self, functions: ModelFunctions) -> None:
         self.functions = functions
 
@@ -89,7 +91,10 @@ class GradientSource(ABC):
         """(n_query, p) vectors laid out for :meth:`scores`, in `dtype` (default: theirs)."""
         if isinstance(queries, PreparedQueries):
             return queries
-        prepared = self.allocate_queries(queries.shape[0], dtype or queries.dtype)
+        dtype = dtype or queries.dtype
+        if self._flat_layout and queries.dtype == dtype and queries.is_contiguous():
+            return PreparedQueries(queries.shape[0], [queries])  # already in the layout: no copy
+        prepared = self.allocate_queries(queries.shape[0], dtype)
         self.write_queries(prepared, queries, 0)
         return prepared
 
@@ -148,6 +153,8 @@ class CapturedGradients(GradientSource):
         if self.rest is not None:
             out[:, self.rest_index] = self.rest.per_sample_grads(x, y)
         return out
+
+    _flat_layout = False  # one matrix per layer, bias as its last column
 
     def part_widths(self) -> list[int]:
         widths = [layer.d_out * layer.d_in_total for layer in self.layers]
