@@ -4,7 +4,9 @@ Trains a small CNN on digits with 10% of the training labels flipped, then
 ranks the training points three ways (self-influence, average influence on the
 test set, training loss) and reports how many flipped labels each ranking puts
 in its top 5% / 10% / 20%, against random. Saves the most helpful and harmful
-training images for a few test images as PNG.
+training images for a few test images as PNG, and the plots of
+:mod:`torchfluence.plots`: influence histograms by training label, the top
+training images of one test point, and self-influence against training loss.
 """
 
 from __future__ import annotations
@@ -90,8 +92,40 @@ def save_examples(path: Path, x_test, y_test, x_train, y_train, is_flipped, top,
     plt.close(fig)
 
 
+def save_plots(out: Path, x_test, y_test, x_train, y_train, is_flipped, influences, self_influence,
+               train_loss) -> dict:
+    """The torchfluence.plots views of the demo's results; returns {name: path}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from . import plots
+
+    paths = {name: out / f"{name}.png" for name in ("influence_by_label", "top_images", "self_influence_vs_loss")}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    plots.plot_influence_distribution_by_label(influences[0], y_train, f"on test point 0 (label {int(y_test[0])})",
+                                               ax=left)
+    plots.plot_average_influence_by_label(influences, y_train, ax=right)
+    fig.tight_layout()
+    fig.savefig(paths["influence_by_label"], dpi=110)
+    plt.close(fig)
+
+    fig = plots.plot_top_training_images(x_train, influences[0], y_train, k=5, test_image=x_test[0],
+                                         test_label=y_test[0], flipped=is_flipped, cmap="gray_r")
+    fig.savefig(paths["top_images"], dpi=110)
+    plt.close(fig)
+
+    ax = plots.plot_self_influence_vs_loss(self_influence, train_loss, is_flipped)
+    ax.figure.savefig(paths["self_influence_vs_loss"], dpi=110)
+    plt.close(ax.figure)
+    return {name: str(path) for name, path in paths.items()}
+
+
 def run_demo(out_dir: str = "demo_out", seed: int = 0, epochs: int = 40, regularization: float = 1e-2) -> dict:
-    """Runs the flipped-label demo; prints a table and writes report.json and examples.png to `out_dir`."""
+    """Runs the flipped-label demo; prints a table and writes report.json, examples.png and the
+    plots of :func:`save_plots` (influence_by_label.png, top_images.png, self_influence_vs_loss.png)
+    to `out_dir`."""
     start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -119,6 +153,8 @@ def run_demo(out_dir: str = "demo_out", seed: int = 0, epochs: int = 40, regular
     n_flipped = int(is_flipped.sum())
     found = {name: recall_at(score, is_flipped) for name, score in rankings.items()}
     save_examples(out / "examples.png", x_test, y_test, x_train, y_train, is_flipped, top)
+    figures = save_plots(out, x_test, y_test, x_train, y_train, is_flipped, influences, self_influence,
+                         train_loss)
 
     print(f"\ndigits: {len(y_train)} train ({n_flipped} flipped labels), {len(y_test)} test; "
           f"CNN with {im.num_params} parameters, test accuracy {accuracy:.3f}")
@@ -130,7 +166,8 @@ def run_demo(out_dir: str = "demo_out", seed: int = 0, epochs: int = 40, regular
         print(f"| {name} | {cells} |")
     elapsed = time.perf_counter() - start
     print(f"\nexamples: {out / 'examples.png'}; report: {out / 'report.json'}; total {elapsed:.1f} s")
+    print("plots: " + ", ".join(figures.values()))
     report = {"n_train": len(y_train), "n_flipped": n_flipped, "test_accuracy": accuracy,
-              "fractions": FRACTIONS, "flipped_found": found, "seconds": elapsed}
+              "fractions": FRACTIONS, "flipped_found": found, "seconds": elapsed, "figures": figures}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report

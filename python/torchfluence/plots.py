@@ -120,16 +120,25 @@ def _labels(labels: Any, name: str, ref: np.ndarray, ref_name: str) -> np.ndarra
     return arr
 
 
+def _key(label: Any) -> Any:
+    return label.item() if isinstance(label, np.generic) else label
+
+
 def _label_text(label: Any, label_names: LabelNames) -> str:
+    key = _key(label)
     if label_names is None:
-        return str(label.item() if isinstance(label, np.generic) else label)
+        return str(key)
     try:
         if isinstance(label_names, Mapping):
-            key = label.item() if isinstance(label, np.generic) else label
             return str(label_names[key])
-        return str(label_names[int(label)])
+        return str(label_names[int(key)])
     except (KeyError, IndexError, TypeError, ValueError):
-        raise ValueError(f"label_names has no entry for label {label!r}") from None
+        raise ValueError(f"label_names has no entry for label {key!r}") from None
+
+
+def _label_texts(labels_arr: np.ndarray, label_names: LabelNames) -> dict:
+    """Displayed text of each distinct label, checked before anything is drawn."""
+    return {label: _label_text(label, label_names) for label in np.unique(labels_arr).tolist()}
 
 
 def _check_k(k: Any, n: int, n_name: str = "the number of training points") -> int:
@@ -307,11 +316,11 @@ def plot_average_influence_by_label(influence_matrix: Any, train_labels: Any, ti
 
 
 def _hist_by_label(values, labels_arr, title, title_extra, label_names, bins, alpha, ax):
-    ax = _new_axes(ax)
+    texts = _label_texts(labels_arr, label_names)
     edges = np.histogram_bin_edges(values, bins=bins)
-    for label in np.unique(labels_arr):
-        ax.hist(values[labels_arr == label], bins=edges, alpha=alpha,
-                label=_label_text(label, label_names))
+    ax = _new_axes(ax)
+    for label, text in texts.items():
+        ax.hist(values[labels_arr == label], bins=edges, alpha=alpha, label=text)
     ax.set_xlabel("influence")
     ax.set_ylabel("number of training points")
     ax.legend(title="training label")
@@ -357,6 +366,13 @@ def plot_top_training_images(images: Any, influences: Any, labels: Any, k: int =
     mask = None if flipped is None else _bool_mask(flipped, "flipped", values, "influences")
     k = _check_k(k, values.shape[0])
     test = None if test_image is None else _single_image(test_image, "test_image")
+    test_text = "test point"
+    if test_label is not None:
+        lab = _to_numpy(test_label, "test_label")
+        if lab.size != 1:
+            raise ValueError(f"test_label must be a single label, got shape {tuple(lab.shape)}")
+        test_text += f"\nlabel {_label_text(lab.reshape(-1)[0], label_names)}"
+    texts = _label_texts(labels_arr, label_names)
 
     offset = 0 if test is None else 1
     fig = _new_figure(fig, (1.7 * (k + offset), 4.4))
@@ -364,20 +380,14 @@ def plot_top_training_images(images: Any, influences: Any, labels: Any, k: int =
     if test is not None:
         ax = fig.add_subplot(grid[:, 0])
         _show_image(ax, test, cmap)
-        text = "test point"
-        if test_label is not None:
-            lab = _to_numpy(test_label, "test_label").reshape(-1)
-            if lab.shape[0] != 1:
-                raise ValueError(f"test_label must be a single label, got shape {tuple(lab.shape)}")
-            text += f"\nlabel {_label_text(lab[0], label_names)}"
-        ax.set_title(text, fontsize=8)
+        ax.set_title(test_text, fontsize=8)
     for row, (kind, largest, color) in enumerate((("helpful", True, _HELPFUL_COLOR),
                                                   ("harmful", False, _HARMFUL_COLOR))):
         for rank, idx in enumerate(_ranked(values, k, largest).tolist(), start=1):
             ax = fig.add_subplot(grid[row, offset + rank - 1])
             _show_image(ax, imgs[idx], cmap)
             is_flipped = bool(mask[idx]) if mask is not None else False
-            ax.set_title(_image_title(kind, rank, idx, _label_text(labels_arr[idx], label_names),
+            ax.set_title(_image_title(kind, rank, idx, texts[_key(labels_arr[idx])],
                                       values[idx], value_format, is_flipped),
                          fontsize=7, color="black" if not is_flipped else "darkred")
             for spine in ax.spines.values():
@@ -418,13 +428,12 @@ def plot_top_images_per_class(images: Any, influences: Any, labels: Any, k: int 
     mask = None if flipped is None else _bool_mask(flipped, "flipped", values, "influences")
     k = _check_k(k, values.shape[0])
 
-    classes = np.unique(labels_arr)
-    fig = _new_figure(fig, (1.5 * 2 * k, 1.9 * len(classes)))
-    grid = fig.add_gridspec(len(classes), 2 * k)
-    for row, label in enumerate(classes):
+    texts = _label_texts(labels_arr, label_names)
+    fig = _new_figure(fig, (1.5 * 2 * k, 1.9 * len(texts)))
+    grid = fig.add_gridspec(len(texts), 2 * k)
+    for row, (label, name) in enumerate(texts.items()):
         members = np.flatnonzero(labels_arr == label)
         kk = min(k, members.shape[0])
-        name = _label_text(label, label_names)
         for side, (kind, largest, color) in enumerate((("most", True, _HELPFUL_COLOR),
                                                        ("least", False, _HARMFUL_COLOR))):
             chosen = members[_ranked(values[members], kk, largest)]
