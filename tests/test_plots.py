@@ -72,7 +72,8 @@ def test_distribution_by_label_names_and_given_ax():
 
 
 def test_distribution_string_labels():
-    ax = plots.plot_influence_distribution_by_label(np.arange(6.0), np.array(["b", "a", "b", "a", "c", "c"]))
+    labels = np.array(["b", "a", "b", "a", "c", "c"])
+    ax = plots.plot_influence_distribution_by_label(np.arange(6.0), labels)
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b", "c"]
 
 
@@ -98,7 +99,8 @@ def test_top_training_images(shape):
     infl[2] = infl[3] = -10.0
     labels = torch.arange(30) % 4
     test = images[0]
-    fig = plots.plot_top_training_images(images, infl, labels, k=4, test_image=test, test_label=torch.tensor(2))
+    fig = plots.plot_top_training_images(images, infl, labels, k=4, test_image=test,
+                                         test_label=torch.tensor(2))
     assert isinstance(fig, matplotlib.figure.Figure)
     assert len(fig.axes) == 1 + 2 * 4
     assert fig.axes[0].get_title() == "test point\nlabel 2"
@@ -113,7 +115,8 @@ def test_top_training_images(shape):
         assert f"{values[idx]:.3g}" in ax.get_title()
         data = ax.images[0].get_array()
         assert data.min() >= 0 and data.max() <= 1  # normalised per image
-        assert data.shape == ((shape[-2], shape[-1], 3) if len(shape) == 4 and shape[1] == 3 else shape[-2:])
+        rgb = len(shape) == 4 and shape[1] == 3
+        assert data.shape == ((shape[-2], shape[-1], 3) if rgb else shape[-2:])
 
 
 def test_top_training_images_no_test_flipped_and_names():
@@ -184,7 +187,8 @@ def test_self_influence_vs_loss_without_mask():
 
 
 def test_bfloat16_tensors():
-    ax = plots.plot_self_influence_vs_loss(torch.rand(5, dtype=torch.bfloat16), torch.rand(5, dtype=torch.float16))
+    si, loss = torch.rand(5, dtype=torch.bfloat16), torch.rand(5, dtype=torch.float16)
+    ax = plots.plot_self_influence_vs_loss(si, loss)
     assert len(ax.collections[0].get_offsets()) == 5
 
 
@@ -193,20 +197,27 @@ def test_bfloat16_tensors():
 def test_bad_shapes():
     with pytest.raises(ValueError, match=re.escape("influences must be 1-D (n_train,), got shape (3, 4)")):
         plots.plot_influence_distribution_by_label(torch.zeros(3, 4), torch.zeros(3))
-    with pytest.raises(ValueError, match=re.escape("labels must have the same length as influences (5), got 4")):
+    msg = re.escape("labels must have the same length as influences (5), got 4")
+    with pytest.raises(ValueError, match=msg):
         plots.plot_influence_distribution_by_label(torch.zeros(5), torch.zeros(4))
-    with pytest.raises(ValueError, match=re.escape("influence_matrix must be 2-D (n_test, n_train), got shape (5,)")):
+    msg = re.escape("influence_matrix must be 2-D (n_test, n_train), got shape (5,)")
+    with pytest.raises(ValueError, match=msg):
         plots.plot_average_influence_by_label(torch.zeros(5), torch.zeros(5))
-    with pytest.raises(ValueError, match="train_labels must have one entry per column of influence_matrix \\(5\\), got 3"):
+    msg = "train_labels must have one entry per column of influence_matrix \\(5\\), got 3"
+    with pytest.raises(ValueError, match=msg):
         plots.plot_average_influence_by_label(torch.zeros(2, 5), torch.zeros(3))
-    with pytest.raises(ValueError, match=re.escape("images must be (n, C, H, W) with C in {1, 3} or (n, H, W), got shape (4, 2, 3, 3)")):
+    msg = re.escape("images must be (n, C, H, W) with C in {1, 3} or (n, H, W), got shape (4, 2, 3, 3)")
+    with pytest.raises(ValueError, match=msg):
         plots.plot_top_training_images(torch.zeros(4, 2, 3, 3), torch.zeros(4), torch.zeros(4), k=1)
-    with pytest.raises(ValueError, match=re.escape("images must have the same length as influences (4), got 5")):
+    msg = re.escape("images must have the same length as influences (4), got 5")
+    with pytest.raises(ValueError, match=msg):
         plots.plot_top_training_images(torch.zeros(5, 3, 3), torch.zeros(4), torch.zeros(4), k=1)
-    with pytest.raises(ValueError, match=re.escape("test_image must be (C, H, W) with C in {1, 3} or (H, W), got shape (1, 1, 3, 3)")):
+    msg = re.escape("test_image must be (C, H, W) with C in {1, 3} or (H, W), got shape (1, 1, 3, 3)")
+    with pytest.raises(ValueError, match=msg):
         plots.plot_top_training_images(torch.zeros(4, 3, 3), torch.zeros(4), torch.zeros(4), k=1,
                                        test_image=torch.zeros(1, 1, 3, 3))
-    with pytest.raises(ValueError, match=re.escape("losses must have the same length as self_influence (3), got 2")):
+    msg = re.escape("losses must have the same length as self_influence (3), got 2")
+    with pytest.raises(ValueError, match=msg):
         plots.plot_self_influence_vs_loss(torch.zeros(3), torch.zeros(2))
     with pytest.raises(ValueError, match="influences must not be empty"):
         plots.plot_influence_distribution(torch.zeros(0))
@@ -214,13 +225,15 @@ def test_bad_shapes():
 
 def test_bad_k_and_mask():
     images, infl, labels = torch.zeros(4, 3, 3), torch.zeros(4), torch.zeros(4)
-    with pytest.raises(ValueError, match=re.escape("k must be at most the number of training points (4), got 5")):
+    msg = re.escape("k must be at most the number of training points (4), got 5")
+    with pytest.raises(ValueError, match=msg):
         plots.plot_top_training_images(images, infl, labels, k=5)
     with pytest.raises(ValueError, match="k must be a positive integer, got 0"):
         plots.plot_top_images_per_class(images, infl, labels, k=0)
     with pytest.raises(TypeError, match="flipped must be a boolean mask, got dtype int64"):
         plots.plot_self_influence_vs_loss(infl, infl, torch.zeros(4, dtype=torch.int64))
-    with pytest.raises(ValueError, match=re.escape("flipped must have the same length as self_influence (4), got 3")):
+    msg = re.escape("flipped must have the same length as self_influence (4), got 3")
+    with pytest.raises(ValueError, match=msg):
         plots.plot_self_influence_vs_loss(infl, infl, torch.zeros(3, dtype=torch.bool))
 
 
@@ -237,7 +250,8 @@ def test_non_finite():
         plots.plot_self_influence_vs_loss(torch.zeros(6), inf)
     matrix = torch.zeros(2, 3)
     matrix[1, 2] = float("-inf")
-    with pytest.raises(ValueError, match=re.escape("influence_matrix must be finite, got -inf at index (1, 2)")):
+    msg = re.escape("influence_matrix must be finite, got -inf at index (1, 2)")
+    with pytest.raises(ValueError, match=msg):
         plots.plot_average_influence_by_label(matrix, torch.zeros(3))
     images = torch.zeros(6, 2, 2)
     images[5, 1, 0] = float("nan")

@@ -102,10 +102,11 @@ def save_plots(out: Path, x_test, y_test, x_train, y_train, is_flipped, influenc
 
     from . import plots
 
-    paths = {name: out / f"{name}.png" for name in ("influence_by_label", "top_images", "self_influence_vs_loss")}
+    names = ("influence_by_label", "top_images", "self_influence_vs_loss")
+    paths = {name: out / f"{name}.png" for name in names}
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    plots.plot_influence_distribution_by_label(influences[0], y_train, f"on test point 0 (label {int(y_test[0])})",
-                                               ax=left)
+    plots.plot_influence_distribution_by_label(influences[0], y_train,
+                                               f"on test point 0 (label {int(y_test[0])})", ax=left)
     plots.plot_average_influence_by_label(influences, y_train, ax=right)
     fig.tight_layout()
     fig.savefig(paths["influence_by_label"], dpi=110)

@@ -212,7 +212,7 @@ def _new_axes(ax):
 def _new_figure(fig, figsize):
     if fig is not None:
         return fig
-    return _pyplot().figure(figsize=figsize)
+    return _pyplot().figure(figsize=figsize, layout="constrained")
 
 
 def _bool_mask(mask: Any, name: str, ref: np.ndarray, ref_name: str) -> np.ndarray:
