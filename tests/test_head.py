@@ -220,3 +220,26 @@ def test_a_curvature_operator_can_be_injected(frozen_problem):
     assert rel_error(autograd.fit(loader(x, y, 50)).influences(xt, yt), closed.influences(xt, yt)) < 1e-8
     with pytest.raises(TypeError, match="curvature must be a CurvatureOperator subclass"):
         tfl.CgInfluence(model, F.cross_entropy, 0.05, curvature="hessian")
+
+
+def test_scoring_the_fitted_tensors_reuses_the_cached_features():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(5, 8), nn.Tanh()).requires_grad_(False)
+    model = nn.Sequential(backbone, nn.Linear(8, 3)).double()
+    x, y = torch.randn(50, 5, dtype=torch.float64), torch.randint(0, 3, (50,))
+    inputs_seen = []  # tensors only: the model is also traced (torch.fx) to find the trainable tail
+    backbone.register_forward_hook(lambda module, inputs, output: inputs_seen.append(inputs[0]))
+
+    def samples_through_backbone():
+        return sum(t.shape[0] for t in inputs_seen if isinstance(t, torch.Tensor))
+
+    im = tfl.DirectInfluence(model, nn.functional.cross_entropy, 0.1).fit(DataLoader(TensorDataset(x, y), batch_size=16))
+    assert im.features is not None and samples_through_backbone() == 50 + 1  # + the one-sample loss check
+    inputs_seen.clear()
+    reused = im.influences(x[:4], y[:4], x, y)
+    assert samples_through_backbone() == 4  # the test points only: the 50 training samples come from the cache
+    again = im.influences(x[:4], y[:4], x.clone(), y.clone())  # other tensors: through the backbone
+    assert samples_through_backbone() == 4 + 4 + 50
+    assert torch.allclose(reused, again, rtol=1e-12, atol=1e-15)

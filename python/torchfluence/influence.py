@@ -29,6 +29,8 @@ from typing import Callable, Literal, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
+from torch.utils.data._utils.collate import default_collate
 from tqdm.auto import tqdm
 
 from ._functional import LossFn, ModelFunctions, resolve_dtype
@@ -189,6 +191,18 @@ class InfluenceFunctionModel(ABC):
     def _inputs(self, x: Tensor, y: Tensor, name: str) -> Samples:
         return self.samples((x, y), name)
 
+    def _scored_samples(self, x: Tensor, y: Tensor) -> Samples:
+        """(x, y) as Samples; in head mode, the cached features when (x, y) is exactly the fitted data.
+
+        A user who fitted on ``DataLoader(TensorDataset(x, y))`` (or on ``(x, y)``) and then
+        scores ``x, y`` gets the features cached at fit time instead of a second backbone
+        pass. Only the same tensor objects, read in order by the default sampler and
+        collate function, count as the fitted data.
+        """
+        if self.features is not None and self._train is not None and _same_data(self._train_source, x, y):
+            return self._train
+        return self._inputs(x, y, "x, y")
+
     # -- fitting ------------------------------------------------------------------------------------
     def fit(self, train_data: DataSource) -> "InfluenceFunctionModel":
         """Computes what the solver needs from the training data.
@@ -327,7 +341,7 @@ class InfluenceFunctionModel(ABC):
             x, y = x_test, y_test
         if mode == "up":
             self._require_fitted()
-            samples = self._inputs(x, y, "x, y")
+            samples = self._scored_samples(x, y)
             return self._up_scores(self._prepared_factors(x_test, y_test), samples, out)
         self._check_perturbation()
         return self.influences_from_factors(self.influence_factors(x_test, y_test), x, y, mode=mode, out=out)
@@ -338,7 +352,7 @@ class InfluenceFunctionModel(ABC):
         self._require_fitted()
         check_mode(mode)
         factors = self._check_factors(factors)
-        samples = self._inputs(x, y, "x, y")
+        samples = self._scored_samples(x, y)
         n = samples.count()
         if mode == "up":
             return self._up_scores(self.source.prepare(factors, self.score_dtype), samples, out)
@@ -437,3 +451,16 @@ class InfluenceFunctionModel(ABC):
             got = tuple(factors.shape) if isinstance(factors, Tensor) else type(factors).__name__
             raise ValueError(f"factors must have shape (n_test, {self.num_params}), got {got}")
         return factors.to(device=self.device, dtype=self.dtype)
+
+
+def _same_data(source: Optional[DataSource], x: Tensor, y: Tensor) -> bool:
+    """Whether `source` yields exactly the samples of the tensors (x, y), in order."""
+    if isinstance(source, (tuple, list)) and len(source) == 2:
+        return source[0] is x and source[1] is y
+    if not isinstance(source, DataLoader):
+        return False
+    dataset = source.dataset
+    return (isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2
+            and dataset.tensors[0] is x and dataset.tensors[1] is y
+            and isinstance(source.sampler, SequentialSampler) and not source.drop_last
+            and source.collate_fn is default_collate and type(source.batch_sampler) is BatchSampler)
