@@ -1,4 +1,4 @@
-"""Command-line entry point: ``torchfluence demo`` and ``torchfluence info``."""
+"""Command-line entry point: ``torchfluence demo``, ``torchfluence info`` and ``torchfluence score``."""
 
 from __future__ import annotations
 
@@ -15,12 +15,29 @@ def main(argv: Optional[list[str]] = None) -> int:
     demo.add_argument("--out", default="demo_out", help="folder for the report and PNG figures")
     demo.add_argument("--seed", type=int, default=0)
     commands.add_parser("info", help="print what the compiled extension contains")
+    score = commands.add_parser(
+        "score", help="influence scores for your own model and data",
+        description="Influence of every training point on every test point for a trained classifier "
+                    "(cross-entropy loss). Writes influences.npy, top_k.json, summary.json, PNG plots "
+                    "and report.html to --out.")
+    from .score_command import add_arguments
+
+    add_arguments(score)
     args = parser.parse_args(argv)
 
     if args.command == "info":
         import torchfluence
 
         print(json.dumps(torchfluence.build_info(), indent=2))
+        return 0
+    if args.command == "score":
+        from .score_command import run_score
+
+        try:
+            run_score(args)
+        except (ValueError, TypeError, FileNotFoundError) as exc:
+            print(f"torchfluence score: error: {exc}", file=sys.stderr)
+            return 2
         return 0
     from .demo import run_demo
 
