@@ -251,15 +251,16 @@ def test_with_regularization(classification):
 def _unsupported_cases():
     loss = F.cross_entropy
     return [
-        (lambda m: DirectInfluence(m, loss, LAMBDA, block_structure=BlockMode.LAYER_WISE), NotImplementedError,
+        (lambda m: LissaInfluence(m, loss, LAMBDA, block_structure=BlockMode.LAYER_WISE), NotImplementedError,
          "block_structure"),
-        (lambda m: CgInfluence(m, loss, LAMBDA, block_structure="parameter_wise"), NotImplementedError,
+        (lambda m: ArnoldiInfluence(m, loss, LAMBDA, block_structure="parameter_wise"), NotImplementedError,
          "block_structure"),
+        (lambda m: ArnoldiInfluence(m, loss, {"": LAMBDA}), NotImplementedError, "regularization"),
         (lambda m: LissaInfluence(m, loss, LAMBDA, block_structure=OrderedDict(all=["weight", "bias"])),
          NotImplementedError, "block_structure"),
         (lambda m: NystroemSketchInfluence(m, loss, LAMBDA, 3, block_structure="diagonal"), ValueError,
          "block_structure"),
-        (lambda m: DirectInfluence(m, loss, {"weight": LAMBDA}), NotImplementedError, "regularization"),
+        (lambda m: DirectInfluence(m, loss, {"weight": LAMBDA}), ValueError, "regularization: unknown block names"),
         (lambda m: DirectInfluence(m, loss, second_order_mode="fisher"), ValueError, "second_order_mode"),
         (lambda m: ArnoldiInfluence(m, loss, LAMBDA, rank=3, max_iter=100), NotImplementedError, "max_iter"),
         (lambda m: ArnoldiInfluence(m, loss, 0.0, rank=3, use_woodbury=True), ValueError, "use_woodbury"),
@@ -299,3 +300,226 @@ def test_foreign_enum_members_by_value(classification):
     assert isinstance(influence.curvature_operator, EmpiricalFisher)
     torch.testing.assert_close(influence.influences(x[:2], y[:2], mode=OtherMode.Up),
                                influence.influences(x[:2], y[:2], mode="up"))
+
+
+# -- block-diagonal curvature ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mlp():
+    """A 2-layer tanh MLP with cross-entropy, float64 (its Hessian is indefinite, so lambda matters)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(24, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (24,), generator=g)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double().eval()
+    return model, x, y, DataLoader(TensorDataset(x, y), batch_size=10)
+
+
+def _full_hessian(model, x, y):
+    """Hessian of the mean training loss over all parameters (named_parameters order), and their names/sizes."""
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    sizes = [params[n].numel() for n in names]
+    shapes = [params[n].shape for n in names]
+    theta = torch.cat([params[n].detach().reshape(-1) for n in names])
+
+    def loss(flat):
+        ps = {n: t.view(s) for n, t, s in zip(names, flat.split(sizes), shapes)}
+        return F.cross_entropy(torch.func.functional_call(model, ps, (x,)), y)
+
+    return torch.autograd.functional.hessian(loss, theta), names, sizes
+
+
+def _per_sample_grads(model, x, y):
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def one(xi, yi):
+        grads = torch.func.grad(lambda ps: F.cross_entropy(torch.func.functional_call(model, ps, (xi[None],)),
+                                                           yi[None]))(params)
+        return torch.cat([g.reshape(-1) for g in grads.values()])
+
+    return torch.vmap(one)(x, y)
+
+
+def _block_diagonal_influences(model, x, y, x_test, y_test, blocks, lambdas):
+    """g_test^T (blockdiag(H) + diag(lambda_B))^-1 g by hand; blocks: {name: [params]}, in parameter order."""
+    hessian, names, sizes = _full_hessian(model, x, y)
+    offsets = dict(zip(names, torch.tensor([0] + sizes).cumsum(0).tolist()))
+    index = {}
+    for block, params in blocks.items():
+        index[block] = torch.cat([torch.arange(offsets[n], offsets[n] + s) for n, s in zip(names, sizes)
+                                  if n in params])
+    keep = torch.cat(list(index.values()))
+    matrix = torch.zeros_like(hessian)
+    for block, idx in index.items():
+        matrix[idx[:, None], idx[None, :]] = hessian[idx[:, None], idx[None, :]]
+        matrix[idx, idx] += lambdas[block]
+    matrix = matrix[keep][:, keep]
+    g_test = _per_sample_grads(model, x_test, y_test)[:, keep]
+    g = _per_sample_grads(model, x, y)[:, keep]
+    return g_test @ torch.linalg.solve(matrix, g.T), hessian
+
+
+LAYERS = {"0": ["0.weight", "0.bias"], "2": ["2.weight", "2.bias"]}
+LAYER_LAMBDAS = {"0": 0.6, "2": 0.05}
+
+
+def test_layer_wise_direct_equals_hand_built_block_diagonal_hessian(mlp):
+    model, x, y, loader = mlp
+    influence = DirectInfluence(model, F.cross_entropy, LAYER_LAMBDAS, block_structure=BlockMode.LAYER_WISE).fit(loader)
+    assert influence.block_names == ["0", "2"] and influence.blocks == LAYERS
+    assert influence.n_parameters == sum(p.numel() for p in model.parameters())
+    expected, hessian = _block_diagonal_influences(model, x, y, x[:5], y[:5], LAYERS, LAYER_LAMBDAS)
+    _close(influence.influences(x[:5], y[:5], x, y), expected, 1e-10)
+    # The curvature is the Hessian with the cross-layer blocks zeroed.
+    p0 = 3 * 4 + 4
+    mask = torch.zeros_like(hessian, dtype=torch.bool)
+    mask[:p0, :p0] = mask[p0:, p0:] = True
+    _close(influence.curvature, torch.where(mask, hessian, torch.zeros_like(hessian)), 1e-10)
+    # Factors are flat in the model's parameter order and feed influences_from_factors.
+    factors = influence.influence_factors(x[:5], y[:5])
+    assert factors.shape == (5, influence.n_parameters)
+    _close(influence.influences_from_factors(factors, x, y), expected, 1e-10)
+    # The full Hessian needs more regularization here: the blocks really are solved apart.
+    full = DirectInfluence(model, F.cross_entropy, 0.6).fit(loader)
+    assert (full.influences(x[:5], y[:5], x, y) - expected).abs().max() > 1e-3
+
+
+def test_parameter_wise_direct_equals_hand_built_per_tensor_blocks(mlp):
+    model, x, y, loader = mlp
+    lambdas = {"0.weight": 0.6, "0.bias": 0.3, "2.weight": 0.1, "2.bias": 0.2}
+    influence = DirectInfluence(model, F.cross_entropy, lambdas, block_structure=BlockMode.PARAMETER_WISE).fit(loader)
+    assert influence.block_names == list(lambdas)
+    blocks = {n: [n] for n in lambdas}
+    expected, _ = _block_diagonal_influences(model, x, y, x[:4], y[:4], blocks, lambdas)
+    _close(influence.influences(x[:4], y[:4], x, y), expected, 1e-10)
+
+
+def test_full_block_mode_is_unchanged(mlp):
+    model, x, y, loader = mlp
+    compat = DirectInfluence(model, F.cross_entropy, 0.6, block_structure=BlockMode.FULL).fit(loader)
+    named = DirectInfluence(model, F.cross_entropy, {"": 0.6}).fit(loader)  # pyDVL names the one block ""
+    native = tf.DirectInfluence(model, F.cross_entropy, 0.6).fit(loader)
+    expected, _ = _block_diagonal_influences(model, x, y, x[:3], y[:3], {"": [n for n, _ in model.named_parameters()]},
+                                             {"": 0.6})
+    assert compat.blocks is None and compat.block_names == [""]
+    for influence in (compat, named, native):
+        _close(influence.influences(x[:3], y[:3], x, y), expected, 1e-10)
+
+
+@pytest.mark.parametrize("simultaneously", [False, True])
+def test_layer_wise_cg_matches_layer_wise_direct(mlp, simultaneously):
+    model, x, y, loader = mlp
+    direct = DirectInfluence(model, F.cross_entropy, LAYER_LAMBDAS, block_structure=BlockMode.LAYER_WISE).fit(loader)
+    cg = CgInfluence(model, F.cross_entropy, LAYER_LAMBDAS, rtol=1e-10, atol=0.0, block_structure=BlockMode.LAYER_WISE,
+                     solve_simultaneously=simultaneously).fit(loader)
+    assert set(cg.block_solvers) == {"0", "2"}
+    assert cg.block_solvers["0"].num_params == 16 and cg.block_solvers["2"].maxiter == 10 * 10
+    _close(cg.influences(x[:4], y[:4], x, y), direct.influences(x[:4], y[:4], x, y), 1e-7)
+
+
+def test_custom_block_dict_and_per_block_regularization(mlp):
+    """A dict block structure, in its own order; blocks missing from the regularization dict get none.
+
+    With the empirical Fisher (positive definite on the small unregularized block).
+    """
+    model, x, y, loader = mlp
+    blocks = OrderedDict(rest=["2.weight", "0.weight", "2.bias"], first_bias=["0.bias"])
+    influence = DirectInfluence(model, F.cross_entropy, {"rest": 0.6}, block_structure=blocks,
+                                second_order_mode=SecondOrderMode.GAUSS_NEWTON).fit(loader)
+    order_names = ["2.weight", "0.weight", "2.bias", "0.bias"]
+    assert influence.functions.names == order_names  # flat order: block order
+    assert influence.block_regularization == {"rest": 0.6, "first_bias": 0.0}
+    factors = influence.influence_factors(x[:3], y[:3])
+    # By hand: (1/n) G^T G permuted into block order, cross-block entries zeroed, lambda on the first block.
+    _, names, sizes = _full_hessian(model, x[:1], y[:1])
+    all_grads = _per_sample_grads(model, x, y)
+    fisher = all_grads.T @ all_grads / x.shape[0]
+    start = dict(zip(names, torch.tensor([0] + sizes).cumsum(0).tolist()))
+    size = dict(zip(names, sizes))
+    order = torch.cat([torch.arange(start[n], start[n] + size[n]) for n in order_names])
+    h = fisher[order][:, order]
+    n_rest = h.shape[0] - 4
+    h[:n_rest, n_rest:] = 0
+    h[n_rest:, :n_rest] = 0
+    h[:n_rest, :n_rest] += 0.6 * torch.eye(n_rest, dtype=h.dtype)
+    g_test = _per_sample_grads(model, x[:3], y[:3])[:, order]
+    g = _per_sample_grads(model, x, y)[:, order]
+    expected_factors = torch.linalg.solve(h, g_test.T).T
+    _close(factors, expected_factors, 1e-10)
+    _close(influence.influences(x[:3], y[:3], x, y), expected_factors @ g.T, 1e-10)
+
+
+def test_block_with_regularization_refactors_the_right_block(mlp):
+    model, x, y, loader = mlp
+    influence = DirectInfluence(model, F.cross_entropy, 1.0, block_structure=BlockMode.LAYER_WISE).fit(loader)
+    assert influence.with_regularization(LAYER_LAMBDAS) is influence
+    assert influence.block_solvers["0"].regularization == 0.6 and influence.block_solvers["2"].regularization == 0.05
+    expected, _ = _block_diagonal_influences(model, x, y, x[:3], y[:3], LAYERS, LAYER_LAMBDAS)
+    _close(influence.influences(x[:3], y[:3], x, y), expected, 1e-10)
+    cg = CgInfluence(model, F.cross_entropy, 1.0, rtol=1e-10, atol=0.0, block_structure=BlockMode.LAYER_WISE)
+    cg.fit(loader).with_regularization(LAYER_LAMBDAS)
+    _close(cg.influences(x[:3], y[:3], x, y), expected, 1e-7)
+    with pytest.raises(ValueError, match=r"unknown block names \['1'\]"):
+        influence.with_regularization({"1": 0.1})
+
+
+def test_not_positive_definite_block_is_named(mlp):
+    model, _, _, loader = mlp
+    with pytest.raises(ValueError, match="block '0'"):
+        DirectInfluence(model, F.cross_entropy, {"0": 0.0, "2": 1.0}, block_structure=BlockMode.LAYER_WISE).fit(loader)
+
+
+@pytest.mark.parametrize("build, error, match", [
+    (lambda m: DirectInfluence(m, F.cross_entropy, {"0": 0.5, "layer9": 0.1}, block_structure=BlockMode.LAYER_WISE),
+     ValueError, r"regularization: unknown block names \['layer9'\]"),
+    (lambda m: CgInfluence(m, F.cross_entropy, {"0.weight": -1.0}, block_structure=BlockMode.PARAMETER_WISE),
+     ValueError, r"regularization\['0.weight'\]"),
+    (lambda m: DirectInfluence(m, F.cross_entropy, 0.5, block_structure={"a": ["0.weight", "3.bias"]}),
+     ValueError, r"block_structure\['a'\]: unknown parameter names \['3.bias'\]"),
+    (lambda m: CgInfluence(m, F.cross_entropy, 0.5, block_structure={"a": ["0.weight"], "b": ["0.weight"]}),
+     ValueError, "disjoint"),
+    (lambda m: DirectInfluence(m, F.cross_entropy, 0.5, block_structure="diagonal"), ValueError, "block_structure"),
+])
+def test_bad_blocks_raise_naming_them(mlp, build, error, match):
+    with pytest.raises(error, match=match):
+        build(mlp[0])
+
+
+def test_frozen_parameters_are_left_out_of_blocks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    model[0].bias.requires_grad_(False)
+    influence = DirectInfluence(model, F.cross_entropy, 0.5, block_structure=BlockMode.LAYER_WISE)
+    assert influence.blocks == {"0": ["0.weight"], "2": ["2.weight", "2.bias"]}
+    with pytest.warns(UserWarning, match="0.bias"):
+        custom = DirectInfluence(model, F.cross_entropy, 0.5, block_structure={"a": ["0.weight", "0.bias"]})
+    assert custom.blocks == {"a": ["0.weight"]} and custom.n_parameters == 12
+
+
+def test_block_perturbation_and_parameter_wise_cg(mlp):
+    """Perturbation scores use the block-diagonal factors; per-tensor CG blocks match Direct."""
+    model, x, y, loader = mlp
+    lambdas = dict.fromkeys(["0.weight", "0.bias", "2.weight", "2.bias"], 0.6)
+    direct = DirectInfluence(model, F.cross_entropy, lambdas, block_structure=BlockMode.PARAMETER_WISE).fit(loader)
+    factors = direct.influence_factors(x[:2], y[:2])
+    native = tf.DirectInfluence(model, F.cross_entropy, 0.6).fit(loader)  # same flat order here
+    torch.testing.assert_close(direct.influences(x[:2], y[:2], x[:5], y[:5], mode=InfluenceMode.Perturbation),
+                               native.influences_from_factors(factors, x[:5], y[:5], mode="perturbation"))
+    cg = CgInfluence(model, F.cross_entropy, 0.6, rtol=1e-10, atol=1e-12,
+                     block_structure=BlockMode.PARAMETER_WISE).fit(loader)
+    _close(cg.influences(x[:3], y[:3], x, y), direct.influences(x[:3], y[:3], x, y), 1e-7)
+
+
+def test_layer_wise_leaves_out_parameters_outside_child_modules():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(2, dtype=torch.float64))
+            self.layer = nn.Linear(3, 2).double()
+
+        def forward(self, x):
+            return self.layer(x) * self.scale
+
+    with pytest.warns(UserWarning, match=r"\['scale'\] belong to no child module"):
+        influence = DirectInfluence(Scaled(), F.cross_entropy, 0.5, block_structure=BlockMode.LAYER_WISE)
+    assert influence.blocks == {"layer": ["layer.weight", "layer.bias"]} and influence.n_parameters == 8

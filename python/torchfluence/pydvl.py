@@ -14,10 +14,17 @@ for ``mode="up"``.
 
 An argument whose pyDVL meaning torchfluence does not reproduce raises
 :class:`NotImplementedError` (or :class:`ValueError` for a bad value) naming the
-argument; none is ignored. Not supported: block-diagonal ``block_structure``
-(layer-wise, parameter-wise or a custom dict), per-block ``regularization``
-dicts, Arnoldi's ``max_iter`` (ARPACK restarts), preconditioners other than
-:class:`JacobiPreconditioner` and :class:`NystroemPreconditioner`, and
+argument; none is ignored.
+
+Block-diagonal curvature (``block_structure=BlockMode.LAYER_WISE``,
+``BlockMode.PARAMETER_WISE`` or a dict ``{block name: [parameter names]}``) and
+per-block ``regularization`` dicts are supported by :class:`DirectInfluence` and
+:class:`CgInfluence`: the curvature restricted to each block is solved on its own
+(cross-block terms dropped) and the influence is the sum over the blocks. The
+other solvers take ``BlockMode.FULL`` only.
+
+Not supported: Arnoldi's ``max_iter`` (ARPACK restarts), preconditioners other
+than :class:`JacobiPreconditioner` and :class:`NystroemPreconditioner`, and
 ``InverseHarmonicMeanInfluence``.
 """
 
@@ -77,7 +84,15 @@ class SecondOrderMode(Enum):
 
 
 class BlockMode(Enum):
-    """How parameters are grouped into blocks of a block-diagonal curvature; only ``FULL`` (one block) is supported."""
+    """How parameters are grouped into the blocks of a block-diagonal curvature.
+
+    ``FULL``: one block with every trainable parameter (block name ``""``).
+    ``LAYER_WISE``: one block per direct child module of the model, named as the child
+    (e.g. ``"0"`` for the first layer of an ``nn.Sequential``), holding its trainable
+    parameters (a Linear's weight and bias together); parameters registered on the
+    model itself, outside every child, belong to no block and are left out.
+    ``PARAMETER_WISE``: one block per trainable parameter tensor, named as the parameter.
+    """
 
     LAYER_WISE = "layer_wise"
     PARAMETER_WISE = "parameter_wise"
@@ -125,21 +140,83 @@ def _second_order(second_order_mode: Any) -> dict:
                      f"got {second_order_mode!r}")
 
 
-def _check_block_structure(block_structure: Any) -> None:
+def _block_structure(model: nn.Module, block_structure: Any) -> Optional[dict[str, list[str]]]:
+    """The blocks ``{name: [parameter names]}`` of a pyDVL ``block_structure``; None for ``BlockMode.FULL``."""
+    named = dict(model.named_parameters())
     if isinstance(block_structure, Mapping):
-        raise NotImplementedError(
-            "block_structure: a custom block structure (a dict of block name -> parameter names) is not supported; "
-            "torchfluence uses the full curvature (BlockMode.FULL). To restrict the influence to some parameters, "
-            "use the native torchfluence classes with params=[...]")
+        blocks: dict[str, list[str]] = {}
+        owner: dict[str, str] = {}
+        for block, names in block_structure.items():
+            if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+                raise TypeError(f"block_structure[{block!r}] must be a list of parameter names, got {names!r}")
+            unknown = [n for n in names if n not in named]
+            if unknown:
+                raise ValueError(f"block_structure[{block!r}]: unknown parameter names {unknown}; the model has "
+                                 f"{list(named)}")
+            kept = []
+            for n in names:
+                if n in owner:
+                    raise ValueError(f"block_structure: parameter {n!r} is in blocks {owner[n]!r} and {block!r}; "
+                                     "the blocks must be disjoint")
+                owner[n] = block
+                if named[n].requires_grad:
+                    kept.append(n)
+                else:
+                    warnings.warn(f"block_structure[{block!r}]: parameter {n!r} does not require grad and is left "
+                                  "out", stacklevel=3)
+            if not kept:
+                raise ValueError(f"block_structure[{block!r}] has no trainable parameters")
+            blocks[block] = kept
+        if not blocks:
+            raise ValueError("block_structure is an empty dict: give at least one block")
+        return blocks
     value = _enum_value(block_structure)
     if value == "full":
-        return
-    if value in ("layer_wise", "parameter_wise"):
+        return None
+    if value == "parameter_wise":
+        blocks = {n: [n] for n, p in named.items() if p.requires_grad}
+    elif value == "layer_wise":
+        blocks = {}
+        for child_name, child in model.named_children():
+            names = [f"{child_name}.{n}" for n, p in child.named_parameters() if p.requires_grad]
+            if names:
+                blocks[child_name] = names
+        covered = {n for names in blocks.values() for n in names}
+        outside = [n for n, p in named.items() if p.requires_grad and n not in covered]
+        if outside:
+            warnings.warn(f"block_structure=BlockMode.LAYER_WISE: parameters {outside} belong to no child module and "
+                          "are left out of the influences", stacklevel=3)
+    else:
+        raise ValueError(f"block_structure must be a BlockMode or a dict of block name -> parameter names, "
+                         f"got {block_structure!r}")
+    if not blocks:
+        raise ValueError(f"block_structure={block_structure!r}: the model has no trainable parameters in any block")
+    return blocks
+
+
+def _block_regularizations(regularization: Any, block_names: list[str]) -> dict[str, float]:
+    """Each block's lambda from a pyDVL regularization: None (0), one number for all, or ``{block name: lambda}``.
+
+    Blocks missing from a dict (or mapped to None) get no regularization.
+    """
+    if isinstance(regularization, Mapping):
+        unknown = [k for k in regularization if k not in block_names]
+        if unknown:
+            raise ValueError(f"regularization: unknown block names {unknown}; the blocks are {block_names}")
+        return {k: 0.0 if regularization.get(k) is None
+                else check_regularization(regularization[k], f"regularization[{k!r}]") for k in block_names}
+    value = _regularization(regularization)
+    return dict.fromkeys(block_names, value)
+
+
+def _check_block_structure(block_structure: Any, solver: str) -> None:
+    """Solvers without block-diagonal support: only ``BlockMode.FULL``."""
+    if isinstance(block_structure, Mapping) or _enum_value(block_structure) in ("layer_wise", "parameter_wise"):
         raise NotImplementedError(
-            f"block_structure={block_structure!r}: block-diagonal curvature is not supported; only BlockMode.FULL "
-            "(one block with all parameters). For a layer-wise block-diagonal approximation use EkfacInfluence "
-            "(its K-FAC blocks are per layer)")
-    raise ValueError(f"block_structure must be a BlockMode, got {block_structure!r}")
+            f"block_structure={block_structure!r}: block-diagonal curvature is implemented for DirectInfluence and "
+            f"CgInfluence only; {solver} takes BlockMode.FULL")
+    if _enum_value(block_structure) != "full":
+        raise ValueError(f"block_structure must be a BlockMode, got {block_structure!r}")
 
 
 def _regularization(regularization: Any, name: str = "regularization") -> float:
@@ -148,7 +225,7 @@ def _regularization(regularization: Any, name: str = "regularization") -> float:
         return 0.0
     if isinstance(regularization, Mapping):
         raise NotImplementedError(
-            f"{name}: a dict of per-block regularizations is not supported (block-diagonal curvature is not); "
+            f"{name}: a dict of per-block regularizations is supported by DirectInfluence and CgInfluence only; "
             "pass one float")
     return check_regularization(regularization, name)
 
@@ -265,80 +342,77 @@ class _SettableRegularization:
         return self
 
 
-# -- solvers ------------------------------------------------------------------------------------------
-class DirectInfluence(_PydvlInterface, _solvers.DirectInfluence):
-    """Exact influences from the explicit curvature matrix (pyDVL's ``DirectInfluence``).
+class _BlockDiagonal:
+    """Block-diagonal curvature: one solver per block of parameters, fitted on the same data.
 
-    Args:
-        model: the model; the parameters with ``requires_grad`` are used.
-        loss: ``loss(outputs, targets)``, the mean loss of a batch.
-        regularization: lambda added to the curvature's diagonal (None: 0).
-        block_structure: ``BlockMode.FULL`` only.
-        second_order_mode: ``SecondOrderMode.HESSIAN`` or ``GAUSS_NEWTON`` (empirical Fisher, see
-            :class:`EmpiricalFisher`).
-        hessian_regularization: older name of ``regularization``.
+    The solver itself holds the parameters of all blocks, in block order (its flat
+    vectors, e.g. :meth:`influence_factors`, are the blocks' concatenated); its
+    :meth:`solve` hands each block's columns to that block's solver, so every score
+    is the sum over blocks of ``g_test,B^T (H_BB + lambda_B I)^-1 g_B``.
     """
 
-    def __init__(self, model: nn.Module, loss, regularization: Optional[float] = _UNSET,
-                 block_structure: Any = BlockMode.FULL, second_order_mode: Any = SecondOrderMode.HESSIAN, *,
-                 hessian_regularization: Optional[float] = _UNSET) -> None:
-        regularization = _alias(regularization, hessian_regularization, "regularization", "hessian_regularization",
-                                None)
-        _check_block_structure(block_structure)
-        super().__init__(model, loss, _regularization(regularization), **_second_order(second_order_mode))
-        self._remember(model, loss)
+    blocks: Optional[dict[str, list[str]]] = None
+    block_regularization: Optional[dict[str, float]] = None
+    _block_solvers: Optional[dict[str, Any]] = None
 
-
-class CgInfluence(_PydvlInterface, _SettableRegularization, _solvers.CgInfluence):
-    """Conjugate gradients (pyDVL's ``CgInfluence``).
-
-    Args:
-        model, loss, regularization, block_structure, second_order_mode: as in :class:`DirectInfluence`.
-        rtol, atol: a right-hand side b is solved once its residual satisfies
-            ``||b - A x|| <= max(rtol * ||b||, atol)`` (A = H + lambda I).
-        maxiter: iteration cap; None: 10 times the number of parameters.
-        progress: progress bars.
-        precompute_grad: accepted for signature compatibility; it does not change the results.
-        preconditioner: None, :class:`JacobiPreconditioner` or :class:`NystroemPreconditioner`.
-        solve_simultaneously: True: block CG, one Krylov space shared by all right-hand
-            sides; False: independent CG per right-hand side.
-        warn_on_max_iteration: warn when some right-hand side did not converge within maxiter.
-        hessian_regularization, pre_conditioner, use_block_cg: older names of
-            ``regularization``, ``preconditioner``, ``solve_simultaneously``.
-
-    After a solve, :attr:`last_solve_info` holds iterations and residuals per right-hand side.
-    """
-
-    def __init__(self, model: nn.Module, loss, regularization: Optional[float] = _UNSET, rtol: float = 1e-4,
-                 atol: float = 1e-6, maxiter: Optional[int] = None, progress: bool = False,
-                 precompute_grad: bool = False, preconditioner: Optional[Preconditioner] = _UNSET,
-                 solve_simultaneously: bool = _UNSET, warn_on_max_iteration: bool = True,
-                 block_structure: Any = BlockMode.FULL, second_order_mode: Any = SecondOrderMode.HESSIAN, *,
-                 hessian_regularization: Optional[float] = _UNSET, pre_conditioner: Any = _UNSET,
-                 use_block_cg: bool = _UNSET) -> None:
-        regularization = _alias(regularization, hessian_regularization, "regularization", "hessian_regularization",
-                                None)
-        preconditioner = _alias(preconditioner, pre_conditioner, "preconditioner", "pre_conditioner", None)
-        solve_simultaneously = _alias(solve_simultaneously, use_block_cg, "solve_simultaneously", "use_block_cg",
-                                      False)
-        _check_block_structure(block_structure)
-        if not isinstance(atol, (int, float)) or not math.isfinite(atol) or atol < 0:
-            raise ValueError(f"atol must be a finite number >= 0, got {atol!r}")
-        if not isinstance(precompute_grad, bool):
-            raise TypeError(f"precompute_grad must be a bool, got {precompute_grad!r}")
-        super().__init__(model, loss, _regularization(regularization), rtol=rtol, maxiter=maxiter,
-                         block=bool(solve_simultaneously), progress=progress, **_preconditioner(preconditioner),
-                         **_second_order(second_order_mode))
-        if maxiter is None:
-            self.maxiter = 10 * self.num_params
-        self.atol = float(atol)
-        self.precompute_grad = precompute_grad
-        self.warn_on_max_iteration = bool(warn_on_max_iteration)
-        self._remember(model, loss)
+    def _init_blocks(self, blocks: Optional[dict[str, list[str]]], regularization: dict[str, float],
+                     make_block) -> None:
+        """`make_block(params, regularization)` builds one block's solver."""
+        self.blocks = blocks
+        if blocks is None:
+            return
+        self.block_regularization = dict(regularization)
+        self._block_solvers = {name: make_block(params, regularization[name]) for name, params in blocks.items()}
 
     @property
-    def solve_simultaneously(self) -> bool:
-        return self.block
+    def block_names(self) -> list[str]:
+        """The blocks' names (``[""]`` for ``BlockMode.FULL``)."""
+        return [""] if self.blocks is None else list(self.blocks)
+
+    @property
+    def block_solvers(self) -> dict[str, Any]:
+        """The solver of each block (empty for ``BlockMode.FULL``)."""
+        return dict(self._block_solvers or {})
+
+    def _fit(self, train) -> None:
+        if self._block_solvers is None:
+            return super()._fit(train)
+        for name, solver in self._block_solvers.items():
+            try:
+                solver.fit_samples(train)
+            except ValueError as error:
+                raise ValueError(f"block {name!r}: {error}") from error
+        self._after_block_fit()
+
+    def _after_block_fit(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def solve(self, vectors: Tensor) -> Tensor:
+        if self._block_solvers is None:
+            return super().solve(vectors)
+        self._require_fitted()
+        vectors = vectors.to(device=self.device, dtype=self.dtype)
+        sizes = [solver.num_params for solver in self._block_solvers.values()]
+        parts = [solver.solve(part) for solver, part in zip(self._block_solvers.values(), vectors.split(sizes, dim=1))]
+        return torch.cat(parts, dim=1).to(self.dtype)
+
+    def with_regularization(self, regularization: Any):
+        """Sets the regularization (one float, or ``{block name: lambda}``) without refitting; returns self."""
+        values = _block_regularizations(regularization, self.block_names)
+        if self._block_solvers is None:
+            return super().with_regularization(values[""])
+        for name, solver in self._block_solvers.items():
+            solver.with_regularization(values[name])
+        self.block_regularization = values
+        self._after_block_fit()
+        return self
+
+
+class _AtolSolve:
+    """CG solves to ``max(rtol * ||b||, atol)`` in residual norm per right-hand side (pyDVL's stopping rule)."""
+
+    atol: float
+    warn_on_max_iteration: bool
 
     def solve(self, vectors: Tensor) -> Tensor:
         """(H + lambda I)^-1 times each row, each row to ``max(rtol * ||b||, atol)`` in residual norm."""
@@ -367,6 +441,125 @@ class CgInfluence(_PydvlInterface, _SettableRegularization, _solvers.CgInfluence
             return out
 
 
+class _CgBlock(_AtolSolve, _solvers.CgInfluence):
+    """One block of a block-diagonal :class:`CgInfluence`."""
+
+    def with_regularization(self, regularization: float) -> "_CgBlock":
+        self.regularization = check_regularization(regularization)
+        return self
+
+
+# -- solvers ------------------------------------------------------------------------------------------
+class DirectInfluence(_PydvlInterface, _BlockDiagonal, _solvers.DirectInfluence):
+    """Exact influences from the explicit curvature matrix (pyDVL's ``DirectInfluence``).
+
+    Args:
+        model: the model; the parameters with ``requires_grad`` are used.
+        loss: ``loss(outputs, targets)``, the mean loss of a batch.
+        regularization: lambda added to the curvature's diagonal: None (0), one float, or
+            ``{block name: lambda}`` (blocks left out get 0).
+        block_structure: ``BlockMode.FULL`` (the full curvature), ``BlockMode.LAYER_WISE``,
+            ``BlockMode.PARAMETER_WISE``, or ``{block name: [parameter names]}``: the curvature
+            is block-diagonal over these blocks (see :class:`BlockMode`), each block
+            solved exactly with its own lambda.
+        second_order_mode: ``SecondOrderMode.HESSIAN`` or ``GAUSS_NEWTON`` (empirical Fisher, see
+            :class:`EmpiricalFisher`).
+        hessian_regularization: older name of ``regularization``.
+
+    With blocks, :attr:`curvature` is the block-diagonal matrix (cross-block entries zero).
+    """
+
+    def __init__(self, model: nn.Module, loss, regularization: Optional[float] = _UNSET,
+                 block_structure: Any = BlockMode.FULL, second_order_mode: Any = SecondOrderMode.HESSIAN, *,
+                 hessian_regularization: Optional[float] = _UNSET) -> None:
+        regularization = _alias(regularization, hessian_regularization, "regularization", "hessian_regularization",
+                                None)
+        blocks = _block_structure(model, block_structure)
+        values = _block_regularizations(regularization, [""] if blocks is None else list(blocks))
+        second_order = _second_order(second_order_mode)
+        if blocks is None:
+            super().__init__(model, loss, values[""], **second_order)
+        else:
+            super().__init__(model, loss, 0.0, params=[n for names in blocks.values() for n in names], head=False,
+                             **second_order)
+        self._init_blocks(blocks, values, lambda params, lam: _solvers.DirectInfluence(
+            model, loss, lam, params=params, head=False, **second_order))
+        self._remember(model, loss)
+
+    def _after_block_fit(self) -> None:
+        if self._block_solvers is not None and all(s.is_fitted for s in self._block_solvers.values()):
+            self._matrix = torch.block_diag(*(s.curvature for s in self._block_solvers.values()))
+            self._eigen = None
+
+
+class CgInfluence(_PydvlInterface, _BlockDiagonal, _SettableRegularization, _AtolSolve, _solvers.CgInfluence):
+    """Conjugate gradients (pyDVL's ``CgInfluence``).
+
+    Args:
+        model, loss, regularization, block_structure, second_order_mode: as in :class:`DirectInfluence`;
+            with blocks, each block is solved by its own CG (its own preconditioner, tolerances
+            and iteration cap; see :attr:`block_solvers`).
+        rtol, atol: a right-hand side b is solved once its residual satisfies
+            ``||b - A x|| <= max(rtol * ||b||, atol)`` (A = H + lambda I; per block with blocks).
+        maxiter: iteration cap; None: 10 times the number of parameters (of the block).
+        progress: progress bars.
+        precompute_grad: accepted for signature compatibility; it does not change the results.
+        preconditioner: None, :class:`JacobiPreconditioner` or :class:`NystroemPreconditioner`.
+        solve_simultaneously: True: block CG, one Krylov space shared by all right-hand
+            sides; False: independent CG per right-hand side.
+        warn_on_max_iteration: warn when some right-hand side did not converge within maxiter.
+        hessian_regularization, pre_conditioner, use_block_cg: older names of
+            ``regularization``, ``preconditioner``, ``solve_simultaneously``.
+
+    After a solve, :attr:`last_solve_info` holds iterations and residuals per right-hand side.
+    """
+
+    def __init__(self, model: nn.Module, loss, regularization: Optional[float] = _UNSET, rtol: float = 1e-4,
+                 atol: float = 1e-6, maxiter: Optional[int] = None, progress: bool = False,
+                 precompute_grad: bool = False, preconditioner: Optional[Preconditioner] = _UNSET,
+                 solve_simultaneously: bool = _UNSET, warn_on_max_iteration: bool = True,
+                 block_structure: Any = BlockMode.FULL, second_order_mode: Any = SecondOrderMode.HESSIAN, *,
+                 hessian_regularization: Optional[float] = _UNSET, pre_conditioner: Any = _UNSET,
+                 use_block_cg: bool = _UNSET) -> None:
+        regularization = _alias(regularization, hessian_regularization, "regularization", "hessian_regularization",
+                                None)
+        preconditioner = _alias(preconditioner, pre_conditioner, "preconditioner", "pre_conditioner", None)
+        solve_simultaneously = _alias(solve_simultaneously, use_block_cg, "solve_simultaneously", "use_block_cg",
+                                      False)
+        blocks = _block_structure(model, block_structure)
+        values = _block_regularizations(regularization, [""] if blocks is None else list(blocks))
+        if not isinstance(atol, (int, float)) or not math.isfinite(atol) or atol < 0:
+            raise ValueError(f"atol must be a finite number >= 0, got {atol!r}")
+        if not isinstance(precompute_grad, bool):
+            raise TypeError(f"precompute_grad must be a bool, got {precompute_grad!r}")
+        options = dict(rtol=rtol, block=bool(solve_simultaneously), progress=progress,
+                       **_preconditioner(preconditioner), **_second_order(second_order_mode))
+        if blocks is None:
+            super().__init__(model, loss, values[""], maxiter=maxiter, **options)
+        else:
+            super().__init__(model, loss, 0.0, params=[n for names in blocks.values() for n in names], head=False,
+                             maxiter=maxiter, **{**options, "preconditioner": None})
+        if maxiter is None:
+            self.maxiter = 10 * self.num_params
+        self.atol = float(atol)
+        self.precompute_grad = precompute_grad
+        self.warn_on_max_iteration = bool(warn_on_max_iteration)
+
+        def make_block(params: list[str], lam: float) -> _CgBlock:
+            block = _CgBlock(model, loss, lam, params=params, head=False, maxiter=maxiter, **options)
+            if maxiter is None:
+                block.maxiter = 10 * block.num_params
+            block.atol, block.warn_on_max_iteration = self.atol, self.warn_on_max_iteration
+            return block
+
+        self._init_blocks(blocks, values, make_block)
+        self._remember(model, loss)
+
+    @property
+    def solve_simultaneously(self) -> bool:
+        return self.block
+
+
 class LissaInfluence(_PydvlInterface, _SettableRegularization, _solvers.LissaInfluence):
     """LiSSA (pyDVL's ``LissaInfluence``).
 
@@ -390,7 +583,7 @@ class LissaInfluence(_PydvlInterface, _SettableRegularization, _solvers.LissaInf
                  hessian_regularization: Optional[float] = _UNSET) -> None:
         regularization = _alias(regularization, hessian_regularization, "regularization", "hessian_regularization",
                                 None)
-        _check_block_structure(block_structure)
+        _check_block_structure(block_structure, "LissaInfluence")
         if not isinstance(rtol, (int, float)) or not rtol >= 0:
             raise ValueError(f"rtol must be a number >= 0, got {rtol!r}")
         super().__init__(model, loss, _regularization(regularization), maxiter=maxiter, dampen=dampen, scale=scale,
@@ -459,7 +652,7 @@ class ArnoldiInfluence(_PydvlInterface, _solvers.ArnoldiInfluence):
         regularization = _alias(regularization, hessian_regularization, "regularization", "hessian_regularization",
                                 None)
         rank = _alias(rank, rank_estimate, "rank", "rank_estimate", 10)
-        _check_block_structure(block_structure)
+        _check_block_structure(block_structure, "ArnoldiInfluence")
         if max_iter is not None:
             raise NotImplementedError(
                 f"max_iter={max_iter!r}: torchfluence's Lanczos iteration has no restarts to cap; leave max_iter=None "
@@ -487,7 +680,7 @@ class NystroemSketchInfluence(_PydvlInterface, _solvers.NystroemSketchInfluence)
 
     def __init__(self, model: nn.Module, loss, regularization: float, rank: int,
                  block_structure: Any = BlockMode.FULL, second_order_mode: Any = SecondOrderMode.HESSIAN) -> None:
-        _check_block_structure(block_structure)
+        _check_block_structure(block_structure, "NystroemSketchInfluence")
         super().__init__(model, loss, _regularization(regularization), rank, **_second_order(second_order_mode))
         self._remember(model, loss)
 
