@@ -523,3 +523,23 @@ def test_layer_wise_leaves_out_parameters_outside_child_modules():
     with pytest.warns(UserWarning, match=r"\['scale'\] belong to no child module"):
         influence = DirectInfluence(Scaled(), F.cross_entropy, 0.5, block_structure=BlockMode.LAYER_WISE)
     assert influence.blocks == {"layer": ["layer.weight", "layer.bias"]} and influence.n_parameters == 8
+
+
+def test_inverse_harmonic_mean_influence_takes_pydvl_arguments():
+    from torchfluence import pydvl as compat
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    x, y = torch.randn(30, 4, dtype=torch.float64), torch.randint(0, 3, (30,))
+    loss = torch.nn.functional.cross_entropy
+    ours = compat.InverseHarmonicMeanInfluence(model, loss, 0.1).fit((x, y))  # pyDVL's default: one full block
+    native = tf.InverseHarmonicMeanInfluence(model, loss, 0.1, block_structure="full").fit((x, y))
+    assert torch.allclose(ours.influences(x[:3], y[:3], x, y, mode=compat.InfluenceMode.Up),
+                          native.influences(x[:3], y[:3], x, y), rtol=1e-12, atol=1e-14)
+    layered = compat.InverseHarmonicMeanInfluence(model, loss, {"0": 0.1, "2": 0.3},
+                                                  block_structure=compat.BlockMode.LAYER_WISE).fit((x, y))
+    by_layer = tf.InverseHarmonicMeanInfluence(model, loss, {"0": 0.1, "2": 0.3}).fit((x, y))
+    assert torch.allclose(layered.influences(x[:3], y[:3], x, y), by_layer.influences(x[:3], y[:3], x, y),
+                          rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="second_order_mode"):
+        compat.InverseHarmonicMeanInfluence(model, loss, 0.1, second_order_mode=compat.SecondOrderMode.HESSIAN)

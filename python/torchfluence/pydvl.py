@@ -52,6 +52,7 @@ __all__ = [
     "EkfacInfluence",
     "EmpiricalFisher",
     "InfluenceMode",
+    "InverseHarmonicMeanInfluence",
     "JacobiPreconditioner",
     "LissaInfluence",
     "NystroemPreconditioner",
@@ -712,3 +713,32 @@ class EkfacInfluence(_PydvlInterface, _solvers.KfacInfluence):
     @property
     def hessian_regularization(self) -> float:
         return self.regularization
+
+
+class InverseHarmonicMeanInfluence(_PydvlInterface, _solvers.InverseHarmonicMeanInfluence):
+    """DataInf (pyDVL's ``InverseHarmonicMeanInfluence``): the mean of the inverses of the damped
+    rank-one terms ``g_i g_i^T + lambda I`` in place of the inverse of their mean.
+
+    Args:
+        model, loss: as in :class:`DirectInfluence`.
+        regularization: lambda > 0, or ``{block name: lambda}`` with one entry per block.
+        block_structure: ``BlockMode.FULL`` (pyDVL's default: one block), ``LAYER_WISE``
+            (one block per direct child module), ``PARAMETER_WISE`` (one per parameter
+            tensor) or ``{block name: [parameter names]}``.
+        second_order_mode: ``SecondOrderMode.GAUSS_NEWTON`` only (DataInf is built on the
+            empirical Fisher).
+    """
+
+    def __init__(self, model: nn.Module, loss, regularization: Union[float, Mapping[str, float]],
+                 block_structure: Any = BlockMode.FULL,
+                 second_order_mode: Any = SecondOrderMode.GAUSS_NEWTON) -> None:
+        if _enum_value(second_order_mode) != _enum_value(SecondOrderMode.GAUSS_NEWTON):
+            raise ValueError(f"second_order_mode: InverseHarmonicMeanInfluence approximates the empirical Fisher "
+                             f"(SecondOrderMode.GAUSS_NEWTON), got {second_order_mode!r}")
+        blocks = _block_structure(model, block_structure)
+        structure: Any = "full" if blocks is None else blocks
+        if isinstance(regularization, Mapping) and blocks is None:
+            regularization = {"full": regularization[""]} if set(regularization) == {""} else regularization
+        super().__init__(model, loss, regularization, block_structure=structure)
+        self._remember(model, loss)
+

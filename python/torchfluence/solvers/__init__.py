@@ -2,10 +2,12 @@
 
 from .arnoldi import ArnoldiInfluence
 from .cg import CgInfluence, SolveInfo
+from .datainf import InverseHarmonicMeanInfluence
 from .direct import DirectInfluence
 from .kfac import EkfacInfluence, KfacInfluence, KroneckerFactors
 from .lissa import LissaInfluence
 from .nystroem import NystroemSketchInfluence
 
-__all__ = ["ArnoldiInfluence", "CgInfluence", "DirectInfluence", "EkfacInfluence", "KfacInfluence",
-           "KroneckerFactors", "LissaInfluence", "NystroemSketchInfluence", "SolveInfo"]
+__all__ = ["ArnoldiInfluence", "CgInfluence", "DirectInfluence", "EkfacInfluence",
+           "InverseHarmonicMeanInfluence", "KfacInfluence", "KroneckerFactors", "LissaInfluence",
+           "NystroemSketchInfluence", "SolveInfo"]

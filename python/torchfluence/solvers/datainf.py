@@ -1,0 +1,218 @@
+"""DataInf: the inverse harmonic mean of rank-one Fisher terms (Kwon et al. 2023).
+
+With per-sample gradients g_i (i = 1..n) the damped empirical Fisher of a
+parameter block B is the arithmetic mean of rank-one terms,
+
+    F_B + lambda_B I = (1/n) sum_i (g_iB g_iB^T + lambda_B I).
+
+DataInf swaps the mean and the inverse: it replaces (F_B + lambda_B I)^-1 by the
+mean of the inverses of the terms, each in closed form (Sherman-Morrison),
+
+    (1/n) sum_i (g_iB g_iB^T + lambda_B I)^-1 v
+        = 1/(n lambda_B) sum_i [ v - (g_iB^T v) / (lambda_B + ||g_iB||^2) g_iB ],
+
+block by block over the parameters (blocks: the parameters of each layer, or the
+whole parameter vector). The blocks are solved independently, so the map is
+block-diagonal. There is nothing to fit: every solve is one pass over the
+training gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Literal, Union
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..checks import check_finite
+from ..influence import InfluenceFunctionModel
+
+BlockStructure = Union[Literal["layer", "full"], Mapping[str, Sequence[str]]]
+Regularization = Union[float, Mapping[str, float]]
+
+
+class InverseHarmonicMeanInfluence(InfluenceFunctionModel):
+    """Influence through DataInf's inverse harmonic mean of the damped empirical Fisher.
+
+    For a block B with damping lambda_B and the n training gradients g_i,
+
+        (F_B + lambda_B I)^-1 v  ~  1/(n lambda_B) sum_i [ v - (g_iB^T v) / (lambda_B + ||g_iB||^2) g_iB ].
+
+    No matrix is built or stored: fitting only records the training data, and
+    each call of :meth:`solve` streams the per-sample training gradients once,
+    ``block_size`` samples at a time, in O(k p) memory for k vectors. Scoring
+    solves the test gradients in as few row blocks as memory allows (one pass
+    over the training data per row block); :meth:`self_influences` solves
+    ``block_size`` samples per pass, so it costs n / block_size passes.
+
+    The approximation is exact for n = 1 and approaches v / lambda_B as lambda_B
+    grows; it is cheap but crude when lambda_B is small next to ||g_i||^2.
+
+    Args:
+        regularization: lambda > 0: one number for every block, or a mapping
+            {block name: lambda} with an entry for each block (see :attr:`blocks`).
+        block_structure: ``"layer"`` (default): one block per module owning
+            parameters (the block's name is the module's name, e.g. ``"0"`` or
+            ``"encoder.fc"``; a parameter of the root module is a block of its own,
+            named after it); ``"full"``: all parameters form one block named
+            ``"full"``; or a mapping {block name: [parameter names]} that assigns
+            every selected parameter to exactly one block.
+        (others as in :class:`~torchfluence.InfluenceFunctionModel`; ``second_order``
+        and ``curvature`` are not taken: the curvature is the empirical Fisher)
+    """
+
+    _solves_rows_independently = True  # a fixed linear map: factors can be made in blocks of rows
+
+    def __init__(self, model, loss, regularization: Regularization, *,
+                 block_structure: BlockStructure = "layer", **kwargs) -> None:
+        for name in ("second_order", "curvature"):
+            if name in kwargs:
+                raise TypeError(f"{type(self).__name__} approximates the empirical Fisher and takes no "
+                                f"{name} argument")
+        super().__init__(model, loss, 0.0, **kwargs)
+        self._columns = _block_columns(self.functions.names, self.functions.sizes, block_structure)
+        self.block_structure = block_structure
+        self.with_regularization(regularization)
+
+    # -- configuration ----------------------------------------------------------------------------
+    @property
+    def blocks(self) -> dict[str, list[tuple[int, int]]]:
+        """{block name: [(start, stop) column ranges of the flat parameter vector]}, in parameter order."""
+        return {name: list(ranges) for name, ranges in self._columns.items()}
+
+    def with_regularization(self, regularization: Regularization) -> InverseHarmonicMeanInfluence:
+        """Sets lambda (a number, or {block name: lambda} for every block); returns self, no refit needed."""
+        self.block_regularization = _block_regularization(regularization, list(self._columns))
+        self.regularization = (dict(regularization) if isinstance(regularization, Mapping)
+                               else float(regularization))
+        return self
+
+    # -- solving ----------------------------------------------------------------------------------
+    def solve(self, vectors: Tensor) -> Tensor:
+        """The inverse-harmonic-mean approximation of (F + lambda I)^-1 times each row, (k, p) -> (k, p).
+
+        One pass over the training data; blocks of B columns get
+        (b V_B - ((V_B G_B^T) / (lambda_B + ||g||^2)) G_B) summed over training
+        blocks G (b, p), then divided by n lambda_B.
+        """
+        train = self._require_fitted()
+        if not isinstance(vectors, Tensor) or vectors.dim() != 2 or vectors.shape[1] != self.num_params:
+            shape = tuple(vectors.shape) if isinstance(vectors, Tensor) else type(vectors).__name__
+            raise ValueError(f"vectors must be a (k, {self.num_params}) tensor, got {shape}")
+        vectors = vectors.to(device=self.device, dtype=self.dtype)
+        out = torch.zeros_like(vectors)
+        if vectors.shape[0] == 0:
+            return out
+        parts = [(ranges, _gather(vectors, ranges), self.block_regularization[name])
+                 for name, ranges in self._columns.items()]
+        n = 0
+        for block in tqdm(train.blocks(), desc="DataInf solve", disable=not self.progress):
+            g = self.source.grads(block.x, block.y)  # (b, p)
+            check_finite(g, "per-sample gradients", block.offset)
+            n += g.shape[0]
+            for ranges, v, lam in parts:
+                g_b = _gather(g, ranges)  # (b, p_B)
+                coef = (v @ g_b.T) / (lam + g_b.square().sum(dim=1))  # (k, b)
+                _scatter_add(out, ranges, g.shape[0] * v - coef @ g_b)
+            del g
+        for ranges, _, lam in parts:
+            for start, stop in ranges:
+                out[:, start:stop] /= n * lam
+        return out
+
+    def _factor_rows(self) -> int:
+        """Test rows per solve: as many as the memory budget allows, each solve being a pass over the data."""
+        if self.device.type == "cuda":
+            budget = torch.cuda.get_device_properties(self.device).total_memory // 16
+        else:
+            budget = 1 << 30
+        per_row = 3 * self.num_params * torch.empty((), dtype=self.dtype).element_size()  # V, V_B, out
+        return max(1, budget // per_row)
+
+
+def _block_columns(names: Sequence[str], sizes: Sequence[int],
+                   structure: BlockStructure) -> dict[str, list[tuple[int, int]]]:
+    """{block name: merged (start, stop) column ranges} for the parameters in flat order."""
+    starts, offset = {}, 0
+    for name, size in zip(names, sizes):
+        starts[name] = (offset, offset + size)
+        offset += size
+    if isinstance(structure, str):
+        if structure == "full":
+            groups = {"full": list(names)}
+        elif structure == "layer":
+            groups = {}
+            for name in names:
+                owner = name.rpartition(".")[0] or name
+                groups.setdefault(owner, []).append(name)
+        else:
+            raise ValueError(f"block_structure must be 'layer', 'full' or a mapping {{block name: [parameter "
+                             f"names]}}, got {structure!r}")
+    elif isinstance(structure, Mapping):
+        groups = {}
+        seen: dict[str, str] = {}
+        for block, params in structure.items():
+            if isinstance(params, str) or not isinstance(params, Sequence) or not params:
+                raise ValueError(f"block_structure[{block!r}] must be a non-empty list of parameter names, "
+                                 f"got {params!r}")
+            for p in params:
+                if p not in starts:
+                    raise ValueError(f"block_structure[{block!r}] names {p!r}, which is not a selected "
+                                     f"parameter; selected: {list(names)}")
+                if p in seen:
+                    raise ValueError(f"block_structure puts parameter {p!r} in two blocks: {seen[p]!r} and "
+                                     f"{block!r}")
+                seen[p] = block
+            groups[str(block)] = list(params)
+        missing = [p for p in names if p not in seen]
+        if missing:
+            raise ValueError(f"block_structure must assign every selected parameter to a block; "
+                             f"missing: {missing}")
+    else:
+        raise TypeError(f"block_structure must be 'layer', 'full' or a mapping, "
+                        f"got {type(structure).__name__}")
+    out = {}
+    for block, params in groups.items():
+        ranges = sorted(starts[p] for p in params)
+        merged = [list(ranges[0])]
+        for start, stop in ranges[1:]:
+            if start == merged[-1][1]:
+                merged[-1][1] = stop
+            else:
+                merged.append([start, stop])
+        out[block] = [(a, b) for a, b in merged]
+    return out
+
+
+def _block_regularization(value: Regularization, blocks: list[str]) -> dict[str, float]:
+    def checked(v, name: str) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{name} must be a finite number > 0 (DataInf divides by it), got {v!r}")
+        return float(v)
+
+    if isinstance(value, Mapping):
+        unknown = [k for k in value if k not in blocks]
+        missing = [k for k in blocks if k not in value]
+        if unknown or missing:
+            raise ValueError(f"regularization as a mapping needs exactly one entry per block {blocks}; "
+                             f"unknown: {unknown}, missing: {missing}")
+        return {k: checked(value[k], f"regularization[{k!r}]") for k in blocks}
+    lam = checked(value, "regularization")
+    return {k: lam for k in blocks}
+
+
+def _gather(t: Tensor, ranges: list[tuple[int, int]]) -> Tensor:
+    if len(ranges) == 1:
+        start, stop = ranges[0]
+        return t[:, start:stop]
+    return torch.cat([t[:, a:b] for a, b in ranges], dim=1)
+
+
+def _scatter_add(out: Tensor, ranges: list[tuple[int, int]], values: Tensor) -> None:
+    offset = 0
+    for start, stop in ranges:
+        out[:, start:stop] += values[:, offset:offset + stop - start]
+        offset += stop - start
