@@ -293,3 +293,20 @@ def test_ekfac_rotated_gradients_equal_either_order(T, d_in, d_out):
     q_a = torch.linalg.qr(torch.randn(d_in, d_in, dtype=torch.float64))[0]
     expected = torch.stack([torch.stack([q_s.T @ g[k, j].T @ a[j] @ q_a for j in range(7)]) for k in range(2)])
     assert torch.allclose(_rotated_gradients(g, a, q_s, q_a), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_ekfac_on_conv1d_equals_the_same_net_as_conv2d():
+    # Conv1d(c, o, k) is Conv2d(c, o, (1, k)) on inputs with a height of 1: EK-FAC must see the same patches.
+    torch.manual_seed(0)
+    net1 = torch.nn.Sequential(torch.nn.Conv1d(2, 3, 3, stride=2, padding=1), torch.nn.Tanh(), torch.nn.Flatten(),
+                               torch.nn.Linear(3 * 6, 4)).double()
+    net2 = torch.nn.Sequential(torch.nn.Conv2d(2, 3, (1, 3), stride=(1, 2), padding=(0, 1)), torch.nn.Tanh(),
+                               torch.nn.Flatten(), torch.nn.Linear(3 * 6, 4)).double()
+    with torch.no_grad():
+        net2[0].weight.copy_(net1[0].weight.unsqueeze(2))
+        net2[0].bias.copy_(net1[0].bias)
+        net2[3].load_state_dict(net1[3].state_dict())
+    x, y = torch.randn(40, 2, 12, dtype=torch.float64), torch.randint(0, 4, (40,))
+    runs = [tfl.EkfacInfluence(net, F.cross_entropy, 0.1, fisher="exact").fit((inputs, y))
+            .influences(inputs[:5], y[:5], inputs, y) for net, inputs in ((net1, x), (net2, x.unsqueeze(2)))]
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-10, atol=1e-12)

@@ -42,7 +42,23 @@ def conv_net():
         nn.Conv2d(4, 2, 3, padding="valid"), nn.Flatten(), nn.LazyLinear(5))
 
 
+def conv1d_net():
+    return nn.Sequential(
+        nn.Conv1d(2, 3, 3, stride=2, padding=1), nn.Tanh(),
+        nn.Conv1d(3, 4, 2, dilation=3, padding="same", bias=False), nn.Tanh(),
+        nn.Conv1d(4, 2, 3, padding="valid"), nn.Flatten(), nn.LazyLinear(5))
+
+
+def conv3d_net():
+    return nn.Sequential(
+        nn.Conv3d(2, 3, (2, 3, 3), stride=(1, 2, 1), padding=(1, 1, 0)), nn.Tanh(),
+        nn.Conv3d(3, 2, (3, 2, 2), dilation=(1, 2, 1), padding="same", bias=False), nn.Tanh(),
+        nn.Flatten(), nn.LazyLinear(4))
+
+
 CASES = {
+    "conv1d": (conv1d_net, (2, 13), 5),
+    "conv3d": (conv3d_net, (2, 5, 7, 6), 4),
     "mlp": (lambda: nn.Sequential(nn.Linear(9, 8), nn.Tanh(), nn.Linear(8, 4)), (9,), 4),
     "conv": (conv_net, (2, 9, 11), 5),
     "sequence": (Sequence, (6, 5), 3),
@@ -68,34 +84,30 @@ def test_capture_gives_per_sample_gradients(case, device):
 
 
 def test_registered_layer_type():
-    class Conv1dNet(nn.Module):
-        def __init__(self):
+    class Affine(nn.Module):
+        """out = x W^T, a module type the library does not know."""
+
+        def __init__(self, d_in, d_out):
             super().__init__()
-            self.conv = nn.Conv1d(3, 4, 3, padding=1, stride=2)
-            self.out = nn.Linear(4 * 5, 2)
+            self.weight = nn.Parameter(torch.randn(d_out, d_in) / d_in ** 0.5)
 
         def forward(self, x):
-            return self.out(torch.tanh(self.conv(x)).flatten(1))
+            return x @ self.weight.T
 
-    model = Conv1dNet().double()
+    model = nn.Sequential(Affine(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     functions = ModelFunctions(model, F.cross_entropy, None, torch.float64)
-    assert [l.name for l in find_layers(functions)[0]] == ["out"]
-    tfl.register_layer(
-        nn.Conv1d,
-        activations=lambda m, x: F.unfold(x.unsqueeze(-1), (m.kernel_size[0], 1), padding=(m.padding[0], 0),
-                                          stride=(m.stride[0], 1), dilation=(m.dilation[0], 1)).transpose(1, 2),
-        output_grads=lambda m, g: g.transpose(1, 2),
-    )
+    assert [l.name for l in find_layers(functions)[0]] == ["2"]
+    tfl.register_layer(Affine, activations=lambda m, x: x.unsqueeze(1), output_grads=lambda m, g: g.unsqueeze(1))
     try:
         layers, missing = find_layers(functions)
-        assert [l.name for l in layers] == ["conv", "out"] and missing == []
-        x, y = torch.randn(7, 3, 10, dtype=torch.float64), torch.randint(0, 2, (7,))
+        assert [l.name for l in layers] == ["0", "2"] and missing == []
+        x, y = torch.randn(7, 6, dtype=torch.float64), torch.randint(0, 3, (7,))
         got = capture(functions, layers, x, y).per_sample_grads(layers, functions.num_params)
         torch.testing.assert_close(got, functions.per_sample_grads(x, y), rtol=1e-10, atol=1e-12)
     finally:
         from torchfluence.capture import _RULES
 
-        _RULES.pop(nn.Conv1d)
+        _RULES.pop(Affine)
 
 
 def test_unsupported_modules_are_reported():

@@ -11,13 +11,15 @@ gradients of such layers need no ``vmap``, and Kronecker-factored curvature
 (K-FAC) reads its factors straight from them. A bias is folded in as a constant
 input 1 (``d_in + 1`` columns).
 
-``nn.Linear`` and ``nn.Conv2d`` (groups=1, zero padding) are built in (Conv2d
-through unfold: patches are positions, Grosse & Martens 2016). Other layers of
+``nn.Linear`` and ``nn.Conv1d``/``nn.Conv2d``/``nn.Conv3d`` (groups=1, zero padding)
+are built in (convolutions through their patches: patches are positions, Grosse &
+Martens 2016). Other layers of
 the form ``out = W a`` are added with :func:`register_layer`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -54,14 +56,13 @@ _RULES: dict[type, LayerRule] = {}
 def register_layer(module_type: type, activations: ActivationsFn, output_grads: OutputGradsFn) -> None:
     """Makes `module_type` capturable (and so usable by K-FAC and the fused paths).
 
-    Example, a 1-d convolution through unfold::
+    Example, a layer applying its weight (d_out, d_in) to every token of a (n, T, d_in) input
+    written as ``torch.einsum("ntd,od->nto", x, self.weight)``::
 
         register_layer(
-            nn.Conv1d,
-            activations=lambda m, x: F.unfold(x.unsqueeze(-1), (m.kernel_size[0], 1),
-                                              padding=(m.padding[0], 0), stride=(m.stride[0], 1),
-                                              dilation=(m.dilation[0], 1)).transpose(1, 2),
-            output_grads=lambda m, g: g.transpose(1, 2),
+            TokenProjection,
+            activations=lambda m, x: x,        # (n, T, d_in): positions are tokens
+            output_grads=lambda m, g: g,       # (n, T, d_out)
         )
     """
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
@@ -96,12 +97,44 @@ def _conv2d_output_grads(module: nn.Conv2d, g: Tensor) -> Tensor:
     return g.flatten(2).transpose(1, 2)  # (n, positions, c_out)
 
 
+def _conv_nd_activations(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+    """Patches of a 1-d or 3-d convolution, (n, positions, c_in * prod(kernel)), in the weight's order.
+
+    ``F.unfold`` is 2-d only; here each spatial dimension is windowed with
+    ``Tensor.unfold`` (a view) over the zero-padded input. A dilated window is
+    taken as the full span and thinned to every d-th element.
+    """
+    dims = len(module.kernel_size)
+    padding = module.padding
+    if isinstance(padding, str):
+        padding = (0,) * dims
+        if module.padding == "same":
+            pads = []
+            for k, d in zip(reversed(module.kernel_size), reversed(module.dilation)):
+                total = d * (k - 1)
+                pads += [total // 2, total - total // 2]
+            x = F.pad(x, pads)
+    else:
+        x = F.pad(x, [p for pad in reversed(padding) for p in (pad, pad)])
+    for axis, (k, s, d) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
+        x = x.unfold(2 + axis, d * (k - 1) + 1, s)  # appends a window dimension
+        if d > 1:
+            x = x[..., ::d]
+    # (n, c, out_1..out_dims, k_1..k_dims) -> (n, out_1 * .. * out_dims, c * k_1 * .. * k_dims)
+    n, c = x.shape[:2]
+    out_dims = list(range(2, 2 + dims))
+    kernel_dims = list(range(2 + dims, 2 + 2 * dims))
+    return x.permute(0, *out_dims, 1, *kernel_dims).reshape(n, -1, c * math.prod(module.kernel_size))
+
+
 register_layer(nn.Linear, _linear_activations, _linear_output_grads)
 register_layer(nn.Conv2d, _conv2d_activations, _conv2d_output_grads)
+register_layer(nn.Conv1d, _conv_nd_activations, _conv2d_output_grads)
+register_layer(nn.Conv3d, _conv_nd_activations, _conv2d_output_grads)
 
 
 def _unsupported_reason(module: nn.Module) -> Optional[str]:
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if module.groups != 1:
             return f"groups={module.groups} (only 1 is supported)"
         if module.padding_mode != "zeros":

@@ -79,7 +79,7 @@ class InfluenceFunctionModel(ABC):
         dtype: computation dtype, float32 or float64; None (default): the model's.
         block_size: samples per block; bounds memory at about block_size x num_params values.
         progress: show tqdm progress bars on long loops.
-        fused: score the parameters of captured layers (``nn.Linear``, ``nn.Conv2d``,
+        fused: score the parameters of captured layers (``nn.Linear``, ``nn.Conv1d/2d/3d``,
             registered types) from their inputs and output gradients
             (:func:`torchfluence.psg_dot`) without per-sample gradients in memory;
             the other parameters go through ``torch.func``. False: ``torch.func`` for all.

@@ -694,7 +694,7 @@ class EkfacInfluence(_PydvlInterface, _solvers.KfacInfluence):
     over classes taken in closed form. With ``update_diagonal=True`` the eigenvalues
     are refitted to the gradients (EK-FAC); with False they are K-FAC's products of
     factor eigenvalues. Every parameter with ``requires_grad`` must belong to an
-    ``nn.Linear`` (or ``nn.Conv2d``) layer.
+    ``nn.Linear`` (or ``nn.Conv1d``/``Conv2d``/``Conv3d``) layer.
 
     Args:
         model: the classifier (returns logits).

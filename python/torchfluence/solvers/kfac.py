@@ -55,7 +55,7 @@ class KfacInfluence(InfluenceFunctionModel):
     Scales to models with millions of parameters: fitting is two passes of
     forward + backward over the training data (one for EK-FAC's correction),
     and memory is d_in^2 + d_out^2 per layer. Every selected parameter must
-    belong to an ``nn.Linear`` or ``nn.Conv2d`` (or a type added with
+    belong to an ``nn.Linear`` or ``nn.Conv1d``/``Conv2d``/``Conv3d`` (or a type added with
     :func:`torchfluence.capture.register_layer`); restrict ``params`` otherwise.
 
     The curvature approximated is the Fisher, equal to the Gauss-Newton matrix
@@ -97,7 +97,7 @@ class KfacInfluence(InfluenceFunctionModel):
         if missing:
             raise ValueError(
                 f"{type(self).__name__} needs every selected parameter in a supported layer (nn.Linear, "
-                f"nn.Conv2d or one added with torchfluence.capture.register_layer); not covered: "
+                f"nn.Conv1d/2d/3d or one added with torchfluence.capture.register_layer); not covered: "
                 f"{describe_missing(self.functions, missing)}. Pass params= to select the supported layers' "
                 "parameters only")
         self.factors: dict[str, KroneckerFactors] = {}
