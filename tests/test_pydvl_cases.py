@@ -75,11 +75,13 @@ def _solvers():
                           lambda m, b=b, s=simultaneously: pydvl.CgInfluence(
                               m, F.mse_loss, LAMBDA, rtol=1e-12, atol=0.0, block_structure=b,
                               solve_simultaneously=s)))
+        # Full rank per block: exact for the (block-diagonal) curvature.
+        cases.append((f"arnoldi-full-rank-{blocks}", blocks, 1e-9,
+                      lambda m, b=b: pydvl.ArnoldiInfluence(m, F.mse_loss, LAMBDA, rank=D + 1, block_structure=b)))
+        cases.append((f"nystroem-full-rank-{blocks}", blocks, 1e-9,
+                      lambda m, b=b: pydvl.NystroemSketchInfluence(m, F.mse_loss, LAMBDA, rank=D + 1,
+                                                                   block_structure=b)))
     cases += [
-        ("arnoldi-full-rank", "full", 1e-9,
-         lambda m: pydvl.ArnoldiInfluence(m, F.mse_loss, LAMBDA, rank=D + 1)),
-        ("nystroem-full-rank", "full", 1e-9,
-         lambda m: pydvl.NystroemSketchInfluence(m, F.mse_loss, LAMBDA, rank=D + 1)),
         ("lissa", "full", 1e-3,
          lambda m: pydvl.LissaInfluence(m, F.mse_loss, LAMBDA, maxiter=5000, rtol=1e-10, scale=20.0)),
     ]

@@ -253,9 +253,9 @@ def _unsupported_cases():
     return [
         (lambda m: LissaInfluence(m, loss, LAMBDA, block_structure=BlockMode.LAYER_WISE), NotImplementedError,
          "block_structure"),
-        (lambda m: ArnoldiInfluence(m, loss, LAMBDA, block_structure="parameter_wise"), NotImplementedError,
-         "block_structure"),
-        (lambda m: ArnoldiInfluence(m, loss, {"": LAMBDA}), NotImplementedError, "regularization"),
+        (lambda m: LissaInfluence(m, loss, {"": LAMBDA}), NotImplementedError, "regularization"),
+        (lambda m: ArnoldiInfluence(m, loss, {"nope": LAMBDA}, block_structure="parameter_wise", rank=2),
+         ValueError, "regularization: unknown block names"),
         (lambda m: LissaInfluence(m, loss, LAMBDA, block_structure=OrderedDict(all=["weight", "bias"])),
          NotImplementedError, "block_structure"),
         (lambda m: NystroemSketchInfluence(m, loss, LAMBDA, 3, block_structure="diagonal"), ValueError,

@@ -214,8 +214,9 @@ def _check_block_structure(block_structure: Any, solver: str) -> None:
     """Solvers without block-diagonal support: only ``BlockMode.FULL``."""
     if isinstance(block_structure, Mapping) or _enum_value(block_structure) in ("layer_wise", "parameter_wise"):
         raise NotImplementedError(
-            f"block_structure={block_structure!r}: block-diagonal curvature is implemented for DirectInfluence and "
-            f"CgInfluence only; {solver} takes BlockMode.FULL")
+            f"block_structure={block_structure!r}: block-diagonal curvature is implemented for DirectInfluence, "
+            f"CgInfluence, ArnoldiInfluence, NystroemSketchInfluence and InverseHarmonicMeanInfluence; {solver} "
+            "takes BlockMode.FULL")
     if _enum_value(block_structure) != "full":
         raise ValueError(f"block_structure must be a BlockMode, got {block_structure!r}")
 
@@ -623,7 +624,7 @@ class LissaInfluence(_PydvlInterface, _SettableRegularization, _solvers.LissaInf
         return h / self.scale
 
 
-class ArnoldiInfluence(_PydvlInterface, _solvers.ArnoldiInfluence):
+class ArnoldiInfluence(_PydvlInterface, _BlockDiagonal, _solvers.ArnoldiInfluence):
     """Low-rank inverse on the dominant eigenspace of the curvature (pyDVL's ``ArnoldiInfluence``).
 
     The ``rank`` eigenpairs of largest magnitude come from a (block) Lanczos
@@ -653,24 +654,34 @@ class ArnoldiInfluence(_PydvlInterface, _solvers.ArnoldiInfluence):
         regularization = _alias(regularization, hessian_regularization, "regularization", "hessian_regularization",
                                 None)
         rank = _alias(rank, rank_estimate, "rank", "rank_estimate", 10)
-        _check_block_structure(block_structure, "ArnoldiInfluence")
         if max_iter is not None:
             raise NotImplementedError(
                 f"max_iter={max_iter!r}: torchfluence's Lanczos iteration has no restarts to cap; leave max_iter=None "
                 "and bound the work with krylov_dimension (the iteration also stops once the kept pairs reach tol)")
         if not isinstance(eigen_computation_on_gpu, bool):
             raise TypeError(f"eigen_computation_on_gpu must be a bool, got {eigen_computation_on_gpu!r}")
-        regularization = _regularization(regularization)
-        if use_woodbury and regularization <= 0:
+        blocks = _block_structure(model, block_structure)
+        values = _block_regularizations(regularization, [""] if blocks is None else list(blocks))
+        if use_woodbury and min(values.values()) <= 0:
             raise ValueError("use_woodbury=True needs regularization > 0 (the inverse divides by it)")
-        super().__init__(model, loss, regularization, rank, krylov_dimension=krylov_dimension, tol=tol,
-                         complement="regularization" if use_woodbury else "drop", **_second_order(second_order_mode))
+        options = dict(krylov_dimension=krylov_dimension, tol=tol,
+                       complement="regularization" if use_woodbury else "drop", **_second_order(second_order_mode))
+        if blocks is None:
+            super().__init__(model, loss, values[""], rank, **options)
+        else:
+            names = [n for block in blocks.values() for n in block]
+            super().__init__(model, loss, 0.0, rank, params=names, head=False, **options)
+            sizes = dict(model.named_parameters())
+            # Each block keeps `rank` eigenpairs, at most as many as it has parameters.
+            self._init_blocks(blocks, values, lambda params, lam: _solvers.ArnoldiInfluence(
+                model, loss, lam, min(rank, sum(sizes[n].numel() for n in params)), params=params, head=False,
+                **options))
         self.use_woodbury = bool(use_woodbury)
         self.eigen_computation_on_gpu = eigen_computation_on_gpu
         self._remember(model, loss)
 
 
-class NystroemSketchInfluence(_PydvlInterface, _solvers.NystroemSketchInfluence):
+class NystroemSketchInfluence(_PydvlInterface, _BlockDiagonal, _solvers.NystroemSketchInfluence):
     """Rank-``rank`` Nystrom sketch of the curvature with the Woodbury inverse (pyDVL's ``NystroemSketchInfluence``).
 
     Args:
@@ -681,8 +692,18 @@ class NystroemSketchInfluence(_PydvlInterface, _solvers.NystroemSketchInfluence)
 
     def __init__(self, model: nn.Module, loss, regularization: float, rank: int,
                  block_structure: Any = BlockMode.FULL, second_order_mode: Any = SecondOrderMode.HESSIAN) -> None:
-        _check_block_structure(block_structure, "NystroemSketchInfluence")
-        super().__init__(model, loss, _regularization(regularization), rank, **_second_order(second_order_mode))
+        blocks = _block_structure(model, block_structure)
+        values = _block_regularizations(regularization, [""] if blocks is None else list(blocks))
+        second_order = _second_order(second_order_mode)
+        if blocks is None:
+            super().__init__(model, loss, values[""], rank, **second_order)
+        else:
+            names = [n for block in blocks.values() for n in block]
+            super().__init__(model, loss, min(values.values()) or 1.0, rank, params=names, head=False, **second_order)
+            sizes = dict(model.named_parameters())
+            self._init_blocks(blocks, values, lambda params, lam: _solvers.NystroemSketchInfluence(
+                model, loss, lam, min(rank, sum(sizes[n].numel() for n in params)), params=params, head=False,
+                **second_order))
         self._remember(model, loss)
 
 
