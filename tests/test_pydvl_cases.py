@@ -13,7 +13,8 @@ the weight and the bias, so H loses its cross terms: the closed form uses the
 block-diagonal H. Tolerances: exact solvers (Direct, full-rank Arnoldi / Nystroem)
 1e-9 relative to the largest entry, float64 rounding of a 4 x 4 solve; CG at rtol 1e-12
 1e-8; LiSSA, a stochastic fixed-point iteration stopped at rtol 1e-10 with scale above
-the largest eigenvalue, 1e-3.
+the largest eigenvalue, 1e-3. Block structures: every class that takes them (EK-FAC is
+layer-wise by construction).
 """
 
 from __future__ import annotations
@@ -81,10 +82,9 @@ def _solvers():
         cases.append((f"nystroem-full-rank-{blocks}", blocks, 1e-9,
                       lambda m, b=b: pydvl.NystroemSketchInfluence(m, F.mse_loss, LAMBDA, rank=D + 1,
                                                                    block_structure=b)))
-    cases += [
-        ("lissa", "full", 1e-3,
-         lambda m: pydvl.LissaInfluence(m, F.mse_loss, LAMBDA, maxiter=5000, rtol=1e-10, scale=20.0)),
-    ]
+        cases.append((f"lissa-{blocks}", blocks, 1e-3,
+                      lambda m, b=b: pydvl.LissaInfluence(m, F.mse_loss, LAMBDA, maxiter=5000, rtol=1e-10,
+                                                          scale=20.0, block_structure=b)))
     return cases
 
 

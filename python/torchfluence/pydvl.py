@@ -210,17 +210,6 @@ def _block_regularizations(regularization: Any, block_names: list[str]) -> dict[
     return dict.fromkeys(block_names, value)
 
 
-def _check_block_structure(block_structure: Any, solver: str) -> None:
-    """Solvers without block-diagonal support: only ``BlockMode.FULL``."""
-    if isinstance(block_structure, Mapping) or _enum_value(block_structure) in ("layer_wise", "parameter_wise"):
-        raise NotImplementedError(
-            f"block_structure={block_structure!r}: block-diagonal curvature is implemented for DirectInfluence, "
-            f"CgInfluence, ArnoldiInfluence, NystroemSketchInfluence and InverseHarmonicMeanInfluence; {solver} "
-            "takes BlockMode.FULL")
-    if _enum_value(block_structure) != "full":
-        raise ValueError(f"block_structure must be a BlockMode, got {block_structure!r}")
-
-
 def _regularization(regularization: Any, name: str = "regularization") -> float:
     """A pyDVL regularization (None or a float) as torchfluence's float."""
     if regularization is None:
@@ -562,38 +551,16 @@ class CgInfluence(_PydvlInterface, _BlockDiagonal, _SettableRegularization, _Ato
         return self.block
 
 
-class LissaInfluence(_PydvlInterface, _SettableRegularization, _solvers.LissaInfluence):
-    """LiSSA (pyDVL's ``LissaInfluence``).
+class _LissaIteration:
+    """pyDVL's LiSSA loop with its early stop on the relative change per step."""
 
-    Runs ``h <- v + (1 - dampen) h - (H_batch + lambda I) h / scale`` on random
-    training minibatches of the loader's batch size and returns ``h / scale``.
-    It stops early once every entry's relative change in a step,
-    ``max |h_new - h| / |h_new|``, is below ``rtol``, and otherwise after ``maxiter`` steps.
+    rtol: float
+    warn_on_max_iteration: bool
+    last_iterations: Optional[int] = None  # steps the last solve took
 
-    Args:
-        model, loss, regularization, block_structure, second_order_mode: as in :class:`DirectInfluence`.
-        maxiter, dampen, scale, rtol: as above (``scale`` must exceed the largest eigenvalue of H + lambda I).
-        progress: progress bars.
-        warn_on_max_iteration: warn when ``rtol`` was not reached within ``maxiter`` steps.
-        hessian_regularization: older name of ``regularization``.
-    """
-
-    def __init__(self, model: nn.Module, loss, regularization: Optional[float] = _UNSET, maxiter: int = 1000,
-                 dampen: float = 0.0, scale: float = 10.0, rtol: float = 1e-4, progress: bool = False,
-                 warn_on_max_iteration: bool = True, block_structure: Any = BlockMode.FULL,
-                 second_order_mode: Any = SecondOrderMode.HESSIAN, *,
-                 hessian_regularization: Optional[float] = _UNSET) -> None:
-        regularization = _alias(regularization, hessian_regularization, "regularization", "hessian_regularization",
-                                None)
-        _check_block_structure(block_structure, "LissaInfluence")
-        if not isinstance(rtol, (int, float)) or not rtol >= 0:
-            raise ValueError(f"rtol must be a number >= 0, got {rtol!r}")
-        super().__init__(model, loss, _regularization(regularization), maxiter=maxiter, dampen=dampen, scale=scale,
-                         progress=progress, **_second_order(second_order_mode))
-        self.rtol = float(rtol)
-        self.warn_on_max_iteration = bool(warn_on_max_iteration)
-        self.last_iterations: Optional[int] = None  # steps the last solve took
-        self._remember(model, loss)
+    def stopping(self, rtol: float, warn_on_max_iteration: bool):
+        self.rtol, self.warn_on_max_iteration = rtol, warn_on_max_iteration
+        return self
 
     def solve(self, vectors: Tensor) -> Tensor:
         self._require_fitted()
@@ -622,6 +589,62 @@ class LissaInfluence(_PydvlInterface, _SettableRegularization, _solvers.LissaInf
                               stacklevel=3)
         self.last_iterations = step
         return h / self.scale
+
+
+
+class _LissaBlock(_LissaIteration, _solvers.LissaInfluence):
+    """One block of a block-diagonal :class:`LissaInfluence`."""
+
+    def with_regularization(self, regularization: float) -> "_LissaBlock":
+        self.regularization = check_regularization(regularization)
+        return self
+
+
+class LissaInfluence(_PydvlInterface, _BlockDiagonal, _SettableRegularization, _LissaIteration,
+                     _solvers.LissaInfluence):
+    """LiSSA (pyDVL's ``LissaInfluence``).
+
+    Runs ``h <- v + (1 - dampen) h - (H_batch + lambda I) h / scale`` on random
+    training minibatches of the loader's batch size and returns ``h / scale``.
+    It stops early once every entry's relative change in a step,
+    ``max |h_new - h| / |h_new|``, is below ``rtol``, and otherwise after ``maxiter`` steps.
+
+    Args:
+        model, loss, regularization, block_structure, second_order_mode: as in :class:`DirectInfluence`.
+        maxiter, dampen, scale, rtol: as above (``scale`` must exceed the largest eigenvalue of H + lambda I).
+        progress: progress bars.
+        warn_on_max_iteration: warn when ``rtol`` was not reached within ``maxiter`` steps.
+        hessian_regularization: older name of ``regularization``.
+    """
+
+    def __init__(self, model: nn.Module, loss, regularization: Optional[float] = _UNSET, maxiter: int = 1000,
+                 dampen: float = 0.0, scale: float = 10.0, rtol: float = 1e-4, progress: bool = False,
+                 warn_on_max_iteration: bool = True, block_structure: Any = BlockMode.FULL,
+                 second_order_mode: Any = SecondOrderMode.HESSIAN, *,
+                 hessian_regularization: Optional[float] = _UNSET) -> None:
+        regularization = _alias(regularization, hessian_regularization, "regularization", "hessian_regularization",
+                                None)
+        if not isinstance(rtol, (int, float)) or not rtol >= 0:
+            raise ValueError(f"rtol must be a number >= 0, got {rtol!r}")
+        blocks = _block_structure(model, block_structure)
+        values = _block_regularizations(regularization, [""] if blocks is None else list(blocks))
+        options = dict(maxiter=maxiter, dampen=dampen, scale=scale, progress=progress,
+                       **_second_order(second_order_mode))
+        stopping = dict(rtol=float(rtol), warn_on_max_iteration=bool(warn_on_max_iteration))
+        if blocks is None:
+            super().__init__(model, loss, values[""], **options)
+        else:
+            super().__init__(model, loss, 0.0, params=[n for names in blocks.values() for n in names], head=False,
+                             **options)
+            self._init_blocks(blocks, values, lambda params, lam: _LissaBlock(
+                model, loss, lam, params=params, head=False, **options).stopping(**stopping))
+        self.stopping(**stopping)
+        self._remember(model, loss)
+
+    def solve(self, vectors: Tensor) -> Tensor:
+        if self._block_solvers is not None:
+            return _BlockDiagonal.solve(self, vectors)
+        return _LissaIteration.solve(self, vectors)
 
 
 class ArnoldiInfluence(_PydvlInterface, _BlockDiagonal, _solvers.ArnoldiInfluence):
