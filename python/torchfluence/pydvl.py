@@ -18,14 +18,15 @@ argument; none is ignored.
 
 Block-diagonal curvature (``block_structure=BlockMode.LAYER_WISE``,
 ``BlockMode.PARAMETER_WISE`` or a dict ``{block name: [parameter names]}``) and
-per-block ``regularization`` dicts are supported by :class:`DirectInfluence` and
-:class:`CgInfluence`: the curvature restricted to each block is solved on its own
-(cross-block terms dropped) and the influence is the sum over the blocks. The
-other solvers take ``BlockMode.FULL`` only.
+per-block ``regularization`` dicts are supported by :class:`DirectInfluence`,
+:class:`CgInfluence`, :class:`LissaInfluence`, :class:`ArnoldiInfluence`,
+:class:`NystroemSketchInfluence` and :class:`InverseHarmonicMeanInfluence`: the
+curvature restricted to each block is solved on its own (cross-block terms dropped)
+and the influence is the sum over the blocks. :class:`EkfacInfluence` is layer-wise
+by construction.
 
-Not supported: Arnoldi's ``max_iter`` (ARPACK restarts), preconditioners other
-than :class:`JacobiPreconditioner` and :class:`NystroemPreconditioner`, and
-``InverseHarmonicMeanInfluence``.
+Not supported: Arnoldi's ``max_iter`` (ARPACK restarts), and preconditioners other
+than :class:`JacobiPreconditioner` and :class:`NystroemPreconditioner`.
 """
 
 from __future__ import annotations
@@ -216,8 +217,8 @@ def _regularization(regularization: Any, name: str = "regularization") -> float:
         return 0.0
     if isinstance(regularization, Mapping):
         raise NotImplementedError(
-            f"{name}: a dict of per-block regularizations is supported by DirectInfluence and CgInfluence only; "
-            "pass one float")
+            f"{name}: a dict of per-block regularizations needs a block_structure (or the one block \"\" of "
+            "BlockMode.FULL) on a solver that takes one; pass one float here")
     return check_regularization(regularization, name)
 
 
