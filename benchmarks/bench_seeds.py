@@ -9,8 +9,10 @@ and whose ``fc`` is replaced by a 2-class head, then runs
 
 Here the same code runs twice per round, once with ``pydvl.influence.torch.CgInfluence``
 (its best documented configuration: ``solve_simultaneously=True``, block CG) and once
-with ``torchfluence.CgInfluence`` with the notebook's arguments only (its frozen backbone
-is found and run once per sample: automatic head mode). Two variants of the trainable
+with ``torchfluence.pydvl.CgInfluence``: the import change alone, the same arguments
+(the notebook's plus ``solve_simultaneously=True``, pyDVL's defaults otherwise: rtol
+1e-4, atol 1e-6). torchfluence finds the frozen backbone and runs it once per sample
+(automatic head mode). Two variants of the trainable
 part: ``fc`` (the notebook) and ``layer4 + fc`` (a last block fine-tuned too).
 
 Data: synthetic 3 x 64 x 64 images of two classes (a class-dependent smooth pattern plus
@@ -40,6 +42,7 @@ from _resnet18 import resnet18  # noqa: E402
 from bench_peers import PYDVL, interleaved, pearson, quiet, relative_error  # noqa: E402
 
 import torchfluence as tfl  # noqa: E402
+import torchfluence.pydvl as tfl_pydvl  # noqa: E402
 
 REG = 1e-3
 
@@ -107,7 +110,7 @@ def main() -> None:
         with quiet():
             notebook(PYDVL, model, x, y, xt, yt, solve_simultaneously=True)
             peer_scores = notebook.last
-            notebook(tfl, model, x, y, xt, yt)
+            notebook(tfl_pydvl, model, x, y, xt, yt, solve_simultaneously=True)
             ours_scores = notebook.last
         errors = ("-", "-")
         if variant == "fc":
@@ -118,7 +121,7 @@ def main() -> None:
         with quiet():
             medians = interleaved({
                 "peer": lambda: notebook(PYDVL, model, x, y, xt, yt, solve_simultaneously=True),
-                "ours": lambda: notebook(tfl, model, x, y, xt, yt),
+                "ours": lambda: notebook(tfl_pydvl, model, x, y, xt, yt, solve_simultaneously=True),
             }, args.repeats)
         peer, ours = (sum(medians[k].values()) for k in ("peer", "ours"))
         rows.append(f"| {variant} | {p:,} | {peer:.2f} | {ours:.2f} | {peer / ours:.1f}x | {errors[0]} | "
