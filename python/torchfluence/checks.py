@@ -42,13 +42,17 @@ def check_finite(tensor: Tensor, what: str, offset: int = 0, *, sample_dim: int 
     bad = ~torch.isfinite(tensor)
     if not bool(bad.any()):
         return
-    first = bad.nonzero()[0].tolist()
     if tensor.dim() == 0:
         raise nonfinite_error(what, 1, None, None)
-    sample_dim %= tensor.dim()
-    row = first[0] if tensor.dim() == 2 and sample_dim == 1 else None
+    raise nonfinite_error(what, int(bad.sum()), *_position(bad.nonzero()[0].tolist(), sample_dim, offset))
+
+
+def _position(first: list[int], sample_dim: int, offset: int) -> tuple[Optional[int], Optional[int]]:
+    """(query row, global sample index) of the element at coordinates `first`, for the error message."""
+    sample_dim %= len(first)
+    row = first[0] if len(first) == 2 and sample_dim == 1 else None
     index = offset + first[sample_dim] if offset >= 0 else None
-    raise nonfinite_error(what, int(bad.sum()), row, index)
+    return row, index
 
 
 class FiniteChecks:
@@ -89,10 +93,7 @@ class FiniteChecks:
                     first.append(flat % size)
                     flat //= size
                 first.reverse()
-                sample_dim = self.sample_dim % len(shape)
-                row = first[0] if len(shape) == 2 and sample_dim == 1 else None
-                index = offset + first[sample_dim] if offset >= 0 else None
-                raise nonfinite_error(self.what, count, row, index)
+                raise nonfinite_error(self.what, count, *_position(first, self.sample_dim, offset))
 
     def finish(self) -> None:
         """Reads whatever is still queued; raises for the first non-finite value."""

@@ -157,10 +157,7 @@ def _images(images: Any, name: str = "images") -> np.ndarray:
         raise ValueError(
             f"{name} must be (n, C, H, W) with C in {{1, 3}} or (n, H, W), got shape {tuple(arr.shape)}"
         )
-    if arr.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
-    _check_finite(arr, name)
-    return arr
+    return _real_and_finite(arr, name)
 
 
 def _single_image(image: Any, name: str) -> np.ndarray:
@@ -171,6 +168,10 @@ def _single_image(image: Any, name: str) -> np.ndarray:
         raise ValueError(
             f"{name} must be (C, H, W) with C in {{1, 3}} or (H, W), got shape {tuple(arr.shape)}"
         )
+    return _real_and_finite(arr, name)
+
+
+def _real_and_finite(arr: np.ndarray, name: str) -> np.ndarray:
     if arr.dtype.kind not in "biuf":
         raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
     _check_finite(arr, name)
