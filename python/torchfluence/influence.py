@@ -281,7 +281,7 @@ class InfluenceFunctionModel(ABC):
         return factors
 
     # Solvers whose solve treats each row on its own (a fixed linear map) set this:
-    # the test factors are then computed block_size rows at a time, straight into
+    # the test factors are then computed _factor_rows() rows at a time, straight into
     # the scoring layout, so the (n_test, p) factors in the computation dtype are
     # never held beside it.
     _solves_rows_independently = False
