@@ -52,6 +52,9 @@ from typing import Callable
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_topk_merge import fresh_state  # noqa: E402
+
 GEMM_N = 8192
 TOPK_SHAPES = [(2000, 65536), (512, 262144)]  # (n_query, b)
 TOPK_KS = [10, 100]
@@ -180,13 +183,7 @@ def bench_ceilings(dev, quick: bool) -> dict:
 
 
 def new_state(n_query: int, k: int, dtype: torch.dtype, dev) -> dict:
-    return dict(
-        largest_values=torch.full((n_query, k), -math.inf, dtype=dtype, device=dev),
-        largest_indices=torch.full((n_query, k), -1, dtype=torch.int64, device=dev),
-        smallest_values=torch.full((n_query, k), math.inf, dtype=dtype, device=dev),
-        smallest_indices=torch.full((n_query, k), -1, dtype=torch.int64, device=dev),
-        status=torch.zeros(3, dtype=torch.int64, device=dev),
-    )
+    return fresh_state(n_query, k, dtype, torch.device(dev))
 
 
 def reset_state(state: dict) -> None:

@@ -178,6 +178,16 @@ def _real_and_finite(arr: np.ndarray, name: str) -> np.ndarray:
     return arr
 
 
+def _image_inputs(images: Any, influences: Any, labels: Any, flipped: Any, k: Any):
+    """Checked (values, images, labels, flipped mask or None, k) of the top-images plots."""
+    values = _vector(influences, "influences")
+    imgs = _images(images)
+    _same_length(imgs, "images", values, "influences")
+    labels_arr = _labels(labels, "labels", values, "influences")
+    mask = None if flipped is None else _bool_mask(flipped, "flipped", values, "influences")
+    return values, imgs, labels_arr, mask, _check_k(k, values.shape[0])
+
+
 def _show_image(ax, image: np.ndarray, cmap: str) -> None:
     """Draws one (C, H, W) image scaled to [0, 1] by its own minimum and maximum."""
     img = image.astype(np.float64)
@@ -360,12 +370,7 @@ def plot_top_training_images(images: Any, influences: Any, labels: Any, k: int =
         The matplotlib Figure, with 2 * k axes (plus one for the test image).
     """
     _require_matplotlib()
-    values = _vector(influences, "influences")
-    imgs = _images(images)
-    _same_length(imgs, "images", values, "influences")
-    labels_arr = _labels(labels, "labels", values, "influences")
-    mask = None if flipped is None else _bool_mask(flipped, "flipped", values, "influences")
-    k = _check_k(k, values.shape[0])
+    values, imgs, labels_arr, mask, k = _image_inputs(images, influences, labels, flipped, k)
     test = None if test_image is None else _single_image(test_image, "test_image")
     test_text = "test point"
     if test_label is not None:
@@ -422,12 +427,7 @@ def plot_top_images_per_class(images: Any, influences: Any, labels: Any, k: int 
         The matplotlib Figure, with one axes per image shown.
     """
     _require_matplotlib()
-    values = _vector(influences, "influences")
-    imgs = _images(images)
-    _same_length(imgs, "images", values, "influences")
-    labels_arr = _labels(labels, "labels", values, "influences")
-    mask = None if flipped is None else _bool_mask(flipped, "flipped", values, "influences")
-    k = _check_k(k, values.shape[0])
+    values, imgs, labels_arr, mask, k = _image_inputs(images, influences, labels, flipped, k)
 
     texts = _label_texts(labels_arr, label_names)
     fig = _new_figure(fig, (1.5 * 2 * k, 1.9 * len(texts)))
