@@ -22,7 +22,7 @@ $(BIN)/python:
 
 $(VENV)/.deps-$(subst =,_,$(subst /,_,$(TORCH_SPEC))): | $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet numpy pybind11 "scikit-build-core>=0.10" ninja tqdm pytest scikit-learn matplotlib
+	$(BIN)/pip install --quiet numpy pybind11 "scikit-build-core>=0.10" ninja tqdm safetensors pytest scikit-learn matplotlib
 	touch $@
 
 $(STAMP): $(VENV)/.deps-$(subst =,_,$(subst /,_,$(TORCH_SPEC))) $(SOURCES)
