@@ -143,17 +143,29 @@ class Samples:
             if x.shape[0]:
                 yield x, y
 
-    def blocks(self, *, checked: bool = True) -> Iterator[SampleBlock]:
+    def blocks(self, *, checked: bool = True, select: Optional[Callable[[int], bool]] = None) -> Iterator[SampleBlock]:
         """Blocks of at most ``block_size`` samples with global offsets, in data order.
+
+        Args:
+            checked: check inputs and targets (NaN/inf, target ranges).
+            select: optional predicate on the block's index (0, 1, ...): blocks it
+                rejects are read (their samples still count towards the offsets) but
+                neither checked, transformed nor yielded. Resumed jobs skip finished
+                blocks with it, and each process of a distributed job keeps its share.
 
         Raises ValueError for NaN/inf inputs or targets (naming the sample), and
         when a full pass yields a different number of samples than was counted.
         """
         offset = 0
+        index = -1
         checked = checked and not self._pair_checked
         for x, y in self.batches():
             for start in range(0, x.shape[0], self.block_size):
                 xb, yb = x[start:start + self.block_size], y[start:start + self.block_size]
+                index += 1
+                if select is not None and not select(index):
+                    offset += xb.shape[0]
+                    continue
                 if checked:
                     check_finite(xb, f"{self.name} inputs", offset)
                     check_finite(yb, f"{self.name} targets", offset)
@@ -168,8 +180,8 @@ class Samples:
         if self._count is not None and offset != self._count:
             raise ValueError(f"{self.name} yielded {offset} samples in this pass, but {self._count} before; the "
                              "data must yield the same samples on every pass (use drop_last=False)")
-        if checked and self._pair is not None:
-            self._pair_checked = True
+        if checked and select is None and self._pair is not None:
+            self._pair_checked = True  # every block was checked
 
     def validate_in_memory(self) -> None:
         """Checks every block now when the data is an in-memory pair (cheap: no loading, no model)."""

@@ -38,6 +38,7 @@ from .checks import (FiniteChecks, check_choice, check_finite, check_mode, check
                      check_regularization)
 from .curvature import CurvatureOperator, curvature_operator
 from .data import DataSource, SampleBlock, Samples
+from .fingerprint import model_fingerprint
 from .gradients import GradientSource, PreparedQueries, gradient_source
 from .head import BackboneFeatures, HeadSpec, split_trainable_tail
 from .linear_head import loss_kind
@@ -119,6 +120,7 @@ class InfluenceFunctionModel(ABC):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.second_order, self.progress, self.fused = second_order, progress, fused
+        self.model = model  # the model as given (in head mode, backbone and head)
         self.features: Optional[BackboneFeatures] = None
         self._full_model: Optional[nn.Module] = None  # for mode="perturbation" in automatic head mode
         split = None
@@ -167,6 +169,10 @@ class InfluenceFunctionModel(ABC):
     @property
     def dtype(self) -> torch.dtype:
         return self.functions.dtype
+
+    def model_fingerprint(self) -> str:
+        """A hash of the model's parameters and buffers (:func:`torchfluence.fingerprint.model_fingerprint`)."""
+        return model_fingerprint(self.model)
 
     # -- data ---------------------------------------------------------------------------------------
     def samples(self, data: DataSource, name: str = "data") -> Samples:
