@@ -40,7 +40,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 2
         return 0
     from .demo import run_demo
+    from .distributed import init_from_environment
 
+    init_from_environment()  # under torchrun the processes share the job
     run_demo(out_dir=args.out, seed=args.seed)
     return 0
 

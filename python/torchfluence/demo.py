@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
+from .distributed import broadcast_module, init_from_environment, is_main_process, world
 from .solvers import DirectInfluence
 
 FRACTIONS = (0.05, 0.10, 0.20)
@@ -54,7 +55,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed:
     torch.manual_seed(seed)
     loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
     opt = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=1e-4)
-    for _ in tqdm(range(epochs), desc="training"):
+    for _ in tqdm(range(epochs), desc="training", disable=not is_main_process()):
         for xb, yb in loader:
             opt.zero_grad()
             F.cross_entropy(model(xb), yb).backward()
@@ -128,16 +129,18 @@ def run_demo(out_dir: str = "demo_out", seed: int = 0, epochs: int = 40, regular
     plots of :func:`save_plots` (influence_by_label.png, top_images.png, self_influence_vs_loss.png)
     to `out_dir`."""
     start = time.perf_counter()
+    main_process = is_main_process()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     x_train, y_train, x_test, y_test, is_flipped = load_digits_split(seed)
-    model = train(small_cnn(), x_train, y_train, epochs, seed)
+    model = broadcast_module(train(small_cnn(), x_train, y_train, epochs, seed))
     with torch.no_grad():
         accuracy = float((model(x_test).argmax(1) == y_test).float().mean())
         train_loss = F.cross_entropy(model(x_train), y_train, reduction="none")
 
     train_loader = DataLoader(TensorDataset(x_train, y_train), batch_size=256)
-    im = DirectInfluence(model, F.cross_entropy, regularization, second_order="gauss_newton", progress=True)
+    im = DirectInfluence(model, F.cross_entropy, regularization, second_order="gauss_newton",
+                         progress=main_process)
     im.fit(train_loader)
     self_influence = im.self_influences(x_train, y_train)
     influences = im.influences(x_test, y_test, x_train, y_train)  # (n_test, n_train), positive = helpful
@@ -153,12 +156,15 @@ def run_demo(out_dir: str = "demo_out", seed: int = 0, epochs: int = 40, regular
     }
     n_flipped = int(is_flipped.sum())
     found = {name: recall_at(score, is_flipped) for name, score in rankings.items()}
+    world_size = world()[1]
+    if not main_process:  # every process holds the same results; one writes them
+        return {"n_train": len(y_train), "n_flipped": n_flipped, "flipped_found": found}
     save_examples(out / "examples.png", x_test, y_test, x_train, y_train, is_flipped, top)
     figures = save_plots(out, x_test, y_test, x_train, y_train, is_flipped, influences, self_influence,
                          train_loss)
 
     print(f"\ndigits: {len(y_train)} train ({n_flipped} flipped labels), {len(y_test)} test; "
-          f"CNN with {im.num_params} parameters, test accuracy {accuracy:.3f}")
+          f"CNN with {im.num_params} parameters, test accuracy {accuracy:.3f}; {world_size} process(es)")
     header = "| ranking | " + " | ".join(f"flipped in top {int(f * 100)}%" for f in FRACTIONS) + " |"
     print(header)
     print("|" + "---|" * (1 + len(FRACTIONS)))
@@ -168,7 +174,23 @@ def run_demo(out_dir: str = "demo_out", seed: int = 0, epochs: int = 40, regular
     elapsed = time.perf_counter() - start
     print(f"\nexamples: {out / 'examples.png'}; report: {out / 'report.json'}; total {elapsed:.1f} s")
     print("plots: " + ", ".join(figures.values()))
-    report = {"n_train": len(y_train), "n_flipped": n_flipped, "test_accuracy": accuracy,
+    report = {"n_train": len(y_train), "n_flipped": n_flipped, "test_accuracy": accuracy, "processes": world_size,
               "fractions": FRACTIONS, "flipped_found": found, "seconds": elapsed, "figures": figures}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def main() -> None:
+    """``python -m torchfluence.demo``; under ``torchrun --nproc_per_node N`` the processes share the job."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m torchfluence.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="demo_out", help="folder for the report and PNG figures")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    init_from_environment()
+    run_demo(out_dir=args.out, seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()

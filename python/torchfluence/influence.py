@@ -38,6 +38,7 @@ from .checks import (FiniteChecks, check_choice, check_finite, check_mode, check
                      check_regularization)
 from .curvature import CurvatureOperator, curvature_operator
 from .data import DataSource, SampleBlock, Samples
+from .distributed import all_reduce_sum, local_blocks, world
 from .fingerprint import model_fingerprint
 from .gradients import GradientSource, PreparedQueries, gradient_source
 from .head import BackboneFeatures, HeadSpec, split_trainable_tail
@@ -258,9 +259,9 @@ class InfluenceFunctionModel(ABC):
         data = self._require_fitted() if data is None else data
         n = data.count()
         total = torch.zeros_like(vectors)
-        for block in data.blocks():
+        for block in local_blocks(data):
             total += (block.size / n) * self.curvature_operator.batch_vp(vectors, block.x, block.y)
-        return total
+        return all_reduce_sum(total)
 
     # -- gradients ----------------------------------------------------------------------------------
     def grads(self, x: Tensor, y: Tensor) -> Tensor:
@@ -434,8 +435,10 @@ class InfluenceFunctionModel(ABC):
                 what: str, sample_dim: int = -1) -> None:
         """Scores every block of `samples` and writes it to each sink; NaN/inf are reported with the sample."""
         known = samples.known_count()
-        total = None if known is None else math.ceil(known / self.block_size)
-        bar = tqdm(samples.blocks(), total=total, desc=what, disable=not self.progress or total == 1)
+        rank, size = world()
+        total = None if known is None else len(range(rank, math.ceil(known / self.block_size), size))
+        bar = tqdm(local_blocks(samples), total=total, desc=what,
+                   disable=not self.progress or total == 1 or rank != 0)
         checks = FiniteChecks(what, sample_dim=sample_dim)
         with matmul_precision(self.allow_tf32):
             for block in bar:
@@ -444,6 +447,8 @@ class InfluenceFunctionModel(ABC):
                 for sink in sinks:
                     sink.write(values, block.offset)
         checks.finish()
+        for sink in sinks:
+            sink.gather()
 
     def _dense(self, shape: tuple[int, ...], out: Output, sample_dim: int) -> DenseSink:
         if out is None:

@@ -571,8 +571,7 @@ class _LissaIteration:
         largest = float("inf")
         step = 0
         for step in range(1, self.maxiter + 1):
-            x, y = next(batches)
-            curvature = self.curvature_operator.batch_vp(h, x, y) + self.regularization * h
+            curvature = self._minibatch_vp(h, *next(batches)) + self.regularization * h
             new = v + (1 - self.dampen) * h - curvature / self.scale
             change = (new - h).abs()
             h = new

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .distributed import all_reduce_count, all_reduce_max, all_reduce_sum, is_distributed, merge_topk
 from .topk import StreamingTopK, TopKResult
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
@@ -37,6 +38,9 @@ class ScoreSink(ABC):
     def result(self):
         """What was collected."""
 
+    def gather(self) -> None:  # noqa: B027 - nothing to combine by default
+        """Combines what each process collected (distributed jobs); called once, after the last block."""
+
 
 class DenseSink(ScoreSink):
     """Collects blocks into one tensor.
@@ -49,13 +53,18 @@ class DenseSink(ScoreSink):
 
     def __init__(self, shape: tuple[int, ...], *, dtype: torch.dtype, device: Union[str, torch.device],
                  sample_dim: int = -1) -> None:
-        self.out = torch.empty(shape, dtype=dtype, device=device)
+        # Distributed: each process fills its own columns, the others stay exact zeros for the sum.
+        self.out = (torch.zeros if is_distributed() else torch.empty)(shape, dtype=dtype, device=device)
         self.sample_dim = sample_dim % len(shape)
         self.filled = 0
 
     def write(self, block: Tensor, offset: int) -> None:
         self.out.narrow(self.sample_dim, offset, block.shape[self.sample_dim]).copy_(block)
         self.filled += block.shape[self.sample_dim]
+
+    def gather(self) -> None:
+        all_reduce_sum(self.out)
+        self.filled = all_reduce_count(self.filled, self.out.device)
 
     def result(self) -> Tensor:
         expected = self.out.shape[self.sample_dim]
@@ -100,6 +109,17 @@ class TopKSink(ScoreSink):
 
     def write(self, block: Tensor, offset: int) -> None:
         self.state.update_scores(block, offset)
+
+    def gather(self) -> None:
+        state = self.state
+        if not is_distributed():
+            return
+        all_reduce_sum(state.status)
+        state.largest_values, state.largest_indices = merge_topk(state.largest_values, state.largest_indices,
+                                                                 largest=True)
+        state.smallest_values, state.smallest_indices = merge_topk(state.smallest_values, state.smallest_indices,
+                                                                   largest=False)
+        state.n_seen = all_reduce_max(state.n_seen, state.device)
 
     def result(self) -> TopKResult:
         return self.state.result()

@@ -28,6 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..checks import check_finite
+from ..distributed import all_reduce_count, all_reduce_sum, local_blocks
 from ..influence import InfluenceFunctionModel
 
 BlockStructure = Union[Literal["layer", "full"], Mapping[str, Sequence[str]]]
@@ -109,7 +110,7 @@ class InverseHarmonicMeanInfluence(InfluenceFunctionModel):
         parts = [(ranges, _gather(vectors, ranges), self.block_regularization[name])
                  for name, ranges in self._columns.items()]
         n = 0
-        for block in tqdm(train.blocks(), desc="DataInf solve", disable=not self.progress):
+        for block in tqdm(local_blocks(train), desc="DataInf solve", disable=not self.progress):
             g = self.source.grads(block.x, block.y)  # (b, p)
             check_finite(g, "per-sample gradients", block.offset)
             n += g.shape[0]
@@ -118,6 +119,8 @@ class InverseHarmonicMeanInfluence(InfluenceFunctionModel):
                 coef = (v @ g_b.T) / (lam + g_b.square().sum(dim=1))  # (k, b)
                 _scatter_add(out, ranges, g.shape[0] * v - coef @ g_b)
             del g
+        all_reduce_sum(out)
+        n = all_reduce_count(n, out.device)
         for ranges, _, lam in parts:
             for start, stop in ranges:
                 out[:, start:stop] /= n * lam

@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 
 from ..checks import check_regularization
 from ..data import Samples
+from ..distributed import all_reduce_sum, local_blocks
 from ..influence import InfluenceFunctionModel
 
 
@@ -108,7 +109,7 @@ class DirectInfluence(InfluenceFunctionModel):
         use_jacobians = self.second_order == "gauss_newton" and self._outputs_per_sample(train) < p
         matrix = torch.zeros(p, p, dtype=torch.float64, device=self.device)
         eye = torch.eye(p, dtype=self.dtype, device=self.device)
-        for block in tqdm(train.blocks(), desc="curvature", disable=not self.progress):
+        for block in tqdm(local_blocks(train), desc="curvature", disable=not self.progress):
             if use_jacobians:
                 jac = self.functions.output_jacobians(block.x)  # (b, c, p), computation dtype
                 h_out = self.functions.output_loss_hessians(block.x, block.y)  # (b, c, c)
@@ -122,7 +123,7 @@ class DirectInfluence(InfluenceFunctionModel):
                 cols = eye[start:start + self.column_block]
                 matrix[:, start:start + cols.shape[0]] += weight * self.curvature_operator.batch_vp(cols, block.x,
                                                                                           block.y).double().T
-        return matrix
+        return all_reduce_sum(matrix)
 
     def _outputs_per_sample(self, train: Samples) -> int:
         x = train.first_block().x

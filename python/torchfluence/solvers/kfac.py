@@ -29,6 +29,7 @@ from .._fisher import TargetSampler, default_sampler, exact_output_grads
 from ..capture import Layer, capture, describe_missing, find_layers
 from ..checks import check_mode, check_regularization
 from ..data import SampleBlock, Samples
+from ..distributed import all_reduce_count, all_reduce_sum, is_main_process, local_blocks
 from ..fused import psg_self_dot
 from ..influence import InfluenceFunctionModel
 from ..sinks import DenseSink
@@ -93,6 +94,7 @@ class KfacInfluence(InfluenceFunctionModel):
         self.fisher, self.fisher_samples, self.seed = fisher, fisher_samples, seed
         self.eigenvalue_correction = eigenvalue_correction
         self._sample_targets = sample_targets
+        self._target_generator: Optional[torch.Generator] = None
         self.layers, missing = find_layers(self.functions)
         if missing:
             raise ValueError(
@@ -104,11 +106,13 @@ class KfacInfluence(InfluenceFunctionModel):
 
     # -- fitting --------------------------------------------------------------------------------
     def _sampler(self) -> Optional[TargetSampler]:
+        self._target_generator = None
         if self.fisher in ("empirical", "exact"):
             return None
-        generator = torch.Generator(device=self.device).manual_seed(self.seed)
         if self._sample_targets is not None:
             return self._sample_targets
+        generator = torch.Generator(device=self.device)
+        self._target_generator = generator  # reseeded per block by _captures
         sampler = default_sampler(self.functions.loss, generator)
         if sampler is None:
             raise ValueError(
@@ -117,14 +121,22 @@ class KfacInfluence(InfluenceFunctionModel):
                 "the torch function or module); pass sample_targets=outputs -> targets, or fisher='empirical'")
         return sampler
 
-    def _captures(self, train: Samples, sampler: Optional[TargetSampler], desc: str):
+    def _captures(self, train: Samples, sampler: Optional[TargetSampler], desc: str, stage: int):
+        """Captures of this process's training blocks (all of them without a process group).
+
+        Sampled targets come from a generator seeded by (seed, stage, block offset):
+        every block draws the same targets whichever process reads it, so the factors
+        do not depend on the number of processes.
+        """
         exact = self.fisher == "exact"
         if exact and exact_output_grads(self.functions.loss, torch.zeros(1, 2)) is None:
             raise ValueError(
                 f"fisher='exact' needs the output Hessian's factors, known for cross-entropy and MSE passed as the "
                 f"torch function or module, got loss {self.functions.loss!r}; use fisher='true'")
         out_grads = (lambda o: exact_output_grads(self.functions.loss, o)) if exact else None
-        for block in tqdm(train.blocks(), desc=desc, disable=not self.progress):
+        for block in tqdm(local_blocks(train), desc=desc, disable=not self.progress or not is_main_process()):
+            if self._target_generator is not None:
+                self._target_generator.manual_seed(_block_seed(self.seed, stage, block.offset))
             for _ in range(self.fisher_samples if sampler is not None else 1):
                 cap = capture(self.functions, self.layers, block.x, block.y, sampler, out_grads)
                 if exact and any(g.dim() != 4 for g in cap.output_grads):
@@ -138,12 +150,15 @@ class KfacInfluence(InfluenceFunctionModel):
                   for layer in self.layers]
         s_sums = [torch.zeros(layer.d_out, layer.d_out, dtype=torch.float64, device=dev) for layer in self.layers]
         n = 0
-        for cap in self._captures(train, sampler, "K-FAC factors"):
+        for cap in self._captures(train, sampler, "K-FAC factors", stage=0):
             n += cap.outputs.shape[0]
             for i, (a, g) in enumerate(zip(cap.activations, cap.output_grads)):
                 a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
                 a_sums[i] += (a2.T @ a2).double()
                 s_sums[i] += (g2.T @ g2).double() / g.shape[-2]
+        for total in (*a_sums, *s_sums):
+            all_reduce_sum(total)
+        n = all_reduce_count(n, dev)
         bases = []
         for layer, a_sum, s_sum in zip(self.layers, a_sums, s_sums):
             a_fac, s_fac = a_sum / n, s_sum / n
@@ -169,12 +184,15 @@ class KfacInfluence(InfluenceFunctionModel):
         sums = [torch.zeros_like(lam) for _, _, lam in bases]
         typed = [(q_a.to(self.dtype), q_s.to(self.dtype)) for q_a, q_s, _ in bases]
         n = 0
-        for cap in self._captures(train, sampler, "EK-FAC eigenvalues"):
+        for cap in self._captures(train, sampler, "EK-FAC eigenvalues", stage=1):
             n += cap.outputs.shape[0]
             for i, (a, g) in enumerate(zip(cap.activations, cap.output_grads)):
                 q_a, q_s = typed[i]
                 g = g.reshape(-1, *a.shape[:2], g.shape[-1])  # (K, b, T, d_out), K = 1 unless fisher="exact"
                 sums[i] += _rotated_gradients(g, a, q_s, q_a).square().sum(dim=(0, 1)).double()
+        for total in sums:
+            all_reduce_sum(total)
+        n = all_reduce_count(n, self.device)
         return [s / n for s in sums]
 
     def with_regularization(self, regularization: float) -> "KfacInfluence":
@@ -264,6 +282,11 @@ class EkfacInfluence(KfacInfluence):
         if "eigenvalue_correction" in kwargs:
             raise TypeError("EkfacInfluence always corrects the eigenvalues; use KfacInfluence for plain K-FAC")
         super().__init__(model, loss, regularization, eigenvalue_correction=True, **kwargs)
+
+
+def _block_seed(seed: int, stage: int, offset: int) -> int:
+    """A seed for one block's target draws, distinct per (seed, stage, offset), within 63 bits."""
+    return (seed * 1_000_003 + stage * 7_919 + offset * 2_654_435_761) % (1 << 63)
 
 
 def _rotated_gradients(g: Tensor, a: Tensor, q_s: Tensor, q_a: Tensor) -> Tensor:

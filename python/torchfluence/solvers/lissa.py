@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..distributed import all_reduce_sum, is_distributed, local_rows
 from ..influence import InfluenceFunctionModel
 
 
@@ -53,6 +54,14 @@ class LissaInfluence(InfluenceFunctionModel):
     def _minibatches(self, repetition: int) -> Iterator[tuple[Tensor, Tensor]]:
         return self._require_fitted().shuffled_batches(self.seed + repetition)
 
+    def _minibatch_vp(self, h: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """The minibatch's mean curvature times each row of h; with several processes, each takes a slice."""
+        if not is_distributed():
+            return self.curvature_operator.batch_vp(h, x, y)
+        x, y, share = local_rows(x, y)
+        part = self.curvature_operator.batch_vp(h, x, y) * share if x.shape[0] else torch.zeros_like(h)
+        return all_reduce_sum(part)
+
     def solve(self, vectors: Tensor) -> Tensor:
         self._require_fitted()
         v = vectors.to(self.dtype)
@@ -62,8 +71,7 @@ class LissaInfluence(InfluenceFunctionModel):
             h = v.clone()
             batches = self._minibatches(repetition)
             for step in range(self.maxiter):
-                x, y = next(batches)
-                curvature = self.curvature_operator.batch_vp(h, x, y) + self.regularization * h
+                curvature = self._minibatch_vp(h, *next(batches)) + self.regularization * h
                 h = v + (1 - self.dampen) * h - curvature / self.scale
                 if step % 50 == 0 and not bool(torch.isfinite(h).all()):
                     raise ValueError(
