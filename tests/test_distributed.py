@@ -69,3 +69,17 @@ def test_one_process_needs_no_group():
     assert tdist.world() == (0, 1) and not tdist.is_distributed()
     assert tdist.block_selector() is None
     assert not tdist.init_from_environment()  # WORLD_SIZE unset: nothing to join
+
+
+def test_torchrun_demo(tmp_path):
+    """``torchrun --nproc_per_node 2 -m torchfluence.demo`` runs, and one process writes the report."""
+    import json
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "torchfluence.demo", "--out", str(tmp_path), "--epochs", "2"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, f"torchrun demo failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["processes"] == 2
+    assert done.stdout.count("| self-influence |") == 1  # printed by rank 0 only

@@ -6,6 +6,7 @@ The compiled kernels live in ``torchfluence._C``; the public API is re-exported 
 from __future__ import annotations
 
 from . import capture
+from . import evaluation as evaluation
 from ._build_info import build_info
 from .capture import register_layer
 from .curvature import AutogradHessian, CurvatureOperator, GaussNewton, LinearHeadCurvature

@@ -187,9 +187,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m torchfluence.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_out", help="folder for the report and PNG figures")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=40, help="training epochs of the CNN")
     args = parser.parse_args()
     init_from_environment()
-    run_demo(out_dir=args.out, seed=args.seed)
+    run_demo(out_dir=args.out, seed=args.seed, epochs=args.epochs)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from .distributed import all_reduce_sum, local_blocks, world
 from .fingerprint import model_fingerprint
 from .gradients import GradientSource, PreparedQueries, gradient_source
 from .head import BackboneFeatures, HeadSpec, split_trainable_tail
+from . import persist
 from .linear_head import loss_kind
 from .precision import check_score_dtype, matmul_precision
 from .sinks import DenseSink, MemmapSink, ScoreSink, TopKSink
@@ -462,6 +463,46 @@ class InfluenceFunctionModel(ABC):
             got = tuple(factors.shape) if isinstance(factors, Tensor) else type(factors).__name__
             raise ValueError(f"factors must have shape (n_test, {self.num_params}), got {got}")
         return factors.to(device=self.device, dtype=self.dtype)
+
+    # -- saved state (torchfluence.persist) ---------------------------------------------------------
+    def save(self, path: Union[str, Path]) -> Path:
+        """Writes the fitted solver to one safetensors file, for :meth:`load` in any process.
+
+        The file holds the fitted state (no pickle), the options that rebuild the
+        solver, the training-sample count and the model's fingerprint
+        (:mod:`torchfluence.persist`). The write is atomic.
+
+        Args:
+            path: the file to write (conventionally ``*.safetensors``); replaced if it exists.
+
+        Returns:
+            `path` as a :class:`~pathlib.Path`.
+        """
+        return persist.save(self, path)
+
+    @classmethod
+    def load(cls, path: Union[str, Path], model: nn.Module, loss: LossFn, *,
+             train_data: Optional[DataSource] = None, **overrides) -> "InfluenceFunctionModel":
+        """The solver saved at `path`, rebuilt on `model` without refitting.
+
+        Refuses a file of another solver class (call ``InfluenceFunctionModel.load``
+        to take whichever class the file holds), a model whose parameters or
+        buffers differ from those of the fit, and a damaged file or an unknown
+        format version. See :mod:`torchfluence.persist` for which options a load
+        may override and which solvers need `train_data`.
+
+        Args:
+            path: a file written by :meth:`save`.
+            model: the model with exactly the weights of the fit (trainable parameters
+                and head as then).
+            loss: the loss of the fit.
+            train_data: the training data of the fit, in the same order (its count is
+                checked). Required by CG, LiSSA and DataInf; for the other solvers
+                it is read only by :meth:`train_influences` and :meth:`top_k` without data.
+            overrides: constructor options to change, e.g. ``block_size``, ``progress``,
+                ``score_dtype``, ``regularization``.
+        """
+        return persist.load(cls, path, model, loss, train_data=train_data, overrides=overrides)
 
 
 def _same_data(source: Optional[DataSource], x: Tensor, y: Tensor) -> bool:

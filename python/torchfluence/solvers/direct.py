@@ -10,6 +10,7 @@ from ..checks import check_regularization
 from ..data import Samples
 from ..distributed import all_reduce_sum, local_blocks
 from ..influence import InfluenceFunctionModel
+from ..persist import state_tensor
 
 
 class DirectInfluence(InfluenceFunctionModel):
@@ -130,6 +131,25 @@ class DirectInfluence(InfluenceFunctionModel):
         with torch.no_grad():
             out = self.functions.outputs(self.functions.theta, self.functions.cast_input(x[:1]))
         return out[0].numel()
+
+    # -- saved state (torchfluence.persist) ---------------------------------------------------------
+    def _saved_options(self) -> dict:
+        return {"column_block": self.column_block}
+
+    def _fitted_state(self) -> tuple[dict[str, Tensor], dict]:
+        """H and the Cholesky factor of H + lambda I, with the lambda of that factor."""
+        return ({"curvature": self._matrix, "cholesky": self._factor},
+                {"largest": self._largest, "regularization": self.regularization})
+
+    def _restore_fitted_state(self, tensors: dict[str, Tensor], info: dict) -> None:
+        p = self.num_params
+        self._matrix = state_tensor(tensors, "curvature", (p, p), torch.float64)
+        self._eigen = None
+        self._largest = float(info["largest"])
+        if self.regularization == info["regularization"]:
+            self._factor = state_tensor(tensors, "cholesky", (p, p), torch.float64)
+        else:  # another lambda: one new factorisation of the saved H
+            self._factorize()
 
 
 def _largest_magnitude(matrix: Tensor, iterations: int = 50) -> float:
