@@ -55,7 +55,7 @@ def run_job(out_dir: Path | None = None) -> dict[str, torch.Tensor]:
     direct = solvers["direct"]
     results["direct.self"] = direct.self_influences(x, y)
     results["direct.train"] = direct.train_influences(xt, yt)
-    if out_dir is not None and False:
+    if out_dir is not None:
         results["direct.memmap"] = direct.influences(xt, yt, x, y, out=out_dir / "scores.npy").clone()
     return results
 

@@ -81,6 +81,12 @@ def all_reduce_max(value: int, device: torch.device) -> int:
     return int(total)
 
 
+def barrier() -> None:
+    """Waits for every process (a no-op for one process)."""
+    if is_distributed():
+        dist.barrier()
+
+
 def local_rows(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, float]:
     """This process's contiguous slice of one minibatch, and its share of the minibatch's rows.
 

@@ -115,6 +115,39 @@ class StreamingTopK:
         self._merge(block.to(device=self.device, dtype=self.largest_values.dtype), offset)
         self.n_seen = max(self.n_seen, offset + block.shape[1])
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """The running state as tensors, for checkpoints.
+
+        Returns:
+            ``largest_values``, ``largest_indices``, ``smallest_values``, ``smallest_indices``
+            (each (n_query, k)), ``status`` (3,) (the non-finite counter) and ``n_seen``
+            (a 0-d int64 tensor); the tensors are the live state, not copies.
+        """
+        return {"largest_values": self.largest_values, "largest_indices": self.largest_indices,
+                "smallest_values": self.smallest_values, "smallest_indices": self.smallest_indices,
+                "status": self.status, "n_seen": torch.tensor(self.n_seen, dtype=torch.int64)}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restores a state saved by :meth:`state_dict` (copied onto this state's device).
+
+        Raises:
+            ValueError: when a tensor is missing or its shape or dtype differs from this state's.
+        """
+        for name, mine in self.state_dict().items():
+            value = state.get(name)
+            if not isinstance(value, Tensor) or value.shape != mine.shape or value.dtype != mine.dtype:
+                got = (f"{tuple(value.shape)} {value.dtype}" if isinstance(value, Tensor)
+                       else type(value).__name__)
+                raise ValueError(f"StreamingTopK.load_state_dict: {name} must be a {tuple(mine.shape)} "
+                                 f"{mine.dtype} tensor, got {got}")
+        for name, mine in self.state_dict().items():
+            if name != "n_seen":
+                mine.copy_(state[name])
+        n_seen = int(state["n_seen"])
+        if n_seen < 0:
+            raise ValueError(f"StreamingTopK.load_state_dict: n_seen must be >= 0, got {n_seen}")
+        self.n_seen = n_seen
+
     def _offset(self, offset: Optional[int]) -> int:
         offset = self.n_seen if offset is None else int(offset)
         if offset < 0:
