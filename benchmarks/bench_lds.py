@@ -96,6 +96,18 @@ def scorers() -> dict[str, Scorer]:
         im = tfl.DirectInfluence(s.model, LOSS, s.reg)
         return im.grads(s.x_test, s.y_test) @ im.grads(s.x, s.y).T
 
+    def num_params(s: Setting) -> int:
+        return sum(q.numel() for q in s.model.parameters())
+
+    def sjlt(s: Setting, k: int) -> tfl.SparseJLProjector:
+        return tfl.SparseJLProjector(num_params(s), k, seed=0)
+
+    def empirical_fisher(s: Setting):
+        # The unprojected empirical Fisher (1/n) sum g g^T: what the projected-Fisher rows
+        # approximate, so their gap to it is the projection's alone.
+        from torchfluence.pydvl import EmpiricalFisher
+        return tfl.DirectInfluence(s.model, LOSS, s.reg, curvature=EmpiricalFisher)
+
     def random_scores(s: Setting) -> Tensor:
         # Noise floor: scores that know nothing about the model.
         g = torch.Generator().manual_seed(0)
@@ -114,6 +126,19 @@ def scorers() -> dict[str, Scorer]:
                                                                        second_order="gauss_newton")),
         "DataInf": solver(lambda s: tfl.InverseHarmonicMeanInfluence(s.model, LOSS, s.reg)),
         "gradient similarity (identity)": gradient_similarity,
+        # Projected gradient spaces (torchfluence.projected): LoGra's per-layer Kronecker
+        # projection (k_out x k_in per layer, clamped to the layer's shape), and the sparse JL
+        # transform of the whole gradient (p = 910) with the Fisher of the projected gradients.
+        **{f"EK-FAC, Kronecker-projected {ko}x{ki}": solver(
+            lambda s, ko=ko, ki=ki: tfl.EkfacInfluence(s.model, LOSS, s.reg,
+                                                       projector=tfl.KroneckerProjection(ko, ki)))
+           for ko, ki in ((4, 4), (8, 8), (12, 16))},
+        "Direct (empirical Fisher, unprojected)": solver(empirical_fisher),
+        **{f"Direct (projected Fisher, SJLT k={k})": solver(
+            lambda s, k=k: tfl.DirectInfluence(s.model, LOSS, s.reg, projector=sjlt(s, k)))
+           for k in (64, 256, 512)},
+        **{f"identity, SJLT k={k}": solver(lambda s, k=k: tfl.GradientSimilarity(s.model, LOSS, projector=sjlt(s, k)))
+           for k in (64, 256)},
         "random scores": random_scores,
     }
 
@@ -174,6 +199,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; more only slow this small model down on busy cores")
     parser.add_argument("--markdown", help="also write the table to this file")
+    parser.add_argument("--only", help="comma-separated substrings: score only the rows whose name contains one "
+                                       f"(the reference row {REFERENCE!r} is always scored)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -202,7 +229,9 @@ def main() -> None:
         accuracy = float((model(x_test).argmax(1) == y_test).double().mean())
     setting = Setting(model, x, y, x_test, y_test, args.reg, args.batch_size, args.rank)
 
-    settings_key = json.dumps({**vars(args), "markdown": None, "checkpoint": None}, sort_keys=True)
+    # --only picks rows, not retrainings: left out of the key, so every row set shares a checkpoint.
+    training = {key: value for key, value in vars(args).items() if key != "only"}
+    settings_key = json.dumps({**training, "markdown": None, "checkpoint": None}, sort_keys=True)
     checkpoint = args.checkpoint or str(Path(tempfile.gettempdir()) / (
         "torchfluence_bench_lds_" + hashlib.sha256(settings_key.encode()).hexdigest()[:16] + ".safetensors"))
     print(f"retraining checkpoint: {checkpoint}", flush=True)
@@ -217,7 +246,10 @@ def main() -> None:
 
     rows = []
     reference = None
+    wanted = None if not args.only else [part.strip() for part in args.only.split(",")]
     for name, scorer in scorers().items():
+        if wanted is not None and name != REFERENCE and not any(part in name for part in wanted):
+            continue
         try:
             t0 = time.perf_counter()
             scores = scorer(setting).double()

@@ -8,17 +8,20 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <string>
 
 #include "common.h"
 #include "cpu/influence_block.h"
 #include "cpu/linear_head.h"
 #include "cpu/psg_dot.h"
+#include "cpu/sjlt.h"
 #include "cpu/topk_merge.h"
 #ifdef TORCHFLUENCE_WITH_CUDA
 #include "cuda/influence_block_cuda.h"
 #include "cuda/linear_head_cuda.h"
 #include "cuda/psg_dot_cuda.h"
+#include "cuda/sjlt_cuda.h"
 #include "cuda/topk_merge_cuda.h"
 #endif
 
@@ -164,6 +167,19 @@ void check_head_args(const LinearHeadArgs& a, const std::string& w) {
   check(static_cast<int>(a.loss) >= 0 && static_cast<int>(a.loss) <= 2, w + ": loss code must be 0, 1 or 2");
 }
 
+void check_sjlt_args(const SjltArgs& a, const std::string& w) {
+  const int code = static_cast<int>(a.dtype);
+  check_input(a.input, w, "G", code);
+  const std::int64_t k = a.out.cols;
+  check(k >= 1 && k <= kSjltMaxK,
+        w + ": out must have 1 <= k <= " + std::to_string(kSjltMaxK) + " columns, got " + std::to_string(k));
+  check(a.s >= 1 && a.s <= std::min(k, kSjltMaxS), w + ": s must be in [1, min(k, " + std::to_string(kSjltMaxS) +
+                                                       ")] = [1, " + std::to_string(std::min(k, kSjltMaxS)) +
+                                                       "], got " + std::to_string(a.s));
+  check_output(a.out, w, "out", a.input.rows, k, accumulation_dtype(a.dtype));
+  check_offset(a.offset, a.input.cols, w);
+}
+
 int checked_dtype(int dtype) {
   check(is_input_dtype(dtype), "dtype code must be in [0, 3], got " + std::to_string(dtype));
   return dtype;
@@ -253,6 +269,24 @@ PYBIND11_MODULE(_C, m) {
            py::arg("dtype"), py::arg("loss"), py::arg("features"), py::arg("weight"), py::arg("bias"),
            py::arg("vectors"), py::arg("out"), py::arg("n_total"), py::arg("workspace"), py::arg("workspace_bytes"));
 
+  py::class_<SjltArgs>(m, "SjltArgs")
+      .def(py::init([](int dtype, MatrixRef input, std::int64_t offset, std::int64_t s, std::uint64_t seed,
+                       MatrixRef out) {
+             return SjltArgs{static_cast<DType>(checked_dtype(dtype)), input, offset, s, seed, out};
+           }),
+           py::arg("dtype"), py::arg("input"), py::arg("offset"), py::arg("s"), py::arg("seed"), py::arg("out"));
+
+  m.def(
+      "sjlt_cpu",
+      [](const SjltArgs& args) {
+        check(args.dtype == DType::Float32 || args.dtype == DType::Float64,
+              "sjlt (CPU): dtype must be float32 or float64");
+        check_sjlt_args(args, "sjlt (CPU)");
+        py::gil_scoped_release release;
+        cpu::sjlt(args);
+      },
+      py::arg("args"));
+
   m.def(
       "influence_block_cpu",
       [](const InfluenceBlockArgs& args) {
@@ -329,6 +363,14 @@ PYBIND11_MODULE(_C, m) {
         check_psg_args(args, "psg_dot (CUDA)");
         py::gil_scoped_release release;
         cuda::psg_dot(args, stream);
+      },
+      py::arg("args"), py::arg("stream"));
+  m.def(
+      "sjlt_cuda",
+      [](const SjltArgs& args, std::uintptr_t stream) {
+        check_sjlt_args(args, "sjlt (CUDA)");
+        py::gil_scoped_release release;
+        cuda::sjlt(args, stream);
       },
       py::arg("args"), py::arg("stream"));
   m.def(

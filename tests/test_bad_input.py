@@ -28,12 +28,12 @@ class TupleModel(nn.Module):
         self.net = mlp()
 
     def forward(self, x):
-        return self.net(x), x
+        return None, self.net(x)  # the default output transform takes element 0
 
 
 class DictModel(TupleModel):
     def forward(self, x):
-        return {"logits": self.net(x)}
+        return {"scores": self.net(x)}  # the default output transform takes "logits"
 
 
 def _cg(model=None, loss=F.cross_entropy, reg=0.1, **kwargs):
@@ -112,9 +112,9 @@ CASES = [
     ("parameters on two devices", lambda: _cg(_split_devices()), ValueError,
      r"model: the selected parameters must be on one device, got \['cpu', 'meta'\]"),
     ("model returning a tuple", lambda: _cg(TupleModel()).fit((X, Y)), TypeError,
-     r"model must return one Tensor of outputs, got tuple"),
+     r"element 0 of the tuple is a NoneType, not a Tensor; pass output_transform="),
     ("model returning a dict", lambda: _cg(DictModel()).fit((X, Y)), TypeError,
-     r"model must return one Tensor of outputs, got dict"),
+     r"dict with keys \['scores'\] and no 'logits'; pass output_transform="),
     ("block_size 0", lambda: _cg(block_size=0), ValueError, r"block_size must be a positive int, got 0"),
     ("factors of the wrong width", lambda: _fitted().influences_from_factors(torch.zeros(2, 3), X, Y), ValueError,
      r"factors must have shape \(n_test, 910\), got \(2, 3\)"),

@@ -15,17 +15,21 @@ from .fused import psg_dot
 from .head import HeadInfluence
 from .influence import InfluenceFunctionModel, TopKInfluences
 from .linear_head import linear_head_hessian, linear_head_hvp
+from .projected import KroneckerProjection
+from .projection import DenseProjector, KroneckerProjector, Projector, SparseJLProjector
 from .solvers import (
                       ArnoldiInfluence,
                       CgInfluence,
                       DirectInfluence,
                       EkfacInfluence,
+                      GradientSimilarity,
                       InverseHarmonicMeanInfluence,
                       KfacInfluence,
                       LissaInfluence,
                       NystroemSketchInfluence,
                       SolveInfo,
 )
+from .store import GradientStore
 from .topk import InfluenceBlock, StreamingTopK, TopKResult, influence_block, influence_scores
 
 __version__: str = build_info()["version"]
@@ -34,6 +38,13 @@ __all__ = [
     "ArnoldiInfluence",
     "AutogradHessian",
     "CurvatureOperator",
+    "DenseProjector",
+    "GradientSimilarity",
+    "GradientStore",
+    "KroneckerProjection",
+    "KroneckerProjector",
+    "Projector",
+    "SparseJLProjector",
     "GaussNewton",
     "LinearHeadCurvature",
     "SampleBlock",

@@ -3,18 +3,74 @@
 Everything the solvers need: per-sample gradients, batched Hessian- and
 Gauss-Newton-vector products, and the mixed second derivatives of the
 perturbation mode. Nothing here keeps an autograd graph alive between calls.
+
+The training objective is the mean of per-sample losses, ``(1/n) sum_i L_i``,
+where ``L_i = loss(outputs[i:i+1], targets[i:i+1])`` is the loss of sample i on
+its own (a batch of one). Per-sample gradients, curvature and captured layer
+gradients all use this one definition. For a loss that is the batch mean of
+per-sample losses (``reduction="mean"`` over the samples) it is the loss itself.
+For per-token losses of sequences it is the mean over sequences of each
+sequence's own loss: ``F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+ignore_index=-100)`` averages over all unmasked tokens of a batch, and here each
+sequence's loss is the mean over its own unmasked tokens (every sequence counts
+once, whatever its length).
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional, Sequence
+from collections.abc import Mapping
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+OutputTransform = Callable[[Any], Tensor]
+
+
+def default_output_transform(output: Any) -> Tensor:
+    """The tensor the loss takes from a model's raw output.
+
+    - a Tensor: itself;
+    - a dict or other Mapping (a Hugging Face ``ModelOutput`` is an ``OrderedDict``):
+      its ``"logits"`` entry;
+    - a tuple or list: its first element (the logits of ``return_dict=False`` models);
+    - another object with a ``logits`` attribute (a dataclass): that attribute.
+
+    Args:
+        output: what ``model(x)`` returned.
+
+    Returns:
+        (n, ...) the outputs the loss takes.
+
+    Raises:
+        TypeError: for any other output, telling to pass ``output_transform=``.
+    """
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping):
+        if "logits" not in output:
+            raise TypeError(f"model returned a {type(output).__name__} with keys {list(output)[:8]} and no "
+                            "'logits'; pass output_transform= a callable raw_output -> Tensor that picks the "
+                            "tensor the loss takes (e.g. output_transform=lambda out: out['scores'])")
+        value, where = output["logits"], f"the 'logits' entry of the {type(output).__name__}"
+    elif isinstance(output, (tuple, list)):
+        if not output:
+            raise TypeError(f"model returned an empty {type(output).__name__}; it must return the outputs the "
+                            "loss takes (or pass output_transform=)")
+        value, where = output[0], f"element 0 of the {type(output).__name__}"
+    elif isinstance(getattr(output, "logits", None), Tensor):
+        value, where = output.logits, f"the .logits of the {type(output).__name__}"
+    else:
+        raise TypeError(f"model must return a Tensor of outputs (or a tuple, dict or ModelOutput holding the "
+                        f"logits), got {type(output).__name__}; pass output_transform= a callable "
+                        "raw_output -> Tensor that picks the tensor the loss takes")
+    if not isinstance(value, Tensor):
+        raise TypeError(f"model output: {where} is a {type(value).__name__}, not a Tensor; pass "
+                        "output_transform= a callable raw_output -> Tensor that picks the tensor the loss takes")
+    return value
 
 _STOCHASTIC_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                        nn.modules.batchnorm._BatchNorm)
@@ -39,19 +95,36 @@ class ModelFunctions:
 
     Args:
         model: the network; its trainable parameters are read at construction.
-        loss: ``loss(outputs, targets)`` returning the *mean* loss over the batch.
+            Inputs of integer dtype (token ids) reach it as they are; floating
+            inputs are cast to `dtype`.
+        loss: ``loss(outputs, targets)`` returning the *mean* loss over the batch;
+            each sample's loss is ``loss`` on that sample alone (see the module's
+            docstring for per-token losses of sequences).
         params: names of the parameters to differentiate (default: all with
             ``requires_grad``).
         dtype: dtype the computations run in (parameters, buffers and floating
             inputs are cast to it); None: the selected parameters' dtype.
+        output_transform: ``raw_output -> Tensor``, applied to what the model
+            returns before the loss sees it (and wherever outputs are used);
+            None: :func:`default_output_transform` (a tensor as is, a tuple's first
+            element, a dict's or ``ModelOutput``'s ``"logits"``).
     """
 
     def __init__(self, model: nn.Module, loss: LossFn, params: Optional[Sequence[str]] = None,
-                 dtype: Optional[torch.dtype] = None) -> None:
+                 dtype: Optional[torch.dtype] = None, output_transform: Optional[OutputTransform] = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss):
             raise TypeError(f"loss must be callable as loss(outputs, targets), got {type(loss).__name__}")
+        if output_transform is not None and not callable(output_transform):
+            raise TypeError(f"output_transform must be a callable raw_output -> Tensor or None, got "
+                            f"{type(output_transform).__name__}")
+        sparse = [name for name, m in model.named_modules()
+                  if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+        if sparse:
+            raise ValueError(f"model: embeddings {sparse} have sparse=True, whose sparse gradients torch.func "
+                             "cannot differentiate per sample; set their .sparse = False for the influence "
+                             "computation (it changes only the format of the gradient)")
         named = dict(model.named_parameters())
         if params is None:
             names = [n for n, p in named.items() if p.requires_grad]
@@ -71,6 +144,8 @@ class ModelFunctions:
         if len(devices) > 1:
             raise ValueError(f"model: the selected parameters must be on one device, got {sorted(map(str, devices))}")
         self.model, self.loss, self.names, self.dtype = model, loss, names, dtype
+        self.output_transform: OutputTransform = (default_output_transform if output_transform is None
+                                                  else output_transform)
         self.device = devices.pop()
         self.shapes = [named[n].shape for n in names]
         self.sizes = [named[n].numel() for n in names]
@@ -81,30 +156,52 @@ class ModelFunctions:
         self.hvp_route = "reverse"  # see hvp
 
     # -- plumbing -------------------------------------------------------------------------------
+    def subset(self, names: Sequence[str]) -> "ModelFunctions":
+        """The same model, loss, dtype and output transform over the parameters `names`."""
+        return ModelFunctions(self.model, self.loss, names, self.dtype, self.output_transform)
+
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         return {n: t.view(s) for n, t, s in zip(self.names, flat.split(self.sizes), self.shapes)}
 
     def cast_input(self, x: Tensor) -> Tensor:
+        """`x` on the device; floating inputs in the computation dtype, integer ones (token ids) as they are."""
         x = x.to(self.device)
         return x.to(self.dtype) if x.is_floating_point() else x
 
     def outputs(self, theta: Tensor, x: Tensor) -> Tensor:
-        out = functional_call(self.model, {**self.frozen, **self.unflatten(theta)}, (x,))
+        """The model's outputs at parameters `theta` (p,) for inputs (b, ...), after the output transform."""
+        raw = functional_call(self.model, {**self.frozen, **self.unflatten(theta)}, (x,))
+        out = self.output_transform(raw)
         if not isinstance(out, Tensor):
-            raise TypeError(f"model must return one Tensor of outputs, got {type(out).__name__}; wrap it so that "
-                            "forward returns the tensor the loss takes (e.g. the logits)")
+            raise TypeError(f"output_transform must return a Tensor (the outputs the loss takes), got "
+                            f"{type(out).__name__}")
         return out
 
-    def batch_loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        value = self.loss(self.outputs(theta, x), y)
-        if value.dim() != 0:
-            raise ValueError(
-                f"loss must return a scalar (the mean over the batch), got shape {tuple(value.shape)}; "
-                "use reduction='mean'")
+    def sample_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """The loss of one sample, from its (1, ...) outputs and (1, ...) targets; a scalar."""
+        value = self.loss(outputs, targets)
+        if not isinstance(value, Tensor) or value.dim() != 0:
+            got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"loss must return a scalar (the mean over the batch), got {got}; use reduction='mean'")
         return value
 
+    def sample_losses(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Each sample's own loss, (b,), from outputs (b, ...) and targets (b, ...).
+
+        The loss runs on each sample as a batch of one (under ``vmap``), so a loss
+        that averages over all tokens of a batch gives each sequence's own mean.
+        """
+        return vmap(lambda o, t: self.sample_loss(o.unsqueeze(0), t.unsqueeze(0)))(outputs, targets)
+
+    def mean_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """The objective on a batch: the mean of :meth:`sample_losses`."""
+        return self.sample_losses(outputs, targets).mean()
+
+    def batch_loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        return self.mean_loss(self.outputs(theta, x), y)
+
     def _sample_loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        return self.batch_loss(theta, x.unsqueeze(0), y.unsqueeze(0))
+        return self.sample_loss(self.outputs(theta, x.unsqueeze(0)), y.unsqueeze(0))
 
     # -- first order ------------------------------------------------------------------------------
     def per_sample_grads(self, x: Tensor, y: Tensor) -> Tensor:
@@ -122,7 +219,7 @@ class ModelFunctions:
         with torch.no_grad():
             x1, y1 = self.cast_input(x[:1]), y[:1].to(self.device)
             out = self.outputs(self.theta, x1)
-            one = self.batch_loss(self.theta, x1, y1)
+            one = self.sample_loss(out, y1)
             two = self.loss(torch.cat([out, out]), torch.cat([y1, y1]))
         if not bool(torch.isfinite(one)):
             raise ValueError(f"loss: the loss of the first sample is {float(one)}; check the model and the targets")
@@ -156,7 +253,7 @@ class ModelFunctions:
         x, y = self.cast_input(x), y.to(self.device)
         out, pullback = vjp(lambda t: self.outputs(t, x), self.theta)
         out = out.detach()
-        loss_grad = grad(lambda o: self.loss(o, y))
+        loss_grad = grad(lambda o: self.mean_loss(o, y))
         _, loss_hessian_pullback = vjp(loss_grad, out)  # H_out is symmetric: its VJP is H_out v
 
         def one(v: Tensor) -> Tensor:
@@ -182,13 +279,20 @@ class ModelFunctions:
         shape = out.shape[1:]
 
         def one(o: Tensor, t: Tensor) -> Tensor:
-            return torch.func.hessian(lambda v: self.loss(v.view(1, *shape), t.unsqueeze(0)))(o.reshape(-1))
+            return torch.func.hessian(lambda v: self.sample_loss(v.view(1, *shape), t.unsqueeze(0)))(o.reshape(-1))
 
         return vmap(one)(out, y).detach()
 
     # -- perturbation mode ------------------------------------------------------------------------
     def perturbation_scores(self, factors: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        """d/dx_j [grad_theta L(z_j) . f_i] for every factor f_i and sample j, (n_f, n, *x.shape[1:])."""
+        """d/dx_j [grad_theta L(z_j) . f_i] for every factor f_i and sample j, (n_f, n, *x.shape[1:]).
+
+        Needs floating inputs: integer inputs (token ids) have no derivative.
+        """
+        if not x.is_floating_point():
+            raise TypeError(f"mode='perturbation' differentiates the influence with respect to the inputs, so x "
+                            f"must be floating point, got {x.dtype} of shape {tuple(x.shape)} (token ids have no "
+                            "derivative); use mode='up'")
         x, y = self.cast_input(x), y.to(self.device)
 
         def one(xj: Tensor, yj: Tensor) -> Tensor:

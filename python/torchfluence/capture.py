@@ -15,6 +15,23 @@ input 1 (``d_in + 1`` columns).
 are built in (convolutions through their patches: patches are positions, Grosse &
 Martens 2016). Other layers of
 the form ``out = W a`` are added with :func:`register_layer`.
+
+``nn.Embedding`` is an *index layer*: its input at position t is the one-hot
+vector of the token id, never formed. Its activations are the (n, T) integer ids
+themselves, and its per-sample gradient ``sum_t onehot(id_t) g_t^T`` is a
+scatter of the output gradients into the rows of the ids (the weight is stored
+(num_embeddings, embedding_dim), i.e. (d_in, d_out), transposed with respect to
+a Linear's). Positions holding ``padding_idx`` get no gradient. Scoring gathers
+query rows at the ids (:func:`torchfluence.psg_dot` takes the ids as
+activations), and K-FAC's activation covariance is diagonal (the token
+frequencies), so memory never scales with vocabulary x positions.
+
+A weight shared by several modules (an embedding tied to the output layer)
+is captured once per module, and the modules' gradients add up. Where a weight
+is also used outside its module's forward, or a layer is applied to a tensor
+without the batch dimension, captured gradients would be wrong: the first
+capture of a set of layers checks the first sample's captured gradients against
+autograd and raises if they differ.
 """
 
 from __future__ import annotations
@@ -27,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._functional import ModelFunctions
+from ._functional import _STOCHASTIC_MODULES, ModelFunctions
+from .fused import index_sum
 
 ActivationsFn = Callable[[nn.Module, Tensor], Tensor]
 OutputGradsFn = Callable[[nn.Module, Tensor], Tensor]
@@ -42,12 +60,15 @@ class LayerRule:
             matrix multiplies at position t.
         output_grads: ``(module, grad_of_output) -> (n, T, d_out)`` in the same
             position order.
-    The module's ``weight`` must reshape row-major to (d_out, d_in) and its
-    optional ``bias`` have d_out entries.
+        index: an index layer (``nn.Embedding``): activations are (n, T) integer
+            indices into the d_in rows of a weight stored (d_in, d_out).
+    Otherwise the module's ``weight`` must reshape row-major to (d_out, d_in) and
+    its optional ``bias`` have d_out entries.
     """
 
     activations: ActivationsFn
     output_grads: OutputGradsFn
+    index: bool = False
 
 
 _RULES: dict[type, LayerRule] = {}
@@ -127,10 +148,15 @@ def _conv_nd_activations(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     return x.permute(0, *out_dims, 1, *kernel_dims).reshape(n, -1, c * math.prod(module.kernel_size))
 
 
+def _embedding_indices(module: nn.Embedding, ids: Tensor) -> Tensor:
+    return ids.reshape(ids.shape[0], -1)  # (n, T): any (n, ...) ids, positions flattened
+
+
 register_layer(nn.Linear, _linear_activations, _linear_output_grads)
 register_layer(nn.Conv2d, _conv2d_activations, _conv2d_output_grads)
 register_layer(nn.Conv1d, _conv_nd_activations, _conv2d_output_grads)
 register_layer(nn.Conv3d, _conv_nd_activations, _conv2d_output_grads)
+_RULES[nn.Embedding] = LayerRule(_embedding_indices, _linear_output_grads, index=True)
 
 
 def _unsupported_reason(module: nn.Module) -> Optional[str]:
@@ -139,6 +165,11 @@ def _unsupported_reason(module: nn.Module) -> Optional[str]:
             return f"groups={module.groups} (only 1 is supported)"
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r} (only 'zeros' is supported)"
+    if isinstance(module, nn.Embedding):
+        if module.max_norm is not None:
+            return f"max_norm={module.max_norm} (the forward pass renormalises the weight)"
+        if module.scale_grad_by_freq:
+            return "scale_grad_by_freq=True (its gradient depends on the batch's token counts)"
     return None
 
 
@@ -149,7 +180,11 @@ class Layer:
     Attributes:
         name: module name in the model.
         weight_slice, bias_slice: ranges in the flat vector (bias: None if absent or frozen).
-        d_out, d_in: matrix shape of the weight (without the bias column).
+        d_out, d_in: matrix shape of the weight (without the bias column); for an
+            index layer d_in is the number of rows (the vocabulary).
+        index: an index layer (``nn.Embedding``): activations are (n, T) integer ids
+            and the weight is stored (d_in, d_out).
+        verified: whether a capture already checked this layer against autograd.
     """
 
     name: str
@@ -159,14 +194,25 @@ class Layer:
     bias_slice: Optional[slice]
     d_out: int
     d_in: int
+    index: bool = False
+    verified: bool = False
 
     @property
     def d_in_total(self) -> int:
         """Input width including the bias column."""
         return self.d_in + (self.bias_slice is not None)
 
+    def columns(self) -> list[slice]:
+        """The layer's ranges in the flat parameter vector."""
+        return [self.weight_slice] + ([self.bias_slice] if self.bias_slice is not None else [])
+
     def matrices(self, flat: Tensor) -> Tensor:
-        """(k, p) flat vectors -> (k, d_out, d_in_total) matrices of this layer (bias last column)."""
+        """(k, p) flat vectors -> (k, d_out, d_in_total) matrices of this layer (bias last column).
+
+        For an index layer this is a transposed view of its (d_in, d_out) rows.
+        """
+        if self.index:
+            return flat[:, self.weight_slice].view(flat.shape[0], self.d_in, self.d_out).transpose(1, 2)
         w = flat[:, self.weight_slice].reshape(flat.shape[0], self.d_out, self.d_in)
         if self.bias_slice is None:
             return w
@@ -175,48 +221,116 @@ class Layer:
     def write(self, matrices: Tensor, flat: Tensor) -> None:
         """Inverse of :meth:`matrices`: writes (k, d_out, d_in_total) into the rows of `flat` (k, p)."""
         k = matrices.shape[0]
+        if self.index:
+            flat[:, self.weight_slice] = matrices.transpose(1, 2).reshape(k, -1)
+            return
         flat[:, self.weight_slice] = matrices[..., :self.d_in].reshape(k, -1)
         if self.bias_slice is not None:
             flat[:, self.bias_slice] = matrices[..., self.d_in]
+
+    def query_rows(self, flat: Tensor) -> Tensor:
+        """(k, p) vectors -> (k, width) in the layout the layer's scoring reads.
+
+        A dense layer: its (d_out, d_in_total) matrices flattened; an index layer:
+        its weight as stored, (d_in, d_out) row-major, so a token's row is contiguous.
+        """
+        if self.index:
+            return flat[:, self.weight_slice]
+        return self.matrices(flat).flatten(1)
+
+    def add_grads(self, activations: Tensor, output_grads: Tensor, flat: Tensor) -> None:
+        """Adds the per-sample gradients ``sum_t g_t a_t^T`` of n samples to the rows of `flat` (n, p).
+
+        Args:
+            activations: (n, T, d_in_total), or (n, T) integer ids for an index layer.
+            output_grads: (n, T, d_out).
+        """
+        n = output_grads.shape[0]
+        if self.index:
+            keys = (torch.arange(n, device=activations.device).unsqueeze(1) * self.d_in + activations).reshape(-1)
+            grads = index_sum(keys, output_grads.reshape(-1, self.d_out), n * self.d_in)
+            flat[:, self.weight_slice] += grads.view(n, -1).to(flat.dtype)
+            return
+        grads = torch.einsum("nto,nti->noi", output_grads, activations)
+        flat[:, self.weight_slice] += grads[..., :self.d_in].reshape(n, -1).to(flat.dtype)
+        if self.bias_slice is not None:
+            flat[:, self.bias_slice] += grads[..., self.d_in].to(flat.dtype)
+
+    def term_norms(self, activations: Tensor, output_grads: Tensor) -> Tensor:
+        """sum_t ||g_t|| ||a_t|| per sample, (n,): a bound on each per-sample gradient's norm."""
+        g = output_grads.norm(dim=-1)
+        return (g if self.index else g * activations.norm(dim=-1)).sum(dim=1)
 
 
 def find_layers(functions: ModelFunctions) -> tuple[list[Layer], list[str]]:
     """The capturable layers among the selected parameters, and the parameter names they miss.
 
     A layer is captured when its weight is selected; its bias joins it when selected too.
+    Parameters are matched by identity, so a weight shared by several modules (tied
+    embedding and output layer) gives one layer per module, on the same range of the
+    flat vector: their gradients add up (see :func:`shared_weights`).
     """
     offsets, start = {}, 0
     for name, size in zip(functions.names, functions.sizes):
         offsets[name] = slice(start, start + size)
         start += size
+    # named_parameters() names a shared parameter once, after its first owner.
+    name_of = {id(p): n for n, p in functions.model.named_parameters()}
+    functional = _functional_submodules(functions.model)
     layers, covered = [], set()
     for module_name, module in functions.model.named_modules():
+        if id(module) in functional:
+            continue
         rule = next((r for t, r in _RULES.items() if type(module) is t), None)
         if rule is None:
             rule = next((r for t, r in _RULES.items() if isinstance(module, t)), None)
-        prefix = f"{module_name}." if module_name else ""
-        weight_name, bias_name = prefix + "weight", prefix + "bias"
+        weight = getattr(module, "weight", None)
+        weight_name = name_of.get(id(weight)) if isinstance(weight, nn.Parameter) else None
         if rule is None or weight_name not in offsets or _unsupported_reason(module) is not None:
             continue
-        weight = module.weight
-        bias_slice = offsets.get(bias_name) if getattr(module, "bias", None) is not None else None
+        bias = getattr(module, "bias", None)
+        bias_name = name_of.get(id(bias)) if isinstance(bias, nn.Parameter) else None
+        bias_slice = offsets.get(bias_name) if bias_name is not None else None
+        d_out, d_in = (weight.shape[1], weight.shape[0]) if rule.index else (weight.shape[0], weight[0].numel())
         layers.append(Layer(module_name or "<root>", module, rule, offsets[weight_name], bias_slice,
-                            weight.shape[0], weight[0].numel()))
+                            d_out, d_in, index=rule.index))
         covered.update([weight_name] + ([bias_name] if bias_slice is not None else []))
     missing = [n for n in functions.names if n not in covered]
     return layers, missing
 
 
+def _functional_submodules(model: nn.Module) -> set[int]:
+    """ids of modules whose weights their parent uses without calling them (MultiheadAttention's out_proj)."""
+    return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+
+
+def shared_weights(layers: Sequence[Layer]) -> list[list[str]]:
+    """Groups of (at least two) layer names whose parameters overlap in the flat vector (tied weights)."""
+    groups: list[list[str]] = []
+    seen: dict[tuple[int, int], list[str]] = {}
+    for layer in layers:
+        for s in layer.columns():
+            seen.setdefault((s.start, s.stop), []).append(layer.name)
+    for names in seen.values():
+        unique = list(dict.fromkeys(names))
+        if len(unique) > 1 and unique not in groups:
+            groups.append(unique)
+    return groups
+
+
 def describe_missing(functions: ModelFunctions, missing: Sequence[str]) -> str:
     """Names the modules (and their types) that own uncaptured parameters, for error messages."""
     modules = dict(functions.model.named_modules())
+    functional = _functional_submodules(functions.model)
     owners = []
     for name in missing:
         module_name = name.rpartition(".")[0]
         module = modules.get(module_name)
         kind = type(module).__name__ if module is not None else "?"
         reason = _unsupported_reason(module) if module is not None else None
-        if module is not None and not any(isinstance(module, t) for t in _RULES):
+        if module is not None and id(module) in functional:
+            reason = "its parent calls F.multi_head_attention_forward with it, not its forward"
+        elif module is not None and not any(isinstance(module, t) for t in _RULES):
             reason = "type not registered"
         elif reason is None:
             reason = "its weight is not among the selected parameters"
@@ -238,12 +352,13 @@ class Captured:
     def per_sample_grads(self, layers: Sequence[Layer], num_params: int, out: Optional[Tensor] = None) -> Tensor:
         """Per-sample gradients of the captured layers as flat vectors, (n, p) (uncaptured entries 0).
 
-        With `out` (n, p), they are written there (no second (n, p) block).
+        With `out` (n, p), they are written there (no second (n, p) block). Layers
+        sharing a weight add their gradients.
         """
         n = self.outputs.shape[0]
-        flat = self.activations[0].new_zeros(n, num_params) if out is None else out.zero_()
+        flat = self.output_grads[0].new_zeros(n, num_params) if out is None else out.zero_()
         for layer, a, g in zip(layers, self.activations, self.output_grads):
-            layer.write(torch.einsum("nto,nti->noi", g, a), flat)
+            layer.add_grads(a, g, flat)
         return flat
 
 
@@ -261,9 +376,17 @@ def capture(functions: ModelFunctions, layers: Sequence[Layer], x: Tensor, y: Op
     (K, n, T, d_out).
 
     Returns:
-        :class:`Captured` with one (n, T, d_in_total) and one (n, T, d_out) tensor per layer.
+        :class:`Captured` with one (n, T, d_in_total) and one (n, T, d_out) tensor per layer
+        (an index layer's activations are its (n, T) integer ids; its output gradients
+        at ``padding_idx`` positions are 0).
+
+    Raises:
+        ValueError: a layer applied to an input whose first dimension is not the
+            batch's samples, or (first capture of these layers only) captured
+            gradients of the first sample that differ from autograd's.
     """
     x = functions.cast_input(x)
+    n = x.shape[0]
     records: dict[int, list[tuple[Tensor, Tensor]]] = {id(layer.module): [] for layer in layers}
 
     def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
@@ -277,7 +400,9 @@ def capture(functions: ModelFunctions, layers: Sequence[Layer], x: Tensor, y: Op
             layer_outputs = [out for layer in layers for _, out in records[id(layer.module)]]
             if output_grads is None:
                 targets = sample_targets(outputs.detach()) if sample_targets is not None else y.to(functions.device)
-                total = functions.loss(outputs, targets) * x.shape[0]
+                # The sum of each sample's own loss: its gradient at a sample's positions is
+                # that sample's loss gradient, whatever the loss averages over in a batch.
+                total = functions.sample_losses(outputs, targets).sum()
                 grads = iter(torch.autograd.grad(total, layer_outputs, allow_unused=True))
             else:
                 basis = output_grads(outputs.detach())
@@ -295,21 +420,96 @@ def capture(functions: ModelFunctions, layers: Sequence[Layer], x: Tensor, y: Op
         a_parts, g_parts = [], []
         for inp, out in calls:
             g = next(grads)
+            if inp.dim() == 0 or inp.shape[0] != n:
+                raise ValueError(
+                    f"layer {layer.name!r} ({type(layer.module).__name__}) was applied to an input of shape "
+                    f"{tuple(inp.shape)}, whose first dimension is not the block's {n} samples, so its per-sample "
+                    "gradients cannot be captured; apply it to per-sample inputs (e.g. position ids expanded to "
+                    "(n, T)), leave its parameters out with params=, or pass fused=False")
             a = layer.rule.activations(layer.module, inp)
             if layer.bias_slice is not None:
                 a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
             a_parts.append(a)
             if output_grads is None:
                 g = torch.zeros_like(out) if g is None else g
-                g_parts.append(layer.rule.output_grads(layer.module, g.detach()))
+                g = layer.rule.output_grads(layer.module, g.detach())
             else:
                 g = torch.zeros(len(basis), *out.shape, dtype=out.dtype, device=out.device) if g is None else g
-                g_parts.append(torch.stack([layer.rule.output_grads(layer.module, gk.detach()) for gk in g]))
+                g = torch.stack([layer.rule.output_grads(layer.module, gk.detach()) for gk in g])
+            padding = getattr(layer.module, "padding_idx", None) if layer.index else None
+            if padding is not None:  # nn.Embedding gives its padding row no gradient
+                g = g.masked_fill((a == padding).unsqueeze(-1), 0)
+            g_parts.append(g)
         # A layer called several times (shared weights) adds its calls' positions.
         # torch.cat copies even a single part: a layer called once keeps its tensors as they are.
         activations.append(a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, dim=1))
         gradients.append(g_parts[0] if len(g_parts) == 1 else torch.cat(g_parts, dim=-2))
+    if not all(layer.verified for layer in layers) and not _stochastic(functions.model):
+        if output_grads is None:
+            first = targets[:1]
+            scalar = lambda o: functions.sample_loss(o, first)  # noqa: E731
+            first_grads = [g[:1] for g in gradients]
+        else:
+            direction = basis[0, :1]
+            scalar = lambda o: (o * direction).sum()  # noqa: E731
+            first_grads = [g[0, :1] for g in gradients]
+        _verify_first_sample(functions, layers, x[:1], scalar, [a[:1] for a in activations], first_grads)
     return Captured(activations, gradients, outputs.detach())
+
+
+def _stochastic(model: nn.Module) -> bool:
+    return model.training and any(isinstance(m, _STOCHASTIC_MODULES) for m in model.modules())
+
+
+def _verify_first_sample(functions: ModelFunctions, layers: Sequence[Layer], x1: Tensor,
+                         scalar: Callable[[Tensor], Tensor], activations: Sequence[Tensor],
+                         output_grads: Sequence[Tensor]) -> None:
+    """Checks the captured gradients of the first sample against autograd on that sample alone.
+
+    Capture assumes that each layer's weight acts only through its module's forward,
+    on inputs with a batch dimension; a weight also used elsewhere (an output layer
+    tied to an embedding through ``h @ embedding.weight.T``), a subclass whose forward
+    is not the standard one, or a layer applied to a batch-independent tensor whose
+    first dimension happens to equal the batch size would give wrong per-sample
+    gradients silently. One single-sample backward, once per set of layers, rules that out.
+
+    Args:
+        x1: (1, ...) the first input; scalar: its outputs (1, ...) -> the scalar whose
+            gradient was captured; activations, output_grads: its captures, one per layer.
+    """
+    with torch.enable_grad():
+        theta = functions.theta.detach().requires_grad_(True)
+        (expected,) = torch.autograd.grad(scalar(functions.outputs(theta, x1)), theta, allow_unused=True)
+    expected = torch.zeros_like(theta) if expected is None else expected.detach()
+    got = expected.new_zeros(1, expected.numel())
+    bounds: dict[tuple[int, int], float] = {}  # per range of the flat vector: tied layers share one
+    for layer, a, g in zip(layers, activations, output_grads):
+        layer.add_grads(a, g, got)
+        for s in layer.columns():
+            bounds[s.start, s.stop] = bounds.get((s.start, s.stop), 0.0) + float(layer.term_norms(a, g).sum())
+    # Both sides sum the same rank-one terms in other orders (and the batched forward
+    # pass rounds differently from the single one): their difference is rounding,
+    # bounded by a small multiple of the terms' total size. A missing or spurious
+    # contribution is of the order of the gradient itself.
+    tol = 1e-6 if functions.dtype == torch.float64 else 1e-2
+    bad = []
+    for layer in layers:
+        for s in layer.columns():
+            diff = float((got[0, s] - expected[s]).norm())
+            scale = bounds[s.start, s.stop] + float(expected[s].norm())
+            if diff > tol * scale:
+                bad.append(f"{layer.name!r} (difference {diff:.3g}, gradient norm {float(expected[s].norm()):.3g})")
+                break
+    if bad:
+        raise ValueError(
+            f"captured per-sample gradients of layer(s) {', '.join(bad)} differ from autograd on the first sample: "
+            "the layer's weight is also used outside its module's forward (e.g. an output layer tied to an "
+            "embedding through a functional call such as h @ embedding.weight.T; tie them by sharing the "
+            "Parameter between modules instead), the module's forward is not its type's standard one, or the "
+            "layer is applied to a tensor without the per-sample batch dimension. Pass fused=False (torch.func "
+            "for every parameter) or leave these parameters out with params=")
+    for layer in layers:
+        layer.verified = True
 
 
 def _stack_or_none(parts: Sequence[Optional[Tensor]]) -> Optional[Tensor]:

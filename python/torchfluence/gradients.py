@@ -4,11 +4,11 @@ A source is chosen once, when a solver is built, from the model's layers:
 
 - :class:`FuncGradients`: ``torch.func`` (vmap of grad) for any parameter;
 - :class:`CapturedGradients`: for the parameters of captured layers
-  (``nn.Linear``, ``nn.Conv2d``, registered types), each layer's inputs ``A``
-  and output gradients ``D`` from one forward/backward of the block; scores are
-  contracted from ``(A, D)`` by :func:`torchfluence.fused.psg_dot` without
-  per-sample gradients in memory, and any other parameters go through
-  ``torch.func``.
+  (``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding``, registered types), each layer's
+  inputs ``A`` (an embedding's token ids) and output gradients ``D`` from one
+  forward/backward of the block; scores are contracted from ``(A, D)`` by
+  :func:`torchfluence.fused.psg_dot` without per-sample gradients in memory, and
+  any other parameters go through ``torch.func``.
 
 In head mode the model a source sees is the head, and its inputs are the
 cached backbone features, so the same two sources serve it.
@@ -26,7 +26,7 @@ from torch import Tensor
 from ._functional import ModelFunctions
 from ._ops import accumulation_dtype
 from .capture import Layer, capture, find_layers
-from .fused import psg_dot, score_layer
+from .fused import psg_dot, score_index_layer, score_layer
 from .precision import mm_float32
 
 
@@ -38,7 +38,8 @@ class PreparedQueries:
         count: number of queries.
         parts: one contiguous (count, width) matrix per part of the parameter vector:
             for :class:`CapturedGradients` one per captured layer (its (d_out, d_in_total)
-            matrix flattened), then the uncaptured parameters; for
+            matrix flattened; an embedding's (vocabulary, width) weight as stored), then
+            the uncaptured parameters; for
             :class:`FuncGradients` the whole vector.
     """
 
@@ -139,7 +140,7 @@ class CapturedGradients(GradientSource):
         self.rest_index: Optional[Tensor] = None
         if rest:
             f = functions
-            self.rest = ModelFunctions(f.model, f.loss, rest, f.dtype)
+            self.rest = f.subset(rest)
             offsets = dict(zip(f.names, torch.tensor([0, *f.sizes]).cumsum(0).tolist()))
             sizes = dict(zip(f.names, f.sizes))
             index = torch.cat([torch.arange(offsets[n], offsets[n] + sizes[n]) for n in rest])
@@ -161,7 +162,8 @@ class CapturedGradients(GradientSource):
         return widths + ([self.rest_index.numel()] if self.rest is not None else [])
 
     def part_columns(self, queries: Tensor) -> list[Tensor]:
-        parts = [layer.matrices(queries).flatten(1) for layer in self.layers]
+        # Tied layers (one weight in two modules) each get a copy of its columns.
+        parts = [layer.query_rows(queries) for layer in self.layers]
         return parts + ([queries[:, self.rest_index]] if self.rest is not None else [])
 
     def scores(self, queries: Queries, x: Tensor, y: Tensor) -> Tensor:
@@ -170,7 +172,7 @@ class CapturedGradients(GradientSource):
         out = torch.zeros(prepared.count, x.shape[0], dtype=accumulation_dtype(prepared.dtype),
                           device=prepared.parts[0].device)
         for layer, q, a, d in zip(self.layers, prepared.parts, captured.activations, captured.output_grads):
-            score_layer(q, a, d, out)
+            (score_index_layer if layer.index else score_layer)(q, a, d, out)
         if self.rest is not None:
             rest = prepared.parts[-1]
             out += mm_float32(rest, self.rest.per_sample_grads(x, y).to(rest.dtype).T)

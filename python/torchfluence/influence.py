@@ -34,18 +34,21 @@ from torch.utils.data._utils.collate import default_collate
 from tqdm.auto import tqdm
 
 from ._functional import LossFn, ModelFunctions, resolve_dtype
-from .checks import (FiniteChecks, check_choice, check_finite, check_mode, check_positive_int,
+from .checkpoint import BlockIndex, JobSpec, Journal, ScoreFile, TopKCheckpoint
+from .checks import (FiniteChecks, check_finite, check_mode, check_positive_int,
                      check_regularization)
 from .curvature import CurvatureOperator, curvature_operator
 from .data import DataSource, SampleBlock, Samples
-from .distributed import all_reduce_sum, local_blocks, world
+from .distributed import all_reduce_sum, block_selector, is_distributed, local_blocks, world
 from .fingerprint import model_fingerprint
 from .gradients import GradientSource, PreparedQueries, gradient_source
 from .head import BackboneFeatures, HeadSpec, split_trainable_tail
 from . import persist
 from .linear_head import loss_kind
+from .oom import SplitOnOOM
 from .precision import check_score_dtype, matmul_precision
-from .sinks import DenseSink, MemmapSink, ScoreSink, TopKSink
+from .projected import Projection, projected_engine, resolve_second_order
+from .sinks import DenseSink, MemmapSink, ScoreSink, SharedMemmapSink, TopKSink
 
 SecondOrder = Literal["hessian", "gauss_newton"]
 Mode = Literal["up", "perturbation"]
@@ -79,6 +82,8 @@ class InfluenceFunctionModel(ABC):
             in head mode, names inside the head.
         second_order: ``"hessian"`` or ``"gauss_newton"`` (the generalised
             Gauss-Newton matrix J^T H_out J, positive semi-definite for convex losses).
+            None (default): ``"hessian"``; with a `projector` always ``"fisher"``, the Fisher
+            of the projected gradients (``"hessian"`` is refused there: :mod:`torchfluence.projected`).
         dtype: computation dtype, float32 or float64; None (default): the model's.
         block_size: samples per block; bounds memory at about block_size x num_params values.
         progress: show tqdm progress bars on long loops.
@@ -104,20 +109,44 @@ class InfluenceFunctionModel(ABC):
             Fitting and solving stay in the computation dtype.
         allow_tf32: let CUDA float32 matrix products run in TF32. False (default):
             they run in IEEE float32 whatever the process-wide torch flag says.
+        output_transform: ``raw_output -> Tensor`` applied to what ``model(x)`` returns
+            before the loss sees it, in every path (torch.func and captured layers).
+            None (default): a Tensor is used as it is, a tuple or list gives its first
+            element, a dict or Hugging Face ``ModelOutput`` its ``"logits"`` (any other
+            object its ``.logits``); other outputs raise a TypeError asking for this
+            argument. The loss always receives a Tensor.
+        projector: work in a projected gradient space (:mod:`torchfluence.projected`):
+            a :class:`~torchfluence.Projector` whose ``p`` is the number of selected
+            parameters, or a :class:`~torchfluence.KroneckerProjection` (one
+            ``P_out kron P_in`` per captured layer, LoGra). Per-sample gradients are
+            then k-vectors ``P g_i`` (:attr:`num_params` is k), the curvature is their
+            Fisher ``(1/n) sum_i (P g_i)(P g_i)^T`` (K-FAC / EK-FAC: Kronecker factors
+            of the projected inputs and output gradients), and factors and scores live
+            in the k-space. None (default): no projection.
+
+    Language models: inputs may be integer token ids (n, T); they are never cast.
+    With per-token targets (n, T) padded with -100, a loss such as
+    ``lambda logits, y: F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)``
+    is taken sample by sample: each sequence's loss is the mean over its own
+    unmasked tokens, and the objective is the mean over sequences. An attention mask
+    travels inside x: stack ``(input_ids, attention_mask)`` into one (n, 2, T) long
+    tensor and unpack it in a wrapper module's forward.
     """
 
     def __init__(self, model: nn.Module, loss: LossFn, regularization: float = 0.0, *,
-                 params: Optional[Sequence[str]] = None, second_order: SecondOrder = "hessian",
+                 params: Optional[Sequence[str]] = None, second_order: Optional[SecondOrder] = None,
                  dtype: Optional[torch.dtype] = None, block_size: int = 256, progress: bool = False,
                  fused: bool = True, head: Union[None, bool, HeadSpec] = None,
                  cache_dir: Optional[Union[str, Path]] = None,
                  curvature: Optional[type[CurvatureOperator]] = None,
-                 score_dtype: Optional[torch.dtype] = None, allow_tf32: bool = False) -> None:
+                 score_dtype: Optional[torch.dtype] = None, allow_tf32: bool = False,
+                 output_transform: Optional[Callable[..., Tensor]] = None,
+                 projector: Optional[Projection] = None) -> None:
+        second_order = resolve_second_order(second_order, projector, curvature)
         self.regularization = check_regularization(regularization)
         if not isinstance(allow_tf32, bool):
             raise TypeError(f"allow_tf32 must be a bool, got {type(allow_tf32).__name__}")
         self.allow_tf32 = allow_tf32
-        check_choice(second_order, "second_order", ("hessian", "gauss_newton"))
         self.block_size = check_positive_int(block_size, "block_size")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -141,7 +170,7 @@ class InfluenceFunctionModel(ABC):
             model = self.features.head
         elif cache_dir is not None:
             raise ValueError("cache_dir is for head mode: pass head= too")
-        self.functions = ModelFunctions(model, loss, params, dtype)
+        self.functions = ModelFunctions(model, loss, params, dtype, output_transform)
         self.score_dtype = check_score_dtype(score_dtype, self.functions.dtype)
         check_finite(self.functions.theta, "model parameters", -1)
         self.source: GradientSource = gradient_source(self.functions, fused)
@@ -149,6 +178,9 @@ class InfluenceFunctionModel(ABC):
             raise TypeError(f"curvature must be a CurvatureOperator subclass, got {curvature!r}")
         self.curvature_operator: CurvatureOperator = (curvature_operator(self.functions, second_order)
                                                       if curvature is None else curvature(self.functions))
+        self.projector = projector
+        if projector is not None:
+            self.source, self.curvature_operator = projected_engine(self, projector)
         self._loss_kind = loss_kind(loss)
         self._classes: Optional[int] = None
         self.n_train: Optional[int] = None
@@ -158,7 +190,8 @@ class InfluenceFunctionModel(ABC):
     # -- properties ---------------------------------------------------------------------------------
     @property
     def num_params(self) -> int:
-        return self.functions.num_params
+        """Length of the gradient vectors the solver works with: the selected parameters, or k with a projector."""
+        return self.source.num_params
 
     @property
     def is_fitted(self) -> bool:
@@ -337,7 +370,11 @@ class InfluenceFunctionModel(ABC):
             x, y: (n, ...) training inputs and targets (default: the test points).
             mode: ``"up"`` (up-weighting) or ``"perturbation"`` (input perturbation).
             out: optional path of a ``.npy`` file to write the result into block by
-                block (memory-mapped); the returned tensor shares its pages.
+                block (memory-mapped); the returned tensor shares its pages. The job is
+                resumable: ``<out>.progress.json`` records the finished blocks, and the same
+                call with the same `out` goes on where an interrupted one stopped, with the
+                same result bits (a finished job's file is returned as it is). Another model,
+                other data or other settings are refused (:mod:`torchfluence.checkpoint`).
 
         Returns:
             (n_test, n) for ``"up"``; (n_test, n, *x.shape[1:]) for ``"perturbation"``.
@@ -350,32 +387,48 @@ class InfluenceFunctionModel(ABC):
         if mode == "up":
             self._require_fitted()
             samples = self._scored_samples(x, y)
-            return self._up_scores(self._prepared_factors(x_test, y_test), samples, out)
+            spec = JobSpec("influences", (x_test, y_test), (x, y))
+            return self._up_scores(lambda: self._prepared_factors(x_test, y_test), samples, out, spec)
         self._check_perturbation()
         return self.influences_from_factors(self.influence_factors(x_test, y_test), x, y, mode=mode, out=out)
 
     def influences_from_factors(self, factors: Tensor, x: Tensor, y: Tensor, mode: Mode = "up", *,
                                 out: Output = None) -> Tensor:
-        """Scores of (x, y) against precomputed factors (n_test, p); shapes as in :meth:`influences`."""
+        """Scores of (x, y) against precomputed factors (n_test, p); `out` as in :meth:`influences`.
+
+        Returns:
+            (n_test, n) for ``"up"``; (n_test, n, *x.shape[1:]) for ``"perturbation"``.
+        """
         self._require_fitted()
         check_mode(mode)
         factors = self._check_factors(factors)
         samples = self._scored_samples(x, y)
         n = samples.count()
+        spec = JobSpec("influences_from_factors", (factors,), (x, y), mode)
         if mode == "up":
-            return self._up_scores(self.source.prepare(factors, self.score_dtype), samples, out)
+            return self._up_scores(lambda: self.source.prepare(factors, self.score_dtype), samples, out, spec)
         self._check_perturbation()
         functions = self._perturbation_functions()
         raw = Samples((x, y), "x, y", self.block_size, check=self._check_targets)  # gradients need the inputs
-        sink = self._dense((factors.shape[0], n, *x.shape[1:]), out, sample_dim=1)
-        self._stream(raw, lambda b: functions.perturbation_scores(factors, b.x, b.y), [sink],
-                     "perturbation scores", sample_dim=1)
-        return sink.result()
+        sink, journal = self._dense((factors.shape[0], n, *x.shape[1:]), out, sample_dim=1, spec=spec)
+        if journal is None or not journal.complete:
+            self._stream(raw, lambda b: functions.perturbation_scores(factors, b.x, b.y), [sink],
+                         "perturbation scores", sample_dim=1, journal=journal)
+        return sink.result() if journal is None else journal.finish()
 
-    def _up_scores(self, factors: PreparedQueries, samples: Samples, out: Output) -> Tensor:
-        sink = self._dense((factors.count, samples.count()), out, sample_dim=1)
-        self._stream(samples, lambda b: self.source.scores(factors, b.x, b.y), [sink], "influence scores")
-        return sink.result()
+    def _up_scores(self, prepare: Callable[[], PreparedQueries], samples: Samples, out: Output,
+                   spec: JobSpec) -> Tensor:
+        """(n_test, n) scores against the factors `prepare()` lays out; a finished `out` job skips them."""
+        factors = prepare() if out is None else None
+        n_test = spec.count() if factors is None else factors.count
+        sink, journal = self._dense((n_test, samples.count()), out, sample_dim=1, spec=spec)
+        if journal is None or not journal.complete:
+            factors = prepare() if factors is None else factors
+            if journal is not None:
+                journal.check_factors(factors.parts)
+            self._stream(samples, lambda b: self.source.scores(factors, b.x, b.y), [sink], "influence scores",
+                         journal=journal)
+        return sink.result() if journal is None else journal.finish()
 
     def _perturbation_functions(self) -> ModelFunctions:
         """The model as a function of the parameters (the full model in automatic head mode)."""
@@ -383,17 +436,25 @@ class InfluenceFunctionModel(ABC):
             return self.functions
         prefix = "" if self.features.backbone is not None else f"{self.features.head_name}."
         f = self.functions
-        return ModelFunctions(self._full_model, f.loss, [prefix + name for name in f.names], f.dtype)
+        return ModelFunctions(self._full_model, f.loss, [prefix + name for name in f.names], f.dtype,
+                              output_transform=f.output_transform)
 
     def _check_perturbation(self) -> None:
+        if getattr(self, "projector", None) is not None:
+            raise ValueError("mode='perturbation' differentiates the scores with respect to the inputs in parameter "
+                             "space, which a projector leaves; use mode='up', or a solver without projector=")
         if self.features is not None and self._full_model is None:
             raise ValueError("head mode supports mode='up' only: mode='perturbation' needs gradients through the "
                              "backbone; use the solver on the full model without head=")
 
     def train_influences(self, x_test: Tensor, y_test: Tensor, *, out: Output = None) -> Tensor:
-        """(n_test, n_train) influences of every fitted training sample (in head mode from the cached features)."""
+        """(n_test, n_train) influences of every fitted training sample.
+
+        In head mode, from the cached features. `out` (a resumable ``.npy`` job) as in :meth:`influences`.
+        """
         train = self._require_fitted()
-        return self._up_scores(self._prepared_factors(x_test, y_test), train, out)
+        spec = JobSpec("train_influences", (x_test, y_test), self._train_source)
+        return self._up_scores(lambda: self._prepared_factors(x_test, y_test), train, out, spec)
 
     def self_influences(self, x: Tensor, y: Tensor) -> Tensor:
         """grad L(z_j)^T (H + lambda I)^-1 grad L(z_j) for each sample, (n,)."""
@@ -408,7 +469,7 @@ class InfluenceFunctionModel(ABC):
         return (g * self.solve(g)).sum(dim=1)
 
     def top_k(self, x_test: Tensor, y_test: Tensor, train_data: Optional[DataSource] = None,
-              k: int = 10) -> TopKInfluences:
+              k: int = 10, *, checkpoint: Output = None) -> TopKInfluences:
         """The k most helpful and harmful training points per test point, streamed.
 
         Score blocks of the training data are merged into running top-k lists, so
@@ -418,6 +479,11 @@ class InfluenceFunctionModel(ABC):
             train_data: the training data to rank (default: the fitted data, whose
                 head-mode features are cached); a one-shot iterable is fine here, it is read once.
             k: how many on each side, at most the number of training samples.
+            checkpoint: optional path of a ``.safetensors`` file that makes the job resumable:
+                the running top-k state is saved there as blocks finish, and the same call
+                with the same path goes on from it, with the same result bits as an
+                uninterrupted run (a finished job returns at once). Another model, other data
+                or other settings are refused (:mod:`torchfluence.checkpoint`).
         """
         check_positive_int(k, "k")
         same = train_data is None or train_data is self._train_source
@@ -425,38 +491,68 @@ class InfluenceFunctionModel(ABC):
         known = train.known_count()
         if known is not None and k > known:
             raise ValueError(f"k must be at most the number of training samples ({known}), got {k}")
-        factors = self._prepared_factors(x_test, y_test)
-        sink = TopKSink(factors.count, k, dtype=self.dtype, device=self.device)
-        self._stream(train, lambda b: self.source.scores(factors, b.x, b.y), [sink], "top-k")
-        res = sink.result()
+        journal = None
+        if checkpoint is not None:
+            data = self._train_source if same else train_data
+            spec = JobSpec("top_k", (x_test, y_test), data, extra={"k": k})
+            journal = TopKCheckpoint.open(checkpoint, self, spec, k, known)
+        factors = None
+        if journal is None or not journal.complete:
+            factors = self._prepared_factors(x_test, y_test)
+            if journal is not None:
+                journal.check_factors(factors.parts)
+        sink = journal.sink if journal is not None else TopKSink(factors.count, k, dtype=self.dtype,
+                                                                 device=self.device)
+        if factors is not None:
+            self._stream(train, lambda b: self.source.scores(factors, b.x, b.y), [sink], "top-k",
+                         journal=journal)
+        res = sink.result() if journal is None else journal.finish()
         return TopKInfluences(res.largest_indices, res.largest_values, res.smallest_indices, res.smallest_values)
 
     # -- the one scoring loop -----------------------------------------------------------------------
     def _stream(self, samples: Samples, score: Callable[[SampleBlock], Tensor], sinks: Sequence[ScoreSink],
-                what: str, sample_dim: int = -1) -> None:
-        """Scores every block of `samples` and writes it to each sink; NaN/inf are reported with the sample."""
+                what: str, sample_dim: int = -1, *, journal: Optional[Journal] = None) -> None:
+        """Scores every block of `samples` and writes it to each sink; NaN/inf are reported with the sample.
+
+        A block that runs out of CUDA memory is scored in halves (:class:`~torchfluence.oom.SplitOnOOM`).
+        With a `journal` (a resumable job), the blocks it holds as done are skipped, and each
+        scored block is recorded in it once the sinks hold it.
+        """
         known = samples.known_count()
         rank, size = world()
         total = None if known is None else len(range(rank, math.ceil(known / self.block_size), size))
-        bar = tqdm(local_blocks(samples), total=total, desc=what,
+        index = BlockIndex(block_selector(), None if journal is None else journal.select)
+        scorer = SplitOnOOM(score, sample_dim, None if journal is None else journal.score_chunk)
+        bar = tqdm(samples.blocks(select=index.select), total=total, desc=what,
+                   initial=0 if journal is None else journal.blocks_done,
                    disable=not self.progress or total == 1 or rank != 0)
         checks = FiniteChecks(what, sample_dim=sample_dim)
         with matmul_precision(self.allow_tf32):
             for block in bar:
-                values = score(block)
+                values = scorer(block)
                 checks.add(values, block.offset)
                 for sink in sinks:
                     sink.write(values, block.offset)
+                if journal is not None and journal.done(index.last, block, scorer.chunk):
+                    checks.flush()  # a block is recorded as done only once its scores are known finite
+                    journal.save()
         checks.finish()
         for sink in sinks:
             sink.gather()
 
-    def _dense(self, shape: tuple[int, ...], out: Output, sample_dim: int) -> DenseSink:
+    def _dense(self, shape: tuple[int, ...], out: Output, sample_dim: int,
+               spec: Optional[JobSpec] = None) -> tuple[DenseSink, Optional[ScoreFile]]:
+        """The sink for a result of `shape`: in memory, or the file `out` (a resumable job with a `spec`)."""
         if out is None:
-            return DenseSink(shape, dtype=self.dtype, device=self.device, sample_dim=sample_dim)
+            return DenseSink(shape, dtype=self.dtype, device=self.device, sample_dim=sample_dim), None
         if not isinstance(out, (str, Path)):
             raise TypeError(f"out must be a path of a .npy file or None, got {type(out).__name__}")
-        return MemmapSink(out, shape, dtype=self.dtype, sample_dim=sample_dim)
+        if is_distributed():  # one shared file, each process writing its own columns; not resumable
+            return SharedMemmapSink(out, shape, dtype=self.dtype, sample_dim=sample_dim), None
+        if spec is None:
+            return MemmapSink(out, shape, dtype=self.dtype, sample_dim=sample_dim), None
+        job = ScoreFile.open(out, self, spec, shape, sample_dim)
+        return job.sink, job
 
     def _check_factors(self, factors: Tensor) -> Tensor:
         if not isinstance(factors, Tensor) or factors.dim() != 2 or factors.shape[1] != self.num_params:
@@ -477,7 +573,16 @@ class InfluenceFunctionModel(ABC):
 
         Returns:
             `path` as a :class:`~pathlib.Path`.
+
+        Raises:
+            NotImplementedError: for a solver built with ``projector=`` (the saved options
+                cannot rebuild a projector); a :class:`~torchfluence.GradientStore` keeps
+                projected training gradients on disk instead.
         """
+        if getattr(self, "projector", None) is not None:
+            raise NotImplementedError(f"{type(self).__name__} with projector= cannot be saved: the file's options do "
+                                      "not record the projector, so a load would rebuild a solver in parameter "
+                                      "space; keep the projected gradients in a torchfluence.GradientStore instead")
         return persist.save(self, path)
 
     @classmethod

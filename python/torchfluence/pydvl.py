@@ -44,6 +44,8 @@ from torch import Tensor, nn
 from . import solvers as _solvers
 from .checks import check_regularization
 from .curvature import CurvatureOperator
+from .linear_head import loss_kind
+from .persist import restore
 
 __all__ = [
     "ArnoldiInfluence",
@@ -196,6 +198,11 @@ def _block_structure(model: nn.Module, block_structure: Any) -> Optional[dict[st
     return blocks
 
 
+def _saved_blocks(blocks: Optional[dict[str, list[str]]]) -> Any:
+    """A resolved block structure as a constructor argument that rebuilds it: ``"full"`` or the dict."""
+    return "full" if blocks is None else {name: list(names) for name, names in blocks.items()}
+
+
 def _block_regularizations(regularization: Any, block_names: list[str]) -> dict[str, float]:
     """Each block's lambda from a pyDVL regularization: None (0), one number for all, or ``{block name: lambda}``.
 
@@ -303,6 +310,16 @@ class _PydvlInterface:
     def _remember(self, model: nn.Module, loss: Any) -> None:
         self.model, self.loss = model, loss
 
+    # -- saved state (torchfluence.persist): rebuilt from pyDVL's arguments ----------------------------
+    _load_extra_options: tuple = ()
+    _pydvl_arguments: dict[str, Any]  # the constructor's arguments, as JSON, set by each __init__
+
+    def _constructor_options(self) -> dict[str, Any]:
+        """The pyDVL constructor arguments that rebuild this solver, with its current regularization."""
+        blocks = getattr(self, "_block_solvers", None)
+        regularization = self.block_regularization if blocks is not None else self.regularization
+        return {**self._pydvl_arguments, "regularization": regularization}
+
     @property
     def n_parameters(self) -> int:
         """Number of parameters the influences are computed for."""
@@ -378,6 +395,25 @@ class _BlockDiagonal:
 
     def _after_block_fit(self) -> None:  # noqa: B027 - optional hook
         pass
+
+    def _fitted_state(self) -> tuple[dict[str, Tensor], dict]:
+        """The solver's own state; with blocks, each block's, keyed ``"block/<name>/<key>"``."""
+        if self._block_solvers is None:
+            return super()._fitted_state()
+        tensors, info = {}, {}
+        for name, solver in self._block_solvers.items():
+            state, info[name] = solver._fitted_state()
+            tensors.update({f"block/{name}/{key}": value for key, value in state.items()})
+        return tensors, {"blocks": info}
+
+    def _restore_fitted_state(self, tensors: dict[str, Tensor], info: dict) -> None:
+        if self._block_solvers is None:
+            return super()._restore_fitted_state(tensors, info)
+        for name, solver in self._block_solvers.items():
+            prefix = f"block/{name}/"
+            restore(solver, {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)},
+                    info["blocks"][name], n_train=self.n_train, classes=self._classes, train=self._train)
+        self._after_block_fit()
 
     def solve(self, vectors: Tensor) -> Tensor:
         if self._block_solvers is None:
@@ -461,6 +497,8 @@ class DirectInfluence(_PydvlInterface, _BlockDiagonal, _solvers.DirectInfluence)
     With blocks, :attr:`curvature` is the block-diagonal matrix (cross-block entries zero).
     """
 
+    _fit_options = ("block_structure", "second_order_mode")  # a load keeps these: the saved state depends on them
+
     def __init__(self, model: nn.Module, loss, regularization: Optional[float] = _UNSET,
                  block_structure: Any = BlockMode.FULL, second_order_mode: Any = SecondOrderMode.HESSIAN, *,
                  hessian_regularization: Optional[float] = _UNSET) -> None:
@@ -476,6 +514,8 @@ class DirectInfluence(_PydvlInterface, _BlockDiagonal, _solvers.DirectInfluence)
                              **second_order)
         self._init_blocks(blocks, values, lambda params, lam: _solvers.DirectInfluence(
             model, loss, lam, params=params, head=False, **second_order))
+        self._pydvl_arguments = dict(block_structure=_saved_blocks(blocks),
+                                     second_order_mode=_enum_value(second_order_mode))
         self._remember(model, loss)
 
     def _after_block_fit(self) -> None:
@@ -505,6 +545,8 @@ class CgInfluence(_PydvlInterface, _BlockDiagonal, _SettableRegularization, _Ato
 
     After a solve, :attr:`last_solve_info` holds iterations and residuals per right-hand side.
     """
+
+    _fit_options = ("block_structure", "second_order_mode", "preconditioner")  # a load keeps these: the saved state depends on them
 
     def __init__(self, model: nn.Module, loss, regularization: Optional[float] = _UNSET, rtol: float = 1e-4,
                  atol: float = 1e-6, maxiter: Optional[int] = None, progress: bool = False,
@@ -545,7 +587,23 @@ class CgInfluence(_PydvlInterface, _BlockDiagonal, _SettableRegularization, _Ato
             return block
 
         self._init_blocks(blocks, values, make_block)
+        self._pydvl_arguments = dict(
+            rtol=rtol, atol=self.atol, maxiter=maxiter, progress=progress, precompute_grad=precompute_grad,
+            preconditioner=_preconditioner(preconditioner) or None, solve_simultaneously=bool(solve_simultaneously),
+            warn_on_max_iteration=self.warn_on_max_iteration, block_structure=_saved_blocks(blocks),
+            second_order_mode=_enum_value(second_order_mode))
         self._remember(model, loss)
+
+    @classmethod
+    def _from_options(cls, model: nn.Module, loss: Any, options: dict[str, Any]) -> "CgInfluence":
+        """The solver from saved constructor arguments (the preconditioner saved as its settings)."""
+        saved = options.get("preconditioner")
+        if isinstance(saved, Mapping):
+            options = dict(options)
+            options["preconditioner"] = (JacobiPreconditioner(saved["preconditioner_samples"])
+                                         if saved["preconditioner"] == "jacobi"
+                                         else NystroemPreconditioner(saved["preconditioner_rank"]))
+        return cls(model, loss, **options)
 
     @property
     def solve_simultaneously(self) -> bool:
@@ -617,6 +675,8 @@ class LissaInfluence(_PydvlInterface, _BlockDiagonal, _SettableRegularization, _
         hessian_regularization: older name of ``regularization``.
     """
 
+    _fit_options = ("block_structure", "second_order_mode")  # a load keeps these: the saved state depends on them
+
     def __init__(self, model: nn.Module, loss, regularization: Optional[float] = _UNSET, maxiter: int = 1000,
                  dampen: float = 0.0, scale: float = 10.0, rtol: float = 1e-4, progress: bool = False,
                  warn_on_max_iteration: bool = True, block_structure: Any = BlockMode.FULL,
@@ -639,6 +699,9 @@ class LissaInfluence(_PydvlInterface, _BlockDiagonal, _SettableRegularization, _
             self._init_blocks(blocks, values, lambda params, lam: _LissaBlock(
                 model, loss, lam, params=params, head=False, **options).stopping(**stopping))
         self.stopping(**stopping)
+        self._pydvl_arguments = dict(maxiter=maxiter, dampen=dampen, scale=scale, progress=progress, **stopping,
+                                     block_structure=_saved_blocks(blocks),
+                                     second_order_mode=_enum_value(second_order_mode))
         self._remember(model, loss)
 
     def solve(self, vectors: Tensor) -> Tensor:
@@ -668,6 +731,8 @@ class ArnoldiInfluence(_PydvlInterface, _BlockDiagonal, _solvers.ArnoldiInfluenc
         use_woodbury: see above.
         hessian_regularization, rank_estimate: older names of ``regularization``, ``rank``.
     """
+
+    _fit_options = ("block_structure", "second_order_mode", "rank", "krylov_dimension", "tol")  # a load keeps these: the saved state depends on them
 
     def __init__(self, model: nn.Module, loss, regularization: Optional[float] = _UNSET, rank: int = _UNSET,
                  krylov_dimension: Optional[int] = None, tol: float = 1e-6, max_iter: Optional[int] = None,
@@ -701,6 +766,10 @@ class ArnoldiInfluence(_PydvlInterface, _BlockDiagonal, _solvers.ArnoldiInfluenc
                 **options))
         self.use_woodbury = bool(use_woodbury)
         self.eigen_computation_on_gpu = eigen_computation_on_gpu
+        self._pydvl_arguments = dict(rank=rank, krylov_dimension=krylov_dimension, tol=tol,
+                                     eigen_computation_on_gpu=eigen_computation_on_gpu,
+                                     block_structure=_saved_blocks(blocks),
+                                     second_order_mode=_enum_value(second_order_mode), use_woodbury=self.use_woodbury)
         self._remember(model, loss)
 
 
@@ -712,6 +781,8 @@ class NystroemSketchInfluence(_PydvlInterface, _BlockDiagonal, _solvers.Nystroem
         regularization: lambda > 0.
         rank: sketch size.
     """
+
+    _fit_options = ("block_structure", "second_order_mode", "rank")  # a load keeps these: the saved state depends on them
 
     def __init__(self, model: nn.Module, loss, regularization: float, rank: int,
                  block_structure: Any = BlockMode.FULL, second_order_mode: Any = SecondOrderMode.HESSIAN) -> None:
@@ -727,6 +798,8 @@ class NystroemSketchInfluence(_PydvlInterface, _BlockDiagonal, _solvers.Nystroem
             self._init_blocks(blocks, values, lambda params, lam: _solvers.NystroemSketchInfluence(
                 model, loss, lam, min(rank, sum(sizes[n].numel() for n in params)), params=params, head=False,
                 **second_order))
+        self._pydvl_arguments = dict(rank=rank, block_structure=_saved_blocks(blocks),
+                                     second_order_mode=_enum_value(second_order_mode))
         self._remember(model, loss)
 
 
@@ -747,12 +820,25 @@ class EkfacInfluence(_PydvlInterface, _solvers.KfacInfluence):
         progress: progress bars.
     """
 
+    _fit_options = ("update_diagonal",)  # a load keeps these: the saved state depends on them
+
     def __init__(self, model: nn.Module, update_diagonal: bool = False, hessian_regularization: float = 0.0,
                  progress: bool = False) -> None:
         super().__init__(model, F.cross_entropy, check_regularization(hessian_regularization, "hessian_regularization"),
                          fisher="exact", eigenvalue_correction=bool(update_diagonal), progress=progress)
         self.update_diagonal = bool(update_diagonal)
+        self._pydvl_arguments = dict(update_diagonal=self.update_diagonal, progress=progress)
         self._remember(model, F.cross_entropy)
+
+    def _constructor_options(self) -> dict[str, Any]:
+        return {**self._pydvl_arguments, "hessian_regularization": self.regularization}
+
+    @classmethod
+    def _from_options(cls, model: nn.Module, loss: Any, options: dict[str, Any]) -> "EkfacInfluence":
+        """The solver from saved constructor arguments; `loss` must be the cross-entropy it always uses."""
+        if loss_kind(loss) != "cross_entropy":
+            raise ValueError(f"loss: EkfacInfluence is fitted with cross-entropy, got {loss!r}")
+        return cls(model, **options)
 
     @property
     def hessian_regularization(self) -> float:
@@ -773,6 +859,8 @@ class InverseHarmonicMeanInfluence(_PydvlInterface, _solvers.InverseHarmonicMean
             empirical Fisher).
     """
 
+    _fit_options = ("block_structure", "second_order_mode")  # a load keeps these: the saved state depends on them
+
     def __init__(self, model: nn.Module, loss, regularization: Union[float, Mapping[str, float]],
                  block_structure: Any = BlockMode.FULL,
                  second_order_mode: Any = SecondOrderMode.GAUSS_NEWTON) -> None:
@@ -784,5 +872,7 @@ class InverseHarmonicMeanInfluence(_PydvlInterface, _solvers.InverseHarmonicMean
         if isinstance(regularization, Mapping) and blocks is None:
             regularization = {"full": regularization[""]} if set(regularization) == {""} else regularization
         super().__init__(model, loss, regularization, block_structure=structure)
+        self._pydvl_arguments = dict(block_structure=_saved_blocks(blocks),
+                                     second_order_mode=_enum_value(second_order_mode))
         self._remember(model, loss)
 

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from ..data import Samples
 from ..checks import check_regularization
 from ..influence import InfluenceFunctionModel
+from ..persist import state_tensor
 from ._lowrank import Complement, LowRankCurvature, check_complement, check_rank
 
 
@@ -124,6 +125,26 @@ class ArnoldiInfluence(InfluenceFunctionModel):
         self._require_fitted()
         vectors = vectors.to(device=self.device, dtype=self.dtype)
         return self._typed.inverse_apply(vectors, self.regularization, self.complement)
+
+    # -- saved state (torchfluence.persist) ---------------------------------------------------------
+    _fit_options = ("rank", "krylov_dimension", "krylov_block", "tol", "seed")
+
+    def _saved_options(self) -> dict:
+        return {"rank": self.rank, "krylov_dimension": self.krylov_dimension, "krylov_block": self.krylov_block,
+                "tol": self.tol, "complement": self.complement, "seed": self.seed}
+
+    def _fitted_state(self) -> tuple[dict[str, Tensor], dict]:
+        """The kept Ritz pairs (float64) and their residual."""
+        return ({"eigenvectors": self.low_rank.eigenvectors, "eigenvalues": self.low_rank.eigenvalues},
+                {"ritz_residual": self.ritz_residual})
+
+    def _restore_fitted_state(self, tensors: dict[str, Tensor], info: dict) -> None:
+        vectors = state_tensor(tensors, "eigenvectors", (self.rank, self.num_params), torch.float64)
+        values = state_tensor(tensors, "eigenvalues", (self.rank,), torch.float64)
+        self.ritz_residual = info["ritz_residual"]
+        self.low_rank = LowRankCurvature(vectors, values)
+        self._check_invertible()
+        self._typed = LowRankCurvature(vectors.to(self.dtype), values.to(self.dtype))
 
 
 def _ritz_pairs(basis: Tensor, products: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:

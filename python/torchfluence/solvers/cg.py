@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from .._fisher import exact_output_grads
 from ..data import Samples
 from ..influence import InfluenceFunctionModel
+from ..persist import restore, state_tensor
 from ._lowrank import LowRankCurvature, check_rank
 from .kfac import EkfacInfluence, KfacInfluence
 from .nystroem import nystroem_sketch
@@ -125,7 +126,8 @@ class CgInfluence(InfluenceFunctionModel):
         cls = EkfacInfluence if self.preconditioner == "ekfac" else KfacInfluence
         # Monte Carlo draws only where no closed form exists; four keep the noise low.
         return cls(f.model, f.loss, self.regularization, params=f.names, dtype=f.dtype, block_size=self.block_size,
-                   progress=self.progress, fisher=fisher, fisher_samples=1 if fisher == "exact" else 4)
+                   progress=self.progress, fisher=fisher, fisher_samples=1 if fisher == "exact" else 4,
+                   projector=self.projector)  # in the same (projected) space as the solve
 
     def _apply_preconditioner(self, r: Tensor) -> Tensor:
         if self._kfac is not None:
@@ -233,6 +235,41 @@ class CgInfluence(InfluenceFunctionModel):
         bar.close()
         self._record(iterations, residual, k, maxiter)
         return x
+
+    # -- saved state (torchfluence.persist) ---------------------------------------------------------
+    _load_needs_train_data = True  # every iteration is a pass over the training data
+    _fit_options = ("preconditioner", "preconditioner_samples", "preconditioner_rank")
+
+    def _saved_options(self) -> dict:
+        return {"rtol": self.rtol, "maxiter": self.maxiter, "preconditioner": self.preconditioner,
+                "preconditioner_samples": self.preconditioner_samples,
+                "preconditioner_rank": self.preconditioner_rank, "block": self.block}
+
+    def _fitted_state(self) -> tuple[dict[str, Tensor], dict]:
+        """The preconditioner's state: the Jacobi diagonal, the Nystrom sketch, or the (E)K-FAC factors."""
+        if self.diagonal is not None:
+            return {"diagonal": self.diagonal}, {}
+        if self._sketch is not None:
+            return {"sketch/eigenvectors": self._sketch.eigenvectors, "sketch/eigenvalues": self._sketch.eigenvalues}, {}
+        if self.preconditioner in ("kfac", "ekfac"):
+            tensors, info = self._kfac._fitted_state()
+            return ({f"preconditioner/{key}": value for key, value in tensors.items()},
+                    {"fisher": self._kfac.fisher, "preconditioner": info})
+        return {}, {}
+
+    def _restore_fitted_state(self, tensors: dict[str, Tensor], info: dict) -> None:
+        p = self.num_params
+        if self.preconditioner == "jacobi":
+            self.diagonal = state_tensor(tensors, "diagonal", (p,), self.dtype)
+        elif self.preconditioner == "nystroem":
+            self._sketch = LowRankCurvature(
+                state_tensor(tensors, "sketch/eigenvectors", (self.preconditioner_rank, p), self.dtype),
+                state_tensor(tensors, "sketch/eigenvalues", (self.preconditioner_rank,), self.dtype))
+        elif self.preconditioner in ("kfac", "ekfac"):
+            self._kfac = self._make_kfac(info["fisher"])
+            prefix = "preconditioner/"
+            restore(self._kfac, {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)},
+                    info["preconditioner"], n_train=self.n_train, classes=self._classes, train=self._train)
 
 
 def _relative(r: Tensor, b_norm: Tensor) -> Tensor:

@@ -135,6 +135,23 @@ class InverseHarmonicMeanInfluence(InfluenceFunctionModel):
         per_row = 3 * self.num_params * torch.empty((), dtype=self.dtype).element_size()  # V, V_B, out
         return max(1, budget // per_row)
 
+    # -- saved state (torchfluence.persist) ---------------------------------------------------------
+    _load_needs_train_data = True  # every solve streams the training gradients
+    _implied_options = ("second_order", "curvature")  # the empirical Fisher; both are refused as arguments
+    _fit_options = ("block_structure",)
+
+    def _saved_options(self) -> dict:
+        structure = self.block_structure
+        return {"block_structure": structure if isinstance(structure, str)
+                else {str(name): list(params) for name, params in structure.items()}}
+
+    def _fitted_state(self) -> tuple[dict[str, Tensor], dict]:
+        """Nothing: there is no fit beyond recording the training data, which a load is given again."""
+        return {}, {}
+
+    def _restore_fitted_state(self, tensors: dict[str, Tensor], info: dict) -> None:
+        pass
+
 
 def _block_columns(names: Sequence[str], sizes: Sequence[int],
                    structure: BlockStructure) -> dict[str, list[tuple[int, int]]]:

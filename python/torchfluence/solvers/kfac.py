@@ -14,6 +14,11 @@ E_i[(Q_S^T G_i Q_A)^2], which are the best diagonal fit there. Either way
     (F + lambda I)^-1 vec(V) = Q_S ((Q_S^T V Q_A) / (eigenvalues + lambda)) Q_A^T
 
 is exact for the approximation, block by block over layers.
+
+An embedding (an index layer, :mod:`torchfluence.capture`) has one-hot inputs,
+so its A is diagonal: the token frequencies. Its eigenbasis is the token basis
+itself; it is kept as a vector, never as a (vocabulary x vocabulary) matrix, and
+EK-FAC's per-sample second moments are summed from each sample's nonzero rows.
 """
 
 from __future__ import annotations
@@ -26,12 +31,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .._fisher import TargetSampler, default_sampler, exact_output_grads
-from ..capture import Layer, capture, describe_missing, find_layers
+from ..capture import Captured, Layer, capture, describe_missing, find_layers, shared_weights
 from ..checks import check_mode, check_regularization
 from ..data import SampleBlock, Samples
 from ..distributed import all_reduce_count, all_reduce_sum, is_main_process, local_blocks
-from ..fused import psg_self_dot
+from ..fused import index_pair_sums, index_sum, psg_self_dot
 from ..influence import InfluenceFunctionModel
+from ..persist import state_tensor
+from ..projected import kronecker_layers
 from ..sinks import DenseSink
 
 
@@ -40,12 +47,13 @@ class KroneckerFactors:
     """One layer's fitted curvature (float64).
 
     Attributes:
-        activation_eigenvectors: (d_in_total, d_in_total) Q_A.
+        activation_eigenvectors: (d_in_total, d_in_total) Q_A; None for an embedding,
+            whose A is diagonal and Q_A the identity (the token basis).
         gradient_eigenvectors: (d_out, d_out) Q_S.
         eigenvalues: (d_out, d_in_total) curvature in the Kronecker eigenbasis.
     """
 
-    activation_eigenvectors: Tensor
+    activation_eigenvectors: Optional[Tensor]
     gradient_eigenvectors: Tensor
     eigenvalues: Tensor
 
@@ -102,7 +110,19 @@ class KfacInfluence(InfluenceFunctionModel):
                 f"nn.Conv1d/2d/3d or one added with torchfluence.capture.register_layer); not covered: "
                 f"{describe_missing(self.functions, missing)}. Pass params= to select the supported layers' "
                 "parameters only")
+        tied = shared_weights(self.layers)
+        if tied:
+            raise ValueError(
+                f"{type(self).__name__}: layers {tied} share one weight (tied embedding and output layer), which "
+                "has no block-diagonal Kronecker-factored curvature; leave the tied weight out with params=, or "
+                "use a solver on the full curvature (e.g. CgInfluence, ArnoldiInfluence)")
         self.factors: dict[str, KroneckerFactors] = {}
+        # With a KroneckerProjection (LoGra) the factors are those of the projected inputs
+        # P_in a and output gradients P_out g: self.layers become the (k_out, k_in) layers
+        # of the projected space, and the model's layers are still the ones captured.
+        self._captured_layers, self._projection = self.layers, kronecker_layers(self)
+        if self._projection is not None:
+            self.layers = self._projection.projected_layers
 
     # -- fitting --------------------------------------------------------------------------------
     def _sampler(self) -> Optional[TargetSampler]:
@@ -138,23 +158,34 @@ class KfacInfluence(InfluenceFunctionModel):
             if self._target_generator is not None:
                 self._target_generator.manual_seed(_block_seed(self.seed, stage, block.offset))
             for _ in range(self.fisher_samples if sampler is not None else 1):
-                cap = capture(self.functions, self.layers, block.x, block.y, sampler, out_grads)
+                cap = self._capture(block.x, block.y, sampler, out_grads)
                 if exact and any(g.dim() != 4 for g in cap.output_grads):
                     raise ValueError("fisher='exact' supports outputs of shape (n, classes) only; use fisher='true'")
                 yield cap
 
+    def _capture(self, x: Tensor, y: Tensor, sampler: Optional[TargetSampler] = None,
+                 output_grads: Optional[Callable[[Tensor], Tensor]] = None) -> Captured:
+        """One block's capture of :attr:`layers` (projected by the KroneckerProjection, if any)."""
+        cap = capture(self.functions, self._captured_layers, x, y, sampler, output_grads)
+        return cap if self._projection is None else self._projection.project_capture(cap)
+
     def _fit(self, train: Samples) -> None:
         sampler = self._sampler()
         dev = self.device
-        a_sums = [torch.zeros(layer.d_in_total, layer.d_in_total, dtype=torch.float64, device=dev)
-                  for layer in self.layers]
+        # An embedding's A is diagonal (token counts): a vector.
+        a_sums = [torch.zeros((layer.d_in,) if layer.index else (layer.d_in_total,) * 2, dtype=torch.float64,
+                              device=dev) for layer in self.layers]
         s_sums = [torch.zeros(layer.d_out, layer.d_out, dtype=torch.float64, device=dev) for layer in self.layers]
         n = 0
         for cap in self._captures(train, sampler, "K-FAC factors", stage=0):
             n += cap.outputs.shape[0]
-            for i, (a, g) in enumerate(zip(cap.activations, cap.output_grads)):
-                a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
-                a_sums[i] += (a2.T @ a2).double()
+            for i, (layer, a, g) in enumerate(zip(self.layers, cap.activations, cap.output_grads)):
+                g2 = g.reshape(-1, g.shape[-1])
+                if layer.index:
+                    a_sums[i] += _index_counts(layer, a).double()
+                else:
+                    a2 = a.reshape(-1, a.shape[-1])
+                    a_sums[i] += (a2.T @ a2).double()
                 s_sums[i] += (g2.T @ g2).double() / g.shape[-2]
         for total in (*a_sums, *s_sums):
             all_reduce_sum(total)
@@ -164,7 +195,7 @@ class KfacInfluence(InfluenceFunctionModel):
             a_fac, s_fac = a_sum / n, s_sum / n
             _check_finite(layer, a_fac, "activation covariance A")
             _check_finite(layer, s_fac, "gradient covariance S")
-            l_a, q_a = torch.linalg.eigh(0.5 * (a_fac + a_fac.T))
+            l_a, q_a = (a_fac, None) if layer.index else torch.linalg.eigh(0.5 * (a_fac + a_fac.T))
             l_s, q_s = torch.linalg.eigh(0.5 * (s_fac + s_fac.T))
             # Covariances are PSD; eigh's rounding can leave tiny negatives.
             bases.append((q_a, q_s, torch.outer(l_s.clamp_min(0), l_a.clamp_min(0))))
@@ -177,18 +208,21 @@ class KfacInfluence(InfluenceFunctionModel):
             _check_finite(layer, self.factors[layer.name].eigenvalues, "eigenvalues")
         self._check_invertible()
         # Solves run in the model's dtype; the factors stay float64 for inspection.
-        self._solve_factors = [(f.activation_eigenvectors.to(self.dtype), f.gradient_eigenvectors.to(self.dtype),
+        self._solve_factors = [(_to(f.activation_eigenvectors, self.dtype), f.gradient_eigenvectors.to(self.dtype),
                                 f.eigenvalues.to(self.dtype)) for f in self.factors.values()]
 
     def _corrected_eigenvalues(self, train: Samples, bases, sampler) -> list[Tensor]:
         sums = [torch.zeros_like(lam) for _, _, lam in bases]
-        typed = [(q_a.to(self.dtype), q_s.to(self.dtype)) for q_a, q_s, _ in bases]
+        typed = [(_to(q_a, self.dtype), q_s.to(self.dtype)) for q_a, q_s, _ in bases]
         n = 0
         for cap in self._captures(train, sampler, "EK-FAC eigenvalues", stage=1):
             n += cap.outputs.shape[0]
-            for i, (a, g) in enumerate(zip(cap.activations, cap.output_grads)):
+            for i, (layer, a, g) in enumerate(zip(self.layers, cap.activations, cap.output_grads)):
                 q_a, q_s = typed[i]
                 g = g.reshape(-1, *a.shape[:2], g.shape[-1])  # (K, b, T, d_out), K = 1 unless fisher="exact"
+                if layer.index:
+                    sums[i] += _index_rotated_squares(layer, a, g @ q_s).double()
+                    continue
                 sums[i] += _rotated_gradients(g, a, q_s, q_a).square().sum(dim=(0, 1)).double()
         for total in sums:
             all_reduce_sum(total)
@@ -217,6 +251,9 @@ class KfacInfluence(InfluenceFunctionModel):
         vectors = vectors.to(device=self.device, dtype=self.dtype)
         out = torch.empty_like(vectors)
         for layer, (q_a, q_s, lam) in zip(self.layers, self._solve_factors):
+            if q_a is None:  # an embedding: its eigenbasis on the input side is the token basis
+                layer.write(q_s @ ((q_s.T @ layer.matrices(vectors)) / (lam + self.regularization)), out)
+                continue
             rotated = q_s.T @ layer.matrices(vectors) @ q_a  # (k, d_out, d_in_total)
             layer.write(q_s @ (rotated / (lam + self.regularization)) @ q_a.T, out)
         return out
@@ -230,10 +267,10 @@ class KfacInfluence(InfluenceFunctionModel):
         """
         if not self.fused:
             return super()._self_influence_block(block)
-        cap = capture(self.functions, self.layers, block.x, block.y)
+        cap = self._capture(block.x, block.y)
         out = torch.zeros(block.size, dtype=self.dtype, device=self.device)
         for (q_a, q_s, lam), a, g in zip(self._solve_factors, cap.activations, cap.output_grads):
-            out += psg_self_dot(1 / (lam + self.regularization), a @ q_a, g @ q_s)
+            out += psg_self_dot(1 / (lam + self.regularization), a if q_a is None else a @ q_a, g @ q_s)
         return out
 
     # -- per-layer scores -----------------------------------------------------------------------------
@@ -268,6 +305,41 @@ class KfacInfluence(InfluenceFunctionModel):
             x, y = x_test, y_test
         return self.influences_from_factors_by_layer(factors, x, y)
 
+    # -- saved state (torchfluence.persist) ---------------------------------------------------------
+    _implied_options = ("second_order",)  # always the Fisher / Gauss-Newton matrix
+    _fit_options = ("fisher", "fisher_samples", "seed", "eigenvalue_correction")
+
+    def _saved_options(self) -> dict:
+        return {"fisher": self.fisher, "fisher_samples": self.fisher_samples, "seed": self.seed,
+                "eigenvalue_correction": self.eigenvalue_correction}
+
+    def _fitted_state(self) -> tuple[dict[str, Tensor], dict]:
+        """Each layer's float64 Q_A, Q_S and (corrected) eigenvalues, keyed ``"<layer>/<what>"``."""
+        tensors = {}
+        for name, f in self.factors.items():
+            if f.activation_eigenvectors is not None:  # None for an embedding: the token basis
+                tensors[f"{name}/activation_eigenvectors"] = f.activation_eigenvectors
+            tensors[f"{name}/gradient_eigenvectors"] = f.gradient_eigenvectors
+            tensors[f"{name}/eigenvalues"] = f.eigenvalues
+        return tensors, {"layers": list(self.factors)}
+
+    def _restore_fitted_state(self, tensors: dict[str, Tensor], info: dict) -> None:
+        names = [layer.name for layer in self.layers]
+        if info["layers"] != names:
+            raise ValueError(f"saved state: the factors are for layers {info['layers']}, the model's selected "
+                             f"layers are {names}")
+        f64 = torch.float64
+        self.factors = {layer.name: KroneckerFactors(
+            None if layer.index
+            else state_tensor(tensors, f"{layer.name}/activation_eigenvectors", (layer.d_in_total,) * 2, f64),
+            state_tensor(tensors, f"{layer.name}/gradient_eigenvectors", (layer.d_out,) * 2, f64),
+            state_tensor(tensors, f"{layer.name}/eigenvalues", (layer.d_out, layer.d_in_total), f64))
+            for layer in self.layers}
+        self._check_invertible()
+        # As at the end of _fit: solves run in the model's dtype.
+        self._solve_factors = [(_to(f.activation_eigenvectors, self.dtype), f.gradient_eigenvectors.to(self.dtype),
+                                f.eigenvalues.to(self.dtype)) for f in self.factors.values()]
+
 
 class EkfacInfluence(KfacInfluence):
     """Influence through EK-FAC: K-FAC's eigenbasis with eigenvalues refitted to the gradients.
@@ -282,6 +354,11 @@ class EkfacInfluence(KfacInfluence):
         if "eigenvalue_correction" in kwargs:
             raise TypeError("EkfacInfluence always corrects the eigenvalues; use KfacInfluence for plain K-FAC")
         super().__init__(model, loss, regularization, eigenvalue_correction=True, **kwargs)
+
+    def _saved_options(self) -> dict:
+        options = super()._saved_options()
+        del options["eigenvalue_correction"]  # set by the class, refused as an argument
+        return options
 
 
 def _block_seed(seed: int, stage: int, offset: int) -> int:
@@ -307,6 +384,35 @@ def _rotated_gradients(g: Tensor, a: Tensor, q_s: Tensor, q_a: Tensor) -> Tensor
     if form_first < rotate_first:
         return q_s.T @ torch.einsum("knto,nti->knoi", g, a) @ q_a
     return torch.einsum("knto,nti->knoi", g @ q_s, a @ q_a)
+
+
+def _to(q: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if q is None else q.to(dtype)
+
+
+def _index_counts(layer: Layer, ids: Tensor) -> Tensor:
+    """An embedding's sum_t onehot(id_t) onehot(id_t)^T over a block: the diagonal, token counts (d_in,).
+
+    Positions holding ``padding_idx`` are left out: that row gets no gradient.
+    """
+    ids = ids.reshape(-1)
+    padding = getattr(layer.module, "padding_idx", None)
+    if padding is not None:
+        ids = ids[ids != padding]
+    return torch.bincount(ids, minlength=layer.d_in)
+
+
+def _index_rotated_squares(layer: Layer, ids: Tensor, rotated: Tensor) -> Tensor:
+    """sum over samples of the squared per-sample gradients of an embedding in its eigenbasis, (d_out, d_in).
+
+    Args:
+        ids: (b, T) token ids; rotated: (K, b, T, d_out) output gradients times Q_S.
+    Each sample's gradient ``Q_S^T sum_t g_t onehot(id_t)^T`` has one nonzero column
+    per distinct token of the sample, so only those are formed and squared.
+    """
+    K = rotated.shape[0]
+    _, tokens, rows = index_pair_sums(ids.repeat(K, 1), rotated.reshape(-1, *rotated.shape[2:]), layer.d_in)
+    return index_sum(tokens, rows.square(), layer.d_in).T  # (d_out, d_in)
 
 
 def _layer_columns(layer: Layer) -> list[slice]:

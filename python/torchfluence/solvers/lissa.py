@@ -83,3 +83,17 @@ class LissaInfluence(InfluenceFunctionModel):
             total += h / self.scale
         bar.close()
         return total / self.repetitions
+
+    # -- saved state (torchfluence.persist) ---------------------------------------------------------
+    _load_needs_train_data = True  # every step reads a training minibatch
+
+    def _saved_options(self) -> dict:
+        return {"maxiter": self.maxiter, "dampen": self.dampen, "scale": self.scale,
+                "repetitions": self.repetitions, "seed": self.seed}
+
+    def _fitted_state(self) -> tuple[dict[str, Tensor], dict]:
+        """Nothing: the fit only records the training data, which a load is given again."""
+        return {}, {}
+
+    def _restore_fitted_state(self, tensors: dict[str, Tensor], info: dict) -> None:
+        pass

@@ -10,6 +10,7 @@ from torch import Tensor
 from ..data import Samples
 from ..checks import check_regularization
 from ..influence import InfluenceFunctionModel
+from ..persist import state_tensor
 from ._lowrank import LowRankCurvature, check_rank
 
 
@@ -60,6 +61,22 @@ class NystroemSketchInfluence(InfluenceFunctionModel):
         self._require_fitted()
         vectors = vectors.to(device=self.device, dtype=self.dtype)
         return self._typed.inverse_apply(vectors, self.regularization, "regularization")
+
+    # -- saved state (torchfluence.persist) ---------------------------------------------------------
+    _fit_options = ("rank", "seed")
+
+    def _saved_options(self) -> dict:
+        return {"rank": self.rank, "seed": self.seed}
+
+    def _fitted_state(self) -> tuple[dict[str, Tensor], dict]:
+        """The sketch's eigenpairs (float64)."""
+        return {"eigenvectors": self.low_rank.eigenvectors, "eigenvalues": self.low_rank.eigenvalues}, {}
+
+    def _restore_fitted_state(self, tensors: dict[str, Tensor], info: dict) -> None:
+        vectors = state_tensor(tensors, "eigenvectors", (self.rank, self.num_params), torch.float64)
+        values = state_tensor(tensors, "eigenvalues", (self.rank,), torch.float64)
+        self.low_rank = LowRankCurvature(vectors, values)
+        self._typed = LowRankCurvature(vectors.to(self.dtype), values.to(self.dtype))
 
 
 def nystroem_sketch(curvature_vp, num_params: int, rank: int, dtype: torch.dtype, device: torch.device,

@@ -1,0 +1,664 @@
+"""A gradient store: projected per-sample training gradients on disk, computed once, scored many times.
+
+:meth:`GradientStore.build` runs the model over the training data once and
+writes each sample's projected gradient ``phi_j = P g_j`` (k numbers, float16
+or bfloat16) into a memory-mapped file, and sums the projected Fisher
+``F = (1/n) sum_j phi_j phi_j^T`` (k x k, float64, from the unrounded
+gradients) on the way. Queries are then scored against the file without the
+model touching the training data again (TRAK's and LoGra's way of serving
+influence queries):
+
+- ``regularization=None``: gradient similarity, ``phi_test . phi_j``;
+- ``regularization=lambda``: ``phi_test^T (F + lambda I)^-1 phi_j``, the
+  projected-Fisher influence that :class:`~torchfluence.DirectInfluence` with
+  the same ``projector=`` computes.
+
+The stored gradients are read in chunks and widened to float32 exactly;
+scores are float32 products of the float32 query vectors with them, merged into
+a streaming top-k (:class:`~torchfluence.StreamingTopK`) or written out.
+
+A store is a directory:
+
+- ``store.json``: format, version, the settings that made it (projector,
+  parameters, dtypes, block size, loss, data size and, for an in-memory
+  ``(x, y)`` pair, a digest of it), the model's fingerprint
+  (:func:`torchfluence.fingerprint.model_fingerprint`) and whether it is complete;
+- ``gradients.bin``: the (n_train, k) row-major matrix, little-endian 16-bit floats;
+- ``fisher.safetensors``: the running Fisher sum and the build's progress record
+  (which blocks are done) in one file, replaced atomically; when complete,
+  also ``fisher``, the (k, k) mean.
+
+A build is resumable: a killed build, run again with the same arguments,
+skips the recorded blocks and ends with the same bytes as an uninterrupted one
+(each block's gradients depend on that block alone, and the Fisher is summed
+in block order). The gradient file's pages are flushed before the record that
+calls their block done is written; records are written with the same time rule
+as resumable scoring (:mod:`torchfluence.checkpoint`). Another model, other
+settings or other data are refused with an error naming what differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from ._build_info import build_info
+from ._functional import LossFn, ModelFunctions
+from .checks import check_finite, check_positive_int, check_regularization
+from .data import DataSource, Samples
+from .distributed import is_distributed
+from .fingerprint import model_fingerprint, settings_fingerprint
+from .gradients import GradientSource, gradient_source
+from .influence import TopKInfluences
+from .projected import (KroneckerGradients, Projection, describe_projection, projected_source,
+                        projection_from_description)
+from .topk import StreamingTopK
+
+__all__ = ["GradientStore"]
+
+FORMAT = "torchfluence.gradient-store"
+VERSION = 1
+METADATA_FILE = "store.json"
+GRADIENTS_FILE = "gradients.bin"
+FISHER_FILE = "fisher.safetensors"
+_RECORD_KEY = "torchfluence"
+_STORAGE = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+_CHUNK_BYTES = 32 << 20  # stored gradients read per chunk when scoring
+
+PathLike = Union[str, "os.PathLike[str]"]
+Queries = Union[Tensor, tuple]
+
+
+class GradientStore:
+    """Projected per-sample training gradients in a memory-mapped file, with their Fisher.
+
+    Build one with :meth:`build`, open one with :meth:`open`.
+
+    Attributes:
+        path: the store's directory.
+        metadata: the contents of ``store.json``.
+    """
+
+    def __init__(self, path: Path, metadata: dict[str, Any], fisher: Optional[Tensor]) -> None:
+        self.path, self.metadata = path, metadata
+        self._fisher = fisher
+        self._projector: Optional[Projection] = None
+        self._cholesky: dict[float, Tensor] = {}  # lambda -> Cholesky factor of F + lambda I (float64, CPU)
+
+    # -- facts --------------------------------------------------------------------------------------
+    @property
+    def n_train(self) -> int:
+        """Number of stored training samples."""
+        return int(self.metadata["settings"]["n_train"])
+
+    @property
+    def k(self) -> int:
+        """Length of each stored projected gradient."""
+        return int(self.metadata["settings"]["k"])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Storage dtype, torch.float16 or torch.bfloat16."""
+        return _STORAGE[self.metadata["settings"]["dtype"]]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Dtype the gradients were computed (and query gradients are computed) in."""
+        return getattr(torch, self.metadata["settings"]["compute_dtype"])
+
+    @property
+    def model_fingerprint(self) -> str:
+        """Fingerprint of the model the store was built with."""
+        return self.metadata["model"]
+
+    @property
+    def projector(self) -> Projection:
+        """The projector of the build, rebuilt from its description."""
+        if self._projector is None:
+            self._projector = projection_from_description(self.metadata["settings"]["projector"])
+        return self._projector
+
+    @property
+    def fisher(self) -> Tensor:
+        """The projected Fisher ``(1/n) sum_j phi_j phi_j^T``, (k, k) float64 (summed before rounding to 16 bits).
+
+        Raises:
+            ValueError: for a store built with ``fisher=False``.
+        """
+        if self._fisher is None:
+            raise ValueError(f"the store at '{self.path}' was built with fisher=False: it holds no Fisher, so "
+                             "regularization= (Fisher preconditioning) is not available; use regularization=None")
+        return self._fisher
+
+    @property
+    def gradients(self) -> Tensor:
+        """The stored gradients, (n_train, k) in :attr:`dtype`, memory-mapped (copy-on-write: the file is never changed)."""
+        array = np.memmap(self.path / GRADIENTS_FILE, dtype=np.int16, mode="c", shape=(self.n_train, self.k))
+        return torch.from_numpy(array).view(self.dtype)
+
+    def __repr__(self) -> str:
+        return (f"GradientStore('{self.path}', n_train={self.n_train}, k={self.k}, dtype={self.dtype}, "
+                f"projector={self.metadata['settings']['projector']})")
+
+    # -- building -----------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, model: nn.Module, loss: LossFn, train_data: DataSource, projector: Projection,
+              path: PathLike, *, dtype: torch.dtype = torch.float16, block_size: int = 256, progress: bool = True,
+              params: Optional[Sequence[str]] = None, output_transform: Optional[Callable[..., Tensor]] = None,
+              compute_dtype: Optional[torch.dtype] = None, fused: bool = True, fisher: bool = True) -> GradientStore:
+        """Writes the projected per-sample gradients of `train_data` under `path`; resumes a stopped build.
+
+        Args:
+            model: the trained model (``model.eval()`` first).
+            loss: ``loss(outputs, targets)``, the batch mean (as for the solvers).
+            train_data: a DataLoader, an ``(x, y)`` pair of tensors or a Dataset; read in order,
+                once (and counted first when its length is unknown). A resumed build needs the
+                same samples in the same order.
+            projector: a :class:`~torchfluence.Projector` (DenseProjector, SparseJLProjector,
+                KroneckerProjector) with ``p`` the number of selected parameters, or a
+                :class:`~torchfluence.KroneckerProjection`; the store records how to rebuild it.
+            path: a directory (created if missing) for the store's files.
+            dtype: storage dtype, torch.float16 (default) or torch.bfloat16.
+            block_size: samples per forward/backward pass.
+            progress: show a progress bar.
+            params: names of the parameters to use (default: all with ``requires_grad``).
+            output_transform: as in :class:`~torchfluence.InfluenceFunctionModel`.
+            compute_dtype: float32 or float64 for the gradients; None: the model's.
+            fused: captured layers (one forward/backward per block) where the model has them.
+            fisher: also sum the (k, k) float64 Fisher (needed for ``regularization=``).
+
+        Returns:
+            The finished store (a finished store at `path` with the same settings is opened as it is).
+
+        Raises:
+            ValueError: when `path` holds a store of another model, other settings or other
+                data (naming what differs), or corrupt files; for bad arguments.
+        """
+        if is_distributed():
+            raise NotImplementedError("GradientStore.build runs in one process (one file, one record), but a "
+                                      "process group of several is active; build the store in one process")
+        if dtype not in _STORAGE.values():
+            raise ValueError(f"dtype must be torch.float16 or torch.bfloat16 (the storage dtype), got {dtype}")
+        check_positive_int(block_size, "block_size")
+        for name, value in (("progress", progress), ("fused", fused), ("fisher", fisher)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        path = _check_directory(path)
+        functions = ModelFunctions(model, loss, params, compute_dtype, output_transform)
+        source = projected_source(functions, gradient_source(functions, fused), projector)
+        description = describe_projection(projector)
+        if isinstance(source, KroneckerGradients):
+            description["layers"] = [[layer.name, p.k_out, p.k_in]
+                                     for layer, p in zip(source.layers, source.projectors)]
+        samples = Samples(train_data, "train_data", block_size)
+        n = samples.count()
+        first = samples.first_block()
+        functions.check_loss(first.x, first.y)
+        k = source.num_params
+        settings = {
+            "n_train": n, "k": k, "dtype": _name(dtype), "compute_dtype": _name(functions.dtype),
+            "block_size": block_size, "projector": description, "params": list(functions.names),
+            "loss": _loss_name(loss), "output_transform": None if output_transform is None
+            else _callable_name(output_transform), "fused": fused, "fisher": fisher,
+            "train_data": _data_digest(train_data),
+        }
+        settings = json.loads(json.dumps(settings))  # as it reads back from the file
+        metadata = {"format": FORMAT, "version": VERSION, "settings": settings,
+                    "settings_fingerprint": settings_fingerprint(settings), "model": model_fingerprint(model),
+                    "complete": False, "torch_version": torch.__version__,
+                    "torchfluence_version": build_info()["version"]}
+        builder = _Builder(path, metadata, source, samples, progress,
+                           pair=isinstance(train_data, (tuple, list)) and len(train_data) == 2)
+        builder.run()
+        return cls.open(path)
+
+    # -- opening ------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: PathLike, model: Optional[nn.Module] = None) -> GradientStore:
+        """The finished store at `path`.
+
+        Args:
+            path: a directory written by :meth:`build`.
+            model: optional; when given, its fingerprint must equal the build's.
+
+        Raises:
+            FileNotFoundError: no store at `path`.
+            ValueError: an incomplete or corrupt store, or a model other than the build's.
+        """
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a directory path, got {type(path).__name__}")
+        path = Path(path)
+        metadata = _read_metadata(path)
+        if metadata is None:
+            raise FileNotFoundError(f"path: no gradient store at '{path}' (no {METADATA_FILE})")
+        if not metadata["complete"]:
+            raise ValueError(f"path: the gradient store at '{path}' is incomplete (its build stopped); run "
+                             "GradientStore.build with the same arguments to finish it")
+        settings = metadata["settings"]
+        n, k = int(settings["n_train"]), int(settings["k"])
+        size = (path / GRADIENTS_FILE).stat().st_size if (path / GRADIENTS_FILE).exists() else None
+        if size != 2 * n * k:
+            raise ValueError(f"path: '{path / GRADIENTS_FILE}' must hold {n} x {k} 16-bit values ({2 * n * k} "
+                             f"bytes), got {'no file' if size is None else f'{size} bytes'}; the store is corrupt")
+        record, tensors = _read_fisher(path)
+        if record is None or not record["complete"] or record["store"] != metadata["settings_fingerprint"] \
+                or record["model"] != metadata["model"]:
+            raise ValueError(f"path: '{path / FISHER_FILE}' does not belong to the finished store in '{path}' "
+                             "(missing, incomplete or of other settings); the store is corrupt")
+        fisher = None
+        if settings["fisher"]:
+            fisher = tensors.get("fisher")
+            if fisher is None or tuple(fisher.shape) != (k, k) or fisher.dtype != torch.float64:
+                raise ValueError(f"path: '{path / FISHER_FILE}' must hold a ({k}, {k}) float64 'fisher'; the "
+                                 "store is corrupt")
+        store = cls(path, metadata, fisher)
+        if model is not None:
+            store._check_model(model)
+        return store
+
+    def _check_model(self, model: nn.Module) -> None:
+        fingerprint = model_fingerprint(model)
+        if fingerprint != self.model_fingerprint:
+            raise ValueError(f"model: the store at '{self.path}' was built with another model (its parameters, "
+                             f"buffers, shapes or dtypes differ: fingerprint {self.model_fingerprint} in the store, "
+                             f"{fingerprint} for the model given)")
+
+    # -- queries ------------------------------------------------------------------------------------
+    def query_gradients(self, model: nn.Module, loss: LossFn, x: Tensor, y: Tensor, *,
+                        output_transform: Optional[Callable[..., Tensor]] = None,
+                        block_size: Optional[int] = None) -> Tensor:
+        """Projected per-sample gradients of (x, y) with the store's projector, (n, k) in :attr:`compute_dtype`.
+
+        Args:
+            model: the model of the build (its fingerprint is checked).
+            loss: the loss of the build.
+            x, y: (n, ...) inputs and targets.
+            output_transform: the one of the build, if it had one.
+            block_size: samples per pass (default: the build's).
+        """
+        self._check_model(model)
+        settings = self.metadata["settings"]
+        if settings["output_transform"] is not None and output_transform is None:
+            raise ValueError(f"output_transform: the store was built with output_transform="
+                             f"{settings['output_transform']}; pass the same one for the query gradients")
+        functions = ModelFunctions(model, loss, settings["params"], self.compute_dtype, output_transform)
+        source: GradientSource = projected_source(functions, gradient_source(functions, settings["fused"]),
+                                                  self.projector)
+        if source.num_params != self.k:
+            raise ValueError(f"model: its projected gradients have {source.num_params} numbers, the store's {self.k}")
+        samples = Samples((x, y), "x, y", block_size or settings["block_size"])
+        out = torch.empty(samples.count(), self.k, dtype=functions.dtype, device=functions.device)
+        for block in samples.blocks():
+            rows = out[block.offset:block.offset + block.size]
+            source.grads(block.x, block.y, out=rows)
+            check_finite(rows, "query gradients", block.offset)
+        return out
+
+    def query_vectors(self, queries: Queries, regularization: Optional[float] = None, *,
+                      output_transform: Optional[Callable[..., Tensor]] = None) -> Tensor:
+        """The vectors the stored gradients are multiplied with: ``Q`` or ``Q (F + lambda I)^-1``, (n_q, k) float64.
+
+        Args:
+            queries: (n_q, k) projected query gradients, or ``(model, loss, x_test, y_test)``.
+            regularization: None (gradient similarity) or lambda >= 0 (Fisher preconditioning).
+        """
+        if isinstance(queries, (tuple, list)):
+            if len(queries) != 4:
+                raise ValueError(f"queries must be a (n_q, {self.k}) tensor or a (model, loss, x_test, y_test) tuple, "
+                                 f"got a {type(queries).__name__} of {len(queries)} items")
+            q = self.query_gradients(*queries, output_transform=output_transform)
+        elif isinstance(queries, Tensor):
+            if queries.dim() != 2 or queries.shape[1] != self.k or not queries.dtype.is_floating_point:
+                raise ValueError(f"queries must be a floating (n_q, {self.k}) tensor of projected gradients, got "
+                                 f"{queries.dtype} of shape {tuple(queries.shape)}")
+            check_finite(queries, "queries")
+            q = queries
+        else:
+            raise TypeError(f"queries must be a (n_q, {self.k}) tensor or a (model, loss, x_test, y_test) tuple, got "
+                            f"{type(queries).__name__}")
+        q = q.double()
+        if regularization is None:
+            return q
+        regularization = check_regularization(regularization)
+        return torch.cholesky_solve(q.T, self._factor(regularization).to(q.device)).T
+
+    def _factor(self, regularization: float) -> Tensor:
+        """Cholesky factor of F + lambda I, (k, k) float64, computed once per lambda."""
+        if regularization not in self._cholesky:
+            fisher = self.fisher
+            eye = torch.eye(self.k, dtype=torch.float64)
+            factor, info = torch.linalg.cholesky_ex(fisher + regularization * eye)
+            if int(info) != 0:
+                smallest = float(torch.linalg.eigvalsh(fisher)[0])
+                raise ValueError(f"regularization: F + {regularization:.3g} I is not positive definite (the smallest "
+                                 f"eigenvalue of the stored Fisher is {smallest:.3g}); use a larger regularization")
+            self._cholesky[regularization] = factor
+        return self._cholesky[regularization]
+
+    def top_k(self, queries: Queries, k: int = 10, *, regularization: Optional[float] = None,
+              device: Union[None, str, torch.device] = None, chunk_rows: Optional[int] = None,
+              output_transform: Optional[Callable[..., Tensor]] = None) -> TopKInfluences:
+        """The k most helpful and most harmful stored training samples per query.
+
+        Args:
+            queries: (n_q, k) projected query gradients (e.g. :meth:`query_gradients`), or
+                ``(model, loss, x_test, y_test)`` (the model's fingerprint is checked).
+            k: how many on each side, at most :attr:`n_train`.
+            regularization: None: gradient similarity ``phi_q . phi_j``; lambda >= 0:
+                ``phi_q^T (F + lambda I)^-1 phi_j`` with the stored Fisher.
+            device: where to score (default: the queries' device, the CPU for a tuple).
+            chunk_rows: stored rows read per step (default: 32 MiB of them).
+            output_transform: for ``(model, ...)`` queries of a model built with one.
+
+        Returns:
+            :class:`~torchfluence.TopKInfluences` with (n_q, k) float32 values and int64
+            training indices; ties go to the lower index.
+        """
+        check_positive_int(k, "k")
+        if k > self.n_train:
+            raise ValueError(f"k must be at most the number of stored training samples ({self.n_train}), got {k}")
+        s = self._scoring_vectors(queries, regularization, device, output_transform)
+        state = StreamingTopK(s.shape[0], k, device=s.device, dtype=torch.float32)
+        for start, rows in self._chunks(chunk_rows, s.device):
+            state.update(s, rows, offset=start)
+        res = state.result()
+        return TopKInfluences(res.largest_indices, res.largest_values, res.smallest_indices, res.smallest_values)
+
+    def scores(self, queries: Queries, *, regularization: Optional[float] = None,
+               out: Union[None, PathLike, Tensor] = None, device: Union[None, str, torch.device] = None,
+               chunk_rows: Optional[int] = None,
+               output_transform: Optional[Callable[..., Tensor]] = None) -> Tensor:
+        """Scores of every stored training sample for each query, (n_q, n_train) float32.
+
+        Args:
+            queries, regularization, device, chunk_rows, output_transform: as in :meth:`top_k`.
+            out: None (a new tensor), a (n_q, n_train) float32 tensor to fill, or the path of a
+                ``.npy`` file to create, memory-mapped, and fill (the returned tensor shares its pages).
+        """
+        s = self._scoring_vectors(queries, regularization, device, output_transform)
+        shape = (s.shape[0], self.n_train)
+        array = None
+        if out is None:
+            result = torch.empty(shape, dtype=torch.float32, device=s.device)
+        elif isinstance(out, Tensor):
+            if tuple(out.shape) != shape or out.dtype != torch.float32:
+                raise ValueError(f"out must be a {shape} float32 tensor, got {out.dtype} of shape {tuple(out.shape)}")
+            result = out
+        elif isinstance(out, (str, os.PathLike)):
+            array = np.lib.format.open_memmap(Path(out), mode="w+", dtype=np.float32, shape=shape)
+            result = torch.from_numpy(array)
+        else:
+            raise TypeError(f"out must be None, a tensor or a .npy path, got {type(out).__name__}")
+        for start, rows in self._chunks(chunk_rows, s.device):
+            block = s @ rows.T
+            check_finite(block, "influence scores", start, sample_dim=1)
+            result[:, start:start + rows.shape[0]].copy_(block)
+        if array is not None:
+            array.flush()
+        return result
+
+    def _scoring_vectors(self, queries: Queries, regularization: Optional[float],
+                         device: Union[None, str, torch.device],
+                         output_transform: Optional[Callable[..., Tensor]]) -> Tensor:
+        """The float32 query vectors on the scoring device, (n_q, k)."""
+        vectors = self.query_vectors(queries, regularization, output_transform=output_transform)
+        if device is None:
+            device = queries.device if isinstance(queries, Tensor) else vectors.device
+        return vectors.to(device=device, dtype=torch.float32)
+
+    def _chunks(self, chunk_rows: Optional[int], device: torch.device):
+        """(first row, (rows, k) float32 on `device`) for consecutive chunks of the stored gradients."""
+        if chunk_rows is None:
+            chunk_rows = max(1, _CHUNK_BYTES // (2 * self.k))
+        check_positive_int(chunk_rows, "chunk_rows")
+        array = np.memmap(self.path / GRADIENTS_FILE, dtype=np.int16, mode="r", shape=(self.n_train, self.k))
+        try:
+            for start in range(0, self.n_train, chunk_rows):
+                stop = min(self.n_train, start + chunk_rows)
+                # A copy of the pages (np.array), then an exact widening to float32.
+                rows = torch.from_numpy(np.array(array[start:stop])).view(self.dtype)
+                yield start, rows.to(device).float()
+        finally:
+            del array
+
+
+# -- the build loop ------------------------------------------------------------------------------------
+class _Builder:
+    """One build of a store: resumes from the record, writes blocks, saves the record now and then."""
+
+    def __init__(self, path: Path, metadata: dict[str, Any], source: GradientSource, samples: Samples,
+                 progress: bool, pair: bool) -> None:
+        self.path, self.metadata, self.source, self.samples = path, metadata, source, samples
+        self.progress, self.pair = progress, pair
+        settings = metadata["settings"]
+        self.n, self.k = settings["n_train"], settings["k"]
+        self.dtype = _STORAGE[settings["dtype"]]
+        self.with_fisher = settings["fisher"]
+        self.blocks_done = self.samples_done = 0
+        self.fisher_sum: Optional[Tensor] = None
+        self.finished = False  # the record says complete (stopped before store.json said so)
+        self._save_end = time.monotonic()
+
+    def run(self) -> None:
+        existing = _read_metadata(self.path)
+        if existing is not None:
+            _check_same(existing, self.metadata, self.path)
+            if existing["complete"]:
+                return
+            self._resume()
+            if self.finished:
+                self._write_complete_metadata()
+                return
+        else:
+            leftovers = [p.name for p in (self.path / GRADIENTS_FILE, self.path / FISHER_FILE) if p.exists()]
+            if leftovers:
+                raise ValueError(f"path: '{self.path}' holds {leftovers} but no {METADATA_FILE}: it is not a gradient "
+                                 f"store (or a damaged one); {_remedy(self.path)}")
+            checkpoint.atomic_write(self.path / METADATA_FILE, json.dumps(self.metadata, indent=1).encode())
+            with open(self.path / GRADIENTS_FILE, "wb") as f:
+                f.truncate(2 * self.n * self.k)
+        device = self.source.functions.device
+        if self.fisher_sum is None:
+            self.fisher_sum = torch.zeros((self.k, self.k) if self.with_fisher else (0,), dtype=torch.float64,
+                                          device=device)
+        else:
+            self.fisher_sum = self.fisher_sum.to(device)
+        # Until a save has been timed, its cost is guessed from its size (1 GB/s): a large
+        # Fisher sum is then not written after the very first block of a short build.
+        self._save_cost = self.fisher_sum.numel() * 8 / 1e9
+        self.array = np.memmap(self.path / GRADIENTS_FILE, dtype=np.int16, mode="r+", shape=(self.n, self.k))
+        try:
+            self._blocks()
+        finally:
+            del self.array
+        self._finish()
+
+    def _resume(self) -> None:
+        size = (self.path / GRADIENTS_FILE).stat().st_size if (self.path / GRADIENTS_FILE).exists() else None
+        if size != 2 * self.n * self.k:
+            raise ValueError(f"path: '{self.path / GRADIENTS_FILE}' must hold {2 * self.n * self.k} bytes, got "
+                             f"{'no file' if size is None else size}; {_remedy(self.path)}")
+        record, tensors = _read_fisher(self.path)
+        if record is None:  # stopped before its first record: nothing is done
+            return
+        if record["store"] != self.metadata["settings_fingerprint"] or record["model"] != self.metadata["model"]:
+            raise ValueError(f"path: '{self.path / FISHER_FILE}' belongs to another build; {_remedy(self.path)}")
+        if record["complete"]:
+            self.finished = True
+            return
+        expected = (self.k, self.k) if self.with_fisher else (0,)
+        fisher_sum = tensors.get("fisher_sum")
+        if fisher_sum is None or tuple(fisher_sum.shape) != expected or fisher_sum.dtype != torch.float64:
+            raise ValueError(f"path: '{self.path / FISHER_FILE}' must hold a {expected} float64 'fisher_sum'; "
+                             f"{_remedy(self.path)}")
+        self.blocks_done, self.samples_done = record["blocks_done"], record["samples_done"]
+        self.fisher_sum = fisher_sum
+
+    def _blocks(self) -> None:
+        # Blocks split the data's own batches, so their number is known only for an (x, y) pair.
+        total = -(-self.n // self.samples.block_size) if self.pair else None
+        bar = tqdm(total=total, initial=self.blocks_done, desc="gradient store", disable=not self.progress)
+        index = checkpoint.BlockIndex(lambda i: i >= self.blocks_done)
+        consistent = True
+        try:
+            for block in self.samples.blocks(select=index.select):
+                if block.offset != self.samples_done:
+                    raise ValueError(f"train_data: block {index.last} starts at sample {block.offset}, but the "
+                                     f"record has {self.samples_done} samples done in {self.blocks_done} blocks: "
+                                     "the data must yield the same samples in the same batches as when the build "
+                                     f"started; {_remedy(self.path)}")
+                phi = self.source.grads(block.x, block.y)  # (b, k) in the computation dtype
+                check_finite(phi, "projected per-sample gradients", block.offset)
+                rows = phi.to(self.dtype).cpu().view(torch.int16).numpy()
+                contribution = (phi.T @ phi).double() if self.with_fisher else None
+                consistent = False  # the rows, the sum and the counters change together
+                self.array[block.offset:block.offset + block.size] = rows
+                if contribution is not None:
+                    self.fisher_sum += contribution
+                self.blocks_done, self.samples_done = index.last + 1, block.offset + block.size
+                consistent = True
+                bar.update(1)
+                if time.monotonic() - self._save_end >= checkpoint.SAVE_TIME_RATIO * self._save_cost:
+                    self._save()
+        except BaseException:
+            if consistent and self.blocks_done:
+                self._save()  # keep what is finished (an exception, Ctrl-C); a kill keeps the last record
+            raise
+        finally:
+            bar.close()
+        if self.samples_done != self.n:
+            raise ValueError(f"train_data yielded {self.samples_done} samples, but {self.n} were counted; the data "
+                             "must yield the same samples on every pass")
+
+    def _save(self, complete: bool = False) -> None:
+        start = time.monotonic()
+        if hasattr(self, "array"):
+            self.array.flush()  # the rows reach the file before the record calls their block done
+        record = {"format": FORMAT, "version": VERSION, "store": self.metadata["settings_fingerprint"],
+                  "model": self.metadata["model"], "blocks_done": self.blocks_done,
+                  "samples_done": self.samples_done, "complete": complete}
+        # A finished store keeps the mean (the sum is needed only to go on with a build).
+        fisher_sum = self.fisher_sum.detach().to("cpu").contiguous()
+        tensors = {"fisher": fisher_sum / self.n} if complete and self.with_fisher else {"fisher_sum": fisher_sum}
+        data = safetensors_bytes(tensors, metadata={_RECORD_KEY: json.dumps(record)})
+        checkpoint.atomic_write(self.path / FISHER_FILE, data)
+        self._save_end = time.monotonic()
+        self._save_cost = self._save_end - start
+
+    def _finish(self) -> None:
+        self._save(complete=True)
+        self._write_complete_metadata()
+
+    def _write_complete_metadata(self) -> None:
+        self.metadata["complete"] = True
+        checkpoint.atomic_write(self.path / METADATA_FILE, json.dumps(self.metadata, indent=1).encode())
+
+
+# -- files ---------------------------------------------------------------------------------------------
+def _check_directory(path: PathLike) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a directory path (str or os.PathLike), got {type(path).__name__}")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"path must be a directory for the store's files, got '{path}', which is a file")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _read_metadata(path: Path) -> Optional[dict[str, Any]]:
+    """The store's ``store.json``, checked; None when there is none."""
+    file = path / METADATA_FILE
+    if not file.exists():
+        return None
+    try:
+        metadata = json.loads(file.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"path: '{file}' is corrupt (not valid JSON: {e}); {_remedy(path)}") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise ValueError(f"path: '{file}' is not a gradient store's metadata (format {FORMAT!r} expected); "
+                         f"{_remedy(path)}")
+    if metadata.get("version") != VERSION:
+        raise ValueError(f"path: '{file}' has version {metadata.get('version')!r}; this torchfluence reads version "
+                         f"{VERSION}")
+    keys = ("settings", "settings_fingerprint", "model", "complete")
+    if any(key not in metadata for key in keys) or not isinstance(metadata["settings"], dict):
+        raise ValueError(f"path: '{file}' is corrupt (it must hold {list(keys)}); {_remedy(path)}")
+    return metadata
+
+
+def _read_fisher(path: Path) -> tuple[Optional[dict[str, Any]], dict[str, Tensor]]:
+    """(record, tensors) of ``fisher.safetensors``; (None, {}) when it does not exist yet."""
+    file = path / FISHER_FILE
+    if not file.exists():
+        return None, {}
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - not a dict
+        record = json.loads(metadata[_RECORD_KEY])
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise ValueError(f"path: '{file}' is not a readable store record (truncated or corrupt: {e}); "
+                         f"{_remedy(path)}") from None
+    keys = ("store", "model", "blocks_done", "samples_done", "complete")
+    if not isinstance(record, dict) or record.get("format") != FORMAT or any(key not in record for key in keys):
+        raise ValueError(f"path: '{file}' is corrupt (its record must hold {list(keys)}); {_remedy(path)}")
+    return record, tensors
+
+
+def _check_same(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
+    """Refuses to go on with a store of another model, other settings or other data."""
+    found = []
+    if saved["model"] != now["model"]:
+        found.append(f"the model (its parameters or buffers; fingerprint {saved['model']} in the store, "
+                     f"{now['model']} now)")
+    before, after = saved["settings"], now["settings"]
+    for key in sorted(set(before) | set(after)):
+        if before.get(key, "<absent>") != after.get(key, "<absent>"):
+            found.append(f"{key} ({before.get(key, '<absent>')!r} in the store, {after.get(key, '<absent>')!r} now)")
+    if not found and saved["settings_fingerprint"] != now["settings_fingerprint"]:
+        found.append("the settings fingerprint")
+    if found:
+        raise ValueError(f"path: '{path}' holds a gradient store of another build; what differs: "
+                         f"{'; '.join(found)}. {_remedy(path)}")
+
+
+def _remedy(path: Path) -> str:
+    return f"delete the directory '{path}' to start over, or choose another path"
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _callable_name(fn: Callable) -> str:
+    kind = fn if isinstance(fn, type) else type(fn)
+    if isinstance(fn, nn.Module) or not hasattr(fn, "__qualname__"):
+        return f"{kind.__module__}.{kind.__qualname__}"
+    return f"{getattr(fn, '__module__', '?')}.{fn.__qualname__}"
+
+
+def _loss_name(loss: Callable) -> str:
+    """The loss as the record names it: its function or class, and a module's options."""
+    name = _callable_name(loss)
+    if isinstance(loss, nn.Module):
+        options = {key: value for key, value in vars(loss).items()
+                   if not key.startswith("_") and isinstance(value, (bool, int, float, str, type(None)))}
+        name += json.dumps(options, sort_keys=True)
+    return name
+
+
+def _data_digest(data: DataSource) -> Optional[str]:
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        return checkpoint.digest([("x", data[0]), ("y", data[1])])
+    return None
