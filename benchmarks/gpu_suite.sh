@@ -277,7 +277,7 @@ step_tests() {
 
 # ---------------------------------------------------------------------------- sanitize
 # The kernel tests on their small shapes; the heavier engine-level tests are left out.
-SANITIZE_TESTS=${SANITIZE_TESTS:-tests/test_ops_boundary.py tests/test_influence_block.py tests/test_psg_dot.py tests/test_head.py}
+SANITIZE_TESTS=${SANITIZE_TESTS:-tests/test_ops_boundary.py tests/test_influence_block.py tests/test_psg_dot.py tests/test_head.py tests/test_projection.py}
 SANITIZE_K=${SANITIZE_K:-not opcheck and not kfac and not conv_net and not engine}
 
 step_sanitize() {

@@ -157,6 +157,7 @@ def test_sjlt_hash_at_the_int64_edge():
                         2**63 - 20)
 
 
+@pytest.mark.cuda
 @needs_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -170,6 +171,7 @@ def test_sjlt_cpu_and_cuda_give_the_same_bits(dtype):
         assert torch.equal(gpu.cpu(), cpu), (n, p, k, s)
 
 
+@pytest.mark.cuda
 @needs_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -186,6 +188,7 @@ def test_sjlt_half_inputs_on_cuda_match_the_cpu_on_their_float32_values(dtype):
     assert torch.equal(P.project(G.cuda()).cpu(), cpu)
 
 
+@pytest.mark.cuda
 @needs_cuda
 @pytest.mark.cuda
 def test_sjlt_cuda_addresses_more_than_2_to_the_31_elements():
@@ -362,6 +365,7 @@ def test_kronecker_projector_for_captured_layers():
         torch.testing.assert_close(from_capture, from_gradient, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.cuda
 @needs_cuda
 @pytest.mark.cuda
 def test_dense_and_kronecker_apply_the_same_matrix_on_cuda():

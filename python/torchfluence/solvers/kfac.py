@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._fisher import TargetSampler, default_sampler, exact_output_grads
+from .._fisher import SampleDraws, TargetSampler, default_sampler, exact_output_grads
 from ..capture import Captured, Layer, capture, describe_missing, find_layers, shared_weights
 from ..checks import check_mode, check_regularization
 from ..data import SampleBlock, Samples
@@ -102,7 +102,7 @@ class KfacInfluence(InfluenceFunctionModel):
         self.fisher, self.fisher_samples, self.seed = fisher, fisher_samples, seed
         self.eigenvalue_correction = eigenvalue_correction
         self._sample_targets = sample_targets
-        self._target_generator: Optional[torch.Generator] = None
+        self._draws: Optional[SampleDraws] = None  # the default samplers' random numbers
         self.layers, missing = find_layers(self.functions)
         if missing:
             raise ValueError(
@@ -126,14 +126,13 @@ class KfacInfluence(InfluenceFunctionModel):
 
     # -- fitting --------------------------------------------------------------------------------
     def _sampler(self) -> Optional[TargetSampler]:
-        self._target_generator = None
+        self._draws = None
         if self.fisher in ("empirical", "exact"):
             return None
         if self._sample_targets is not None:
             return self._sample_targets
-        generator = torch.Generator(device=self.device)
-        self._target_generator = generator  # reseeded per block by _captures
-        sampler = default_sampler(self.functions.loss, generator)
+        self._draws = SampleDraws(self.seed)  # addressed per block by _captures
+        sampler = default_sampler(self.functions.loss, self._draws)
         if sampler is None:
             raise ValueError(
                 f"fisher='true' needs targets drawn from the model, but the loss {self.functions.loss!r} is "
@@ -144,9 +143,9 @@ class KfacInfluence(InfluenceFunctionModel):
     def _captures(self, train: Samples, sampler: Optional[TargetSampler], desc: str, stage: int):
         """Captures of this process's training blocks (all of them without a process group).
 
-        Sampled targets come from a generator seeded by (seed, stage, block offset):
-        every block draws the same targets whichever process reads it, so the factors
-        do not depend on the number of processes.
+        The default samplers' targets are addressed by (seed, stage, draw, global sample
+        index) (:class:`~torchfluence._fisher.SampleDraws`): a sample gets the same
+        targets whatever the block size, the loader's batches or the number of processes.
         """
         exact = self.fisher == "exact"
         if exact and exact_output_grads(self.functions.loss, torch.zeros(1, 2)) is None:
@@ -155,9 +154,9 @@ class KfacInfluence(InfluenceFunctionModel):
                 f"torch function or module, got loss {self.functions.loss!r}; use fisher='true'")
         out_grads = (lambda o: exact_output_grads(self.functions.loss, o)) if exact else None
         for block in tqdm(local_blocks(train), desc=desc, disable=not self.progress or not is_main_process()):
-            if self._target_generator is not None:
-                self._target_generator.manual_seed(_block_seed(self.seed, stage, block.offset))
-            for _ in range(self.fisher_samples if sampler is not None else 1):
+            for draw in range(self.fisher_samples if sampler is not None else 1):
+                if self._draws is not None:
+                    self._draws.at(stage, draw, block.offset)
                 cap = self._capture(block.x, block.y, sampler, out_grads)
                 if exact and any(g.dim() != 4 for g in cap.output_grads):
                     raise ValueError("fisher='exact' supports outputs of shape (n, classes) only; use fisher='true'")
@@ -359,11 +358,6 @@ class EkfacInfluence(KfacInfluence):
         options = super()._saved_options()
         del options["eigenvalue_correction"]  # set by the class, refused as an argument
         return options
-
-
-def _block_seed(seed: int, stage: int, offset: int) -> int:
-    """A seed for one block's target draws, distinct per (seed, stage, offset), within 63 bits."""
-    return (seed * 1_000_003 + stage * 7_919 + offset * 2_654_435_761) % (1 << 63)
 
 
 def _rotated_gradients(g: Tensor, a: Tensor, q_s: Tensor, q_a: Tensor) -> Tensor:
