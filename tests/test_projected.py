@@ -235,7 +235,8 @@ def test_kronecker_projected_gradients_equal_dense_kronecker_projection():
         got = source.grads(x, y)
         # Each layer: KroneckerProjector.project on the formed (d_out, d_in) gradient matrices
         # (bias as the last column; an embedding's stored (d_in, d_out) weight transposed).
-        pieces = [proj.project(layer.matrices(full).flatten(1)) for layer, proj in zip(source.layers, source.projectors)]
+        pieces = [proj.project(layer.matrices(full).flatten(1))
+                  for layer, proj in zip(source.layers, source.projectors)]
         expected = torch.cat(pieces, dim=1)
         assert got.shape == (x.shape[0], sum(p.k for p in source.projectors))
         # Float64, sums of <= 16 positions: rounding only.
@@ -314,3 +315,44 @@ def test_gradient_similarity_save_and_load(problem, tmp_path):
     loaded = tfl.InfluenceFunctionModel.load(path, model, LOSS, train_data=(x, y))
     assert type(loaded) is tfl.GradientSimilarity
     assert torch.equal(loaded.influences(xt, yt, x, y), im.influences(xt, yt, x, y))
+
+
+def test_kfac_kronecker_projection_with_positions_and_an_embedding():
+    """Projected K-FAC where a layer has several positions (an embedding's tokens, padding among them).
+
+    Reference: each layer's inputs and output gradients by autograd on the model's module
+    outputs (the sum of per-sample losses gives each sample's own output gradients, the
+    samples being independent), projected and contracted in float64.
+    """
+    model, (ids, y) = _models()[1]
+    params = ["embed.weight", "head.weight", "head.bias"]
+    spec = tfl.KroneckerProjection(2, 3, seed=4)
+    im = tfl.KfacInfluence(model, LOSS, 0.0, params=params, fisher="empirical", projector=spec).fit((ids, y))
+    got = im.influences(ids[:4], y[:4], ids, y)
+
+    outputs = {}
+    hooks = [getattr(model, name).register_forward_hook(lambda m, i, o, name=name: outputs.update({name: (i[0], o)}))
+             for name in ("embed", "head")]
+    out = model(ids)
+    for h in hooks:
+        h.remove()
+    total = sum(LOSS(out[i:i + 1], y[i:i + 1]) for i in range(len(y)))
+    g_embed, g_head = torch.autograd.grad(total, [outputs["embed"][1], outputs["head"][1]])
+    proj_embed, proj_head = spec.projectors(find_layers(ModelFunctions(model, LOSS, params))[0])
+    # Embedding: input t is onehot(id_t) (d_in = 11); padding positions give the weight no
+    # gradient, so they count in neither factor.
+    p_out, p_in = proj_embed.factors()
+    kept = (ids != 0).unsqueeze(-1)
+    pa_embed, pg_embed = p_in.T[ids] * kept, (g_embed.detach() @ p_out.T) * kept
+    p_out, p_in = proj_head.factors()
+    a_head = torch.cat([outputs["head"][0].detach(), torch.ones(len(y), 1, dtype=torch.float64)], 1)
+    pa_head, pg_head = (a_head @ p_in.T)[:, None], (g_head.detach() @ p_out.T)[:, None]
+    expected = 0
+    for pa, pg in ((pa_embed, pg_embed), (pa_head, pg_head)):
+        n, T = pa.shape[:2]
+        A = torch.einsum("nti,ntj->ij", pa, pa) / n
+        S = torch.einsum("nto,ntp->op", pg, pg) / (n * T)
+        phi = torch.einsum("nto,nti->noi", pg, pa)
+        expected = expected + torch.einsum("toi,noi->tn", torch.linalg.solve(S, phi[:4]) @ torch.linalg.inv(A), phi)
+    # Float64; 2x2 and 3x3 factors: rounding only.
+    assert float((got - expected).norm() / expected.norm()) < 1e-10

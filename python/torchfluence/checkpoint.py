@@ -109,6 +109,15 @@ def solver_settings(solver) -> dict[str, Any]:
         "head": None if features is None else str(features.head_name),
         "curvature": type(solver.curvature_operator).__qualname__,
     }
+    projector = getattr(solver, "projector", None)
+    if projector is not None:
+        from .projected import describe_projection  # the projection's kind, sizes and seed
+
+        try:
+            settings["projector"] = describe_projection(projector)
+        except TypeError:  # a user-defined Projector: its class, sizes and seed
+            settings["projector"] = {"kind": f"{type(projector).__module__}.{type(projector).__qualname__}",
+                                     **{a: _plain(getattr(projector, a, None)) for a in ("p", "k", "seed")}}
     state = vars(solver)  # attributes only: properties may compute (or need a fit)
     for cls in type(solver).__mro__:
         init = cls.__dict__.get("__init__")

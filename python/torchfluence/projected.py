@@ -18,10 +18,12 @@ Two kinds of projection:
 
 - any :class:`~torchfluence.projection.Projector` whose ``p`` is the number of
   selected parameters (dense, sparse JL): :class:`ProjectedGradients` projects
-  each block's gradients piece by piece, one captured layer (in row chunks) or
-  one uncaptured parameter at a time, so a block's full (b, p) gradient is never
-  held; without captured layers (``fused=False``) the (b, p) block is formed by
-  ``torch.func`` and projected whole.
+  each block's gradients piece by piece with :meth:`Projector.accumulate`: the
+  captured layers in chunks of output rows (an embedding in chunks of its
+  vocabulary), the uncaptured parameters one parameter at a time (their
+  ``torch.func`` gradients formed together), so a block's full (b, p) gradient
+  is never held; without captured layers (``fused=False``) the (b, p) block is
+  formed by ``torch.func`` and projected whole.
 - :class:`KroneckerProjection` (LoGra): one
   :class:`~torchfluence.projection.KroneckerProjector` per captured layer,
   ``P_l = P_out kron P_in``. :class:`KroneckerGradients` projects each layer's
@@ -35,6 +37,11 @@ Two kinds of projection:
 ``P H P^T`` needs products of H with lifted vectors ``P^T v`` in parameter
 space, the very cost projecting avoids, and H is indefinite away from a
 minimum; the Fisher of the projected gradients needs only the k-vectors.
+
+Also not available with a projector: ``mode="perturbation"`` (a derivative in
+parameter space), saving a solver (its options cannot rebuild the projector:
+:class:`~torchfluence.GradientStore` keeps projected gradients on disk instead),
+and DataInf (its blocks are groups of parameters).
 """
 
 from __future__ import annotations

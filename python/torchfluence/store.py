@@ -24,9 +24,10 @@ A store is a directory:
   ``(x, y)`` pair, a digest of it), the model's fingerprint
   (:func:`torchfluence.fingerprint.model_fingerprint`) and whether it is complete;
 - ``gradients.bin``: the (n_train, k) row-major matrix, little-endian 16-bit floats;
-- ``fisher.safetensors``: the running Fisher sum and the build's progress record
-  (which blocks are done) in one file, replaced atomically; when complete,
-  also ``fisher``, the (k, k) mean.
+- ``fisher.safetensors``: while building, the running Fisher sum and the
+  build's progress record (which blocks are done) in one file, replaced
+  atomically; when complete, ``fisher``, the (k, k) float64 mean, and the
+  final record.
 
 A build is resumable: a killed build, run again with the same arguments,
 skips the recorded blocks and ends with the same bytes as an uninterrupted one
@@ -143,7 +144,10 @@ class GradientStore:
 
     @property
     def gradients(self) -> Tensor:
-        """The stored gradients, (n_train, k) in :attr:`dtype`, memory-mapped (copy-on-write: the file is never changed)."""
+        """The stored gradients, (n_train, k) in :attr:`dtype`, memory-mapped.
+
+        The mapping is copy-on-write: writing to the tensor never changes the file.
+        """
         array = np.memmap(self.path / GRADIENTS_FILE, dtype=np.int16, mode="c", shape=(self.n_train, self.k))
         return torch.from_numpy(array).view(self.dtype)
 
