@@ -182,17 +182,28 @@ def job_identity(solver, spec: JobSpec, shape: Sequence[int], n_train: Optional[
     }
 
 
-def _differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    """What differs between a record's identity and this call's, in words."""
+def identity_differences(saved: Mapping[str, Any], now: Mapping[str, Any], where: str = "the record") -> list[str]:
+    """What differs in the model fingerprint and the settings between saved work and this call, in words.
+
+    Args:
+        saved, now: mappings with ``"model"`` (a fingerprint) and ``"settings"`` (a dict).
+        where: how the messages name the saved side.
+    """
     found = []
     if saved["model"] != now["model"]:
-        found.append(f"the model (its parameters or buffers; fingerprint {saved['model']} in the record, "
+        found.append(f"the model (its parameters or buffers; fingerprint {saved['model']} in {where}, "
                      f"{now['model']} now)")
     before, after = saved["settings"], now["settings"]
     for key in sorted(set(before) | set(after)):
         if before.get(key, _SKIP) != after.get(key, _SKIP):
             was, now_ = before.get(key, "<absent>"), after.get(key, "<absent>")
-            found.append(f"{key} ({was!r} in the record, {now_!r} now)")
+            found.append(f"{key} ({was!r} in {where}, {now_!r} now)")
+    return found
+
+
+def _differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """What differs between a record's identity and this call's, in words."""
+    found = identity_differences(saved, now)
     if saved["test_data"] != now["test_data"]:
         found.append("the test data (x_test, y_test or the factors hash differently)")
     if saved["train_data"] != now["train_data"]:

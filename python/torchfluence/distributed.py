@@ -65,19 +65,19 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
 
 def all_reduce_count(count: int, device: torch.device) -> int:
     """The sum of an integer over all processes."""
-    if not is_distributed():
-        return count
-    total = torch.tensor([count], dtype=torch.int64, device=device)
-    dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return int(total)
+    return _all_reduce_int(count, device, "SUM")
 
 
 def all_reduce_max(value: int, device: torch.device) -> int:
     """The largest of an integer over all processes."""
+    return _all_reduce_int(value, device, "MAX")
+
+
+def _all_reduce_int(value: int, device: torch.device, op: str) -> int:
     if not is_distributed():
         return value
-    total = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(total, op=dist.ReduceOp.MAX)
+    total = torch.tensor([value], dtype=torch.int64, device=device)  # on the device its backend serves
+    dist.all_reduce(total, op=getattr(dist.ReduceOp, op))
     return int(total)
 
 

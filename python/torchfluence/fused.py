@@ -238,18 +238,7 @@ def _low_rank(queries: tuple[Tensor, Tensor], A: Tensor, D: Tensor, out: Tensor)
 def _check(queries: Queries, A: Tensor, D: Tensor) -> tuple[int, int, int]:
     if isinstance(A, Tensor) and not A.is_floating_point() and not A.is_complex():
         return _check_indices(queries, A, D)
-    tensors = {"activations": A, "output_grads": D}
-    if isinstance(queries, tuple):
-        if len(queries) != 2:
-            raise ValueError(f"psg_dot: low-rank queries must be a pair (U, V), got {len(queries)} tensors")
-        tensors.update(U=queries[0], V=queries[1])
-    else:
-        tensors["queries"] = queries
-    for name, t in tensors.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"psg_dot: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(f"psg_dot: {name} must be 3-D, got shape {tuple(t.shape)}")
+    tensors = _three_d_tensors(queries, activations=A, output_grads=D)
     first = next(iter(tensors.values()))
     for name, t in tensors.items():
         allowed = _CPU_DTYPES if t.device.type == "cpu" else tuple(_DTYPE_CODES)
@@ -278,13 +267,9 @@ def _check(queries: Queries, A: Tensor, D: Tensor) -> tuple[int, int, int]:
     return queries.shape[0], d_out, d_in
 
 
-def _check_indices(queries: Queries, ids: Tensor, D: Tensor) -> tuple[int, int, int]:
-    """Checks of :func:`psg_dot` with integer activations: one-hot inputs given by their indices."""
-    if ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"psg_dot: integer activations (indices) must be torch.int64 or torch.int32, got {ids.dtype}")
-    if ids.dim() != 2:
-        raise ValueError(f"psg_dot: integer activations must be (n, T) indices, got shape {tuple(ids.shape)}")
-    tensors = {"output_grads": D}
+def _three_d_tensors(queries: Queries, **named: Tensor) -> dict[str, Tensor]:
+    """`named` and the queries (``queries``, or ``U`` and ``V`` of a low-rank pair) by name, each checked 3-D."""
+    tensors = dict(named)
     if isinstance(queries, tuple):
         if len(queries) != 2:
             raise ValueError(f"psg_dot: low-rank queries must be a pair (U, V), got {len(queries)} tensors")
@@ -296,6 +281,17 @@ def _check_indices(queries: Queries, ids: Tensor, D: Tensor) -> tuple[int, int, 
             raise TypeError(f"psg_dot: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 3:
             raise ValueError(f"psg_dot: {name} must be 3-D, got shape {tuple(t.shape)}")
+    return tensors
+
+
+def _check_indices(queries: Queries, ids: Tensor, D: Tensor) -> tuple[int, int, int]:
+    """Checks of :func:`psg_dot` with integer activations: one-hot inputs given by their indices."""
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"psg_dot: integer activations (indices) must be torch.int64 or torch.int32, got {ids.dtype}")
+    if ids.dim() != 2:
+        raise ValueError(f"psg_dot: integer activations must be (n, T) indices, got shape {tuple(ids.shape)}")
+    tensors = _three_d_tensors(queries, output_grads=D)
+    for name, t in tensors.items():
         allowed = _CPU_DTYPES if t.device.type == "cpu" else tuple(_DTYPE_CODES)
         if t.dtype not in allowed:
             raise TypeError(f"psg_dot: {name} must have dtype in {[str(d) for d in allowed]} on {t.device.type}, "

@@ -622,14 +622,7 @@ def _read_fisher(path: Path) -> tuple[Optional[dict[str, Any]], dict[str, Tensor
 
 def _check_same(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
     """Refuses to go on with a store of another model, other settings or other data."""
-    found = []
-    if saved["model"] != now["model"]:
-        found.append(f"the model (its parameters or buffers; fingerprint {saved['model']} in the store, "
-                     f"{now['model']} now)")
-    before, after = saved["settings"], now["settings"]
-    for key in sorted(set(before) | set(after)):
-        if before.get(key, "<absent>") != after.get(key, "<absent>"):
-            found.append(f"{key} ({before.get(key, '<absent>')!r} in the store, {after.get(key, '<absent>')!r} now)")
+    found = checkpoint.identity_differences(saved, now, where="the store")
     if not found and saved["settings_fingerprint"] != now["settings_fingerprint"]:
         found.append("the settings fingerprint")
     if found:
