@@ -29,8 +29,9 @@ Rows (``--only`` takes row names or prefixes, e.g. ``--only cg ptif``):
       ``torchfluence.ptif.calc_img_wise`` with the same config on a small CIFAR-shaped
       CNN; the original on a few test points (it recomputes every training
       gradient per test point), torchfluence on the default 10; time per test point.
+      Recursion depth: the training set size, or --ptif-depth.
 
-    python benchmarks/bench_peers.py [--quick] [--only NAME ...] [--repeats N] [--threads N] [--markdown FILE]
+    python benchmarks/bench_peers.py [--quick] [--only NAME ...] [--repeats N] [--threads N] [--markdown FILE] [--ptif-depth N]
 
 Timings are only comparable on an otherwise idle machine: the load average is
 printed at the start and the end. On a loaded machine, multi-threaded small
@@ -97,6 +98,7 @@ class Sizes:
     ptif_lbfgs_iterations: int
     ptif_original_tests: int
     repeats: int
+    ptif_depth: int | None = None  # LiSSA recursion depth; None: the training set size
 
 
 FULL = Sizes(
@@ -824,7 +826,8 @@ def row_ptif(name: str, sizes: Sizes, report: Report) -> None:
     torch.manual_seed(0)
     model = train_to_minimum(small_cifar_cnn(), x, y, sizes.ptif_epochs, sizes.ptif_lbfgs_iterations, lr=3e-3)
     train, test = IntLabels(x, y), IntLabels(xt, yt)
-    depth = n  # the original's guidance: r_averaging x recursion_depth = training set size
+    # The original's guidance: r_averaging x recursion_depth = training set size (--ptif-depth overrides).
+    depth = sizes.ptif_depth or n
     k = sizes.ptif_original_tests
     p = sum(q.numel() for q in model.parameters())
     report.configs[name] = (
@@ -957,12 +960,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, help="timed rounds per row (default 3)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--markdown", help="also write the table to this file")
+    parser.add_argument(
+        "--ptif-depth", type=int, help="ptif row: LiSSA recursion_depth (default: the training set size)"
+    )
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     sizes = QUICK if args.quick else FULL
     if args.repeats is not None:
         sizes = Sizes(**{**sizes.__dict__, "repeats": args.repeats})
+    if args.ptif_depth is not None:
+        if args.ptif_depth < 1:
+            raise SystemExit(f"--ptif-depth must be >= 1, got {args.ptif_depth}")
+        sizes = Sizes(**{**sizes.__dict__, "ptif_depth": args.ptif_depth})
     rows = selected(args.only)
     torch.manual_seed(0)
 

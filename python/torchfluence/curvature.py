@@ -15,9 +15,11 @@ factors instead of products; it lives with its solvers in ``solvers/kfac.py``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.func import grad, vjp, vmap
 
 from ._functional import ModelFunctions
 from .linear_head import linear_head_hvp, loss_kind
@@ -39,6 +41,19 @@ class AutogradHessian(CurvatureOperator):
 
     def batch_vp(self, vectors: Tensor, x: Tensor, y: Tensor) -> Tensor:
         return self.functions.hvp(vectors, x, y)
+
+    def reusable(self, x: Tensor, y: Tensor) -> Callable[[Tensor], Tensor]:
+        """``vectors (k, p) -> H_batch vectors`` for this batch, reusable for many calls.
+
+        The batch's forward pass and the graph of its gradient are built once and
+        kept, so later calls only run the vmapped double backward. Same bits as
+        :meth:`batch_vp` on the reverse-over-reverse route (the same operations).
+        """
+        f = self.functions
+        x, y = f.cast_input(x), y.to(f.device)
+        gradient = grad(f.batch_loss)
+        _, pullback = vjp(lambda t: gradient(t, x, y), f.theta)
+        return lambda vectors: vmap(lambda v: pullback(v)[0])(vectors).detach()
 
 
 class GaussNewton(CurvatureOperator):

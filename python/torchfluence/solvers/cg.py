@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from .._fisher import exact_output_grads
+from ..curvature import AutogradHessian
 from ..data import Samples
+from ..distributed import all_reduce_sum, local_blocks
 from ..influence import InfluenceFunctionModel
 from ..persist import restore, state_tensor
 from ._lowrank import LowRankCurvature, check_rank
@@ -20,6 +22,10 @@ from .nystroem import nystroem_sketch
 
 Preconditioner = Literal["jacobi", "kfac", "ekfac", "nystroem"]
 _PRECONDITIONERS = (None, "jacobi", "kfac", "ekfac", "nystroem")
+# Keeping every training block's gradient graph for a whole solve costs about
+# (training samples x parameters) values of activations and saved tensors at
+# most for the networks this is meant for; above this many it is rebuilt per product.
+_REUSE_BUDGET = 1 << 26
 
 
 @dataclass
@@ -146,13 +152,41 @@ class CgInfluence(InfluenceFunctionModel):
             return self._solve_block(vectors.to(device=self.device, dtype=self.dtype))
         return self._solve_independent(vectors.to(device=self.device, dtype=self.dtype))
 
-    def _operator(self, directions: Tensor) -> Tensor:
-        return self.curvature_vp(directions) + self.regularization * directions
+    def _training_curvature(self) -> Callable[[Tensor], Tensor]:
+        """``vectors (k, p) -> H vectors`` over the training data, for the iterations of one solve.
+
+        Every iteration multiplies the same H, so with the exact Hessian (reverse
+        route) each training block's forward pass and gradient graph are built at
+        the first product and reused by the later ones, which then run only the
+        double backward: the same operations as :meth:`curvature_vp`, hence the
+        same bits. Used when the local training samples x parameters fit
+        ``_REUSE_BUDGET`` (a shape rule); otherwise, and for other operators,
+        :meth:`curvature_vp` itself.
+        """
+        data = self._require_fitted()
+        operator = self.curvature_operator
+        if (type(operator) is not AutogradHessian or self.functions.hvp_route != "reverse"
+                or data.count() * self.num_params > _REUSE_BUDGET):
+            return self.curvature_vp
+        n = data.count()
+        cached: list[tuple[float, Callable[[Tensor], Tensor]]] = []
+
+        def product(vectors: Tensor) -> Tensor:
+            if not cached:
+                for block in local_blocks(data):
+                    cached.append((block.size / n, operator.reusable(block.x, block.y)))
+            total = torch.zeros_like(vectors)
+            for weight, block_vp in cached:
+                total += weight * block_vp(vectors)
+            return all_reduce_sum(total)
+
+        return product
 
     def _solve_block(self, b: Tensor) -> Tensor:
         """Breakdown-free block CG; rows of `b` (k, p) are the right-hand sides."""
         k = b.shape[0]
         maxiter = self.maxiter or self.num_params
+        curvature = self._training_curvature()  # local: its kept graphs go with the solve
         x = torch.zeros_like(b)
         r = b.clone()
         b_norm = b.norm(dim=1)
@@ -164,7 +198,7 @@ class CgInfluence(InfluenceFunctionModel):
         for _ in range(maxiter):
             if not bool(active.any()) or directions.shape[0] == 0:
                 break
-            products = self._operator(directions)  # A P, (m, p)
+            products = curvature(directions) + self.regularization * directions  # A P, (m, p)
             gram = _spd_factor(directions, products, self.regularization)  # Cholesky of P A P^T, float64
             index = active.nonzero().flatten()
             # alpha = (P A P^T)^-1 P R^T for the active columns.
@@ -199,6 +233,7 @@ class CgInfluence(InfluenceFunctionModel):
     def _solve_independent(self, b: Tensor) -> Tensor:
         k = b.shape[0]
         maxiter = self.maxiter or self.num_params
+        hessian_vp = self._training_curvature()
         x = torch.zeros_like(b)
         r = b.clone()
         z = self._apply_preconditioner(r)
@@ -213,7 +248,7 @@ class CgInfluence(InfluenceFunctionModel):
             if active.numel() == 0:
                 break
             da = d[active]
-            ad = self.curvature_vp(da) + self.regularization * da
+            ad = hessian_vp(da) + self.regularization * da
             curvature = (da * ad).sum(dim=1)
             if bool((curvature <= 0).any()):
                 raise ValueError(
@@ -284,20 +319,33 @@ def _orthonormal_rows(w: Tensor) -> Tensor:
     small residual counts as much as a large one. Then, rank-revealing through
     the eigendecomposition of the float64 Gram matrix, directions whose
     singular value is below ``sqrt(eps)`` of the largest (eps of the working
-    dtype) are dropped: they are rounding noise, not new information. Done
-    twice, so the rows are orthonormal to working precision.
+    dtype) are dropped: they are rounding noise, not new information. A
+    second pass makes the rows orthonormal to working precision; its Gram
+    matrix is the identity up to float64 rounding amplified by the kept
+    condition number (< 1/sqrt(eps)), so a Cholesky factor does it at a
+    fraction of an eigendecomposition's cost (CholeskyQR2), with the
+    eigendecomposition as the fallback should that factor fail.
     """
     eps = torch.finfo(w.dtype).eps
     w = w.double()
     norms = w.norm(dim=1)
     w = w[norms > 0] / norms[norms > 0, None]
-    for _ in range(2):
-        if w.shape[0] == 0:
-            break
-        values, vectors = torch.linalg.eigh(w @ w.T)
-        keep = values > max(float(values[-1]), 1e-300) * eps
-        w = (vectors[:, keep] / values[keep].sqrt()).T @ w
+    if w.shape[0] == 0:
+        return w.to(_working(eps))
+    w = _eigen_orthonormal(w, eps)
+    factor, info = torch.linalg.cholesky_ex(w @ w.T)
+    if int(info) == 0:
+        w = torch.linalg.solve_triangular(factor, w, upper=False)
+    else:
+        w = _eigen_orthonormal(w, eps)
     return w.to(_working(eps))
+
+
+def _eigen_orthonormal(w: Tensor, eps: float) -> Tensor:
+    """Rows spanning those of `w` (a, p), float64, orthonormal, with directions below sqrt(eps) dropped."""
+    values, vectors = torch.linalg.eigh(w @ w.T)
+    keep = values > max(float(values[-1]), 1e-300) * eps
+    return (vectors[:, keep] / values[keep].sqrt()).T @ w
 
 
 def _working(eps: float) -> torch.dtype:
