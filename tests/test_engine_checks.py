@@ -175,8 +175,10 @@ def test_both_hvp_routes_agree_and_the_route_is_fixed():
     model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(192, 10)).double()
     im = tfl.CgInfluence(model, F.cross_entropy, 0.1, dtype=torch.float64)
     v = torch.randn(4, im.num_params, dtype=torch.float64)
-    forward = im.functions._hvp("forward", v, x, y)
-    reverse = im.functions._hvp("reverse", v, x, y)
+    reverse = im.functions.hvp(v, x, y)
+    im.functions.hvp_route = "forward"
+    forward = im.functions.hvp(v, x, y)
+    im.functions.hvp_route = "reverse"
     assert torch.allclose(forward, reverse, rtol=1e-10, atol=1e-12)  # the same exact H v
     assert torch.allclose(im.functions.hvp(v, x, y), reverse, rtol=1e-10, atol=1e-12)
     assert im.functions.hvp_route == "reverse"  # chosen by rule, never by timing

@@ -19,7 +19,6 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, vjp, vmap
 
 from ._functional import ModelFunctions
 from .linear_head import linear_head_hvp, loss_kind
@@ -37,23 +36,20 @@ class CurvatureOperator(ABC):
 
 
 class AutogradHessian(CurvatureOperator):
-    """Exact Hessian-vector products by forward-over-reverse differentiation."""
+    """Exact Hessian-vector products (:meth:`ModelFunctions.hvp`)."""
 
     def batch_vp(self, vectors: Tensor, x: Tensor, y: Tensor) -> Tensor:
         return self.functions.hvp(vectors, x, y)
 
-    def reusable(self, x: Tensor, y: Tensor) -> Callable[[Tensor], Tensor]:
+    def reusable(self, x: Tensor, y: Tensor, num_vectors: int) -> Callable[[Tensor], Tensor]:
         """``vectors (k, p) -> H_batch vectors`` for this batch, reusable for many calls.
 
         The batch's forward pass and the graph of its gradient are built once and
-        kept, so later calls only run the vmapped double backward. Same bits as
-        :meth:`batch_vp` on the reverse-over-reverse route (the same operations).
+        kept, so later calls only run the vmapped double backward. Chunked for
+        `num_vectors` vectors (:mod:`torchfluence.chunking`); the same operations as
+        :meth:`batch_vp` with that many vectors.
         """
-        f = self.functions
-        x, y = f.cast_input(x), y.to(f.device)
-        gradient = grad(f.batch_loss)
-        _, pullback = vjp(lambda t: gradient(t, x, y), f.theta)
-        return lambda vectors: vmap(lambda v: pullback(v)[0])(vectors).detach()
+        return self.functions.hessian_operator(x, y, num_vectors)
 
 
 class GaussNewton(CurvatureOperator):

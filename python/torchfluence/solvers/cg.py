@@ -158,8 +158,8 @@ class CgInfluence(InfluenceFunctionModel):
         Every iteration multiplies the same H, so with the exact Hessian (reverse
         route) each training block's forward pass and gradient graph are built at
         the first product and reused by the later ones, which then run only the
-        double backward: the same operations as :meth:`curvature_vp`, hence the
-        same bits. Used when the local training samples x parameters fit
+        double backward. The chunks are planned for the first product's vectors;
+        deflation only lowers the count after that. Used when the local training samples x parameters fit
         ``_REUSE_BUDGET`` (a shape rule); otherwise, and for other operators,
         :meth:`curvature_vp` itself.
         """
@@ -174,7 +174,7 @@ class CgInfluence(InfluenceFunctionModel):
         def product(vectors: Tensor) -> Tensor:
             if not cached:
                 for block in local_blocks(data):
-                    cached.append((block.size / n, operator.reusable(block.x, block.y)))
+                    cached.append((block.size / n, operator.reusable(block.x, block.y, vectors.shape[0])))
             total = torch.zeros_like(vectors)
             for weight, block_vp in cached:
                 total += weight * block_vp(vectors)

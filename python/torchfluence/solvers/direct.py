@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -29,14 +31,19 @@ class DirectInfluence(InfluenceFunctionModel):
     per-sample output Jacobians (c backward passes per sample, then J^T H_out J).
 
     Args:
-        column_block: identity columns pushed through one vmapped product.
+        column_block: identity columns per curvature product; None (default): all p,
+            each product then split into chunks sized by the shapes
+            (:mod:`torchfluence.chunking`).
         (others as in :class:`~torchfluence.InfluenceFunctionModel`)
     """
 
     _solves_rows_independently = True  # a fixed linear map: factors can be made in blocks of rows
 
-    def __init__(self, *args, column_block: int = 512, **kwargs) -> None:
+    def __init__(self, *args, column_block: Optional[int] = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if column_block is not None and (isinstance(column_block, bool) or not isinstance(column_block, int)
+                                         or column_block < 1):
+            raise ValueError(f"column_block must be a positive int or None, got {column_block!r}")
         self.column_block = column_block
         self._matrix: Tensor | None = None  # (p, p) float64 H
         self._factor: Tensor | None = None  # Cholesky factor of H + lambda I
@@ -120,8 +127,9 @@ class DirectInfluence(InfluenceFunctionModel):
                 matrix += product.double() / self.n_train
                 continue
             weight = block.size / self.n_train
-            for start in range(0, p, self.column_block):
-                cols = eye[start:start + self.column_block]
+            step = self.column_block or p
+            for start in range(0, p, step):
+                cols = eye[start:start + step]
                 matrix[:, start:start + cols.shape[0]] += weight * self.curvature_operator.batch_vp(cols, block.x,
                                                                                           block.y).double().T
         return all_reduce_sum(matrix)
