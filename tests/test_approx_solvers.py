@@ -284,15 +284,17 @@ def test_sampled_fisher_converges_to_exact_expectation(problem):
 
 
 @pytest.mark.parametrize("T, d_in, d_out", [(64, 5, 3), (2, 40, 30)])  # forms first / rotates first
-def test_ekfac_rotated_gradients_equal_either_order(T, d_in, d_out):
-    from torchfluence.solvers.kfac import _rotated_gradients
+def test_ekfac_rotated_squares_equal_either_order(T, d_in, d_out):
+    from torchfluence.capture import Captured
+    from torchfluence.solvers.kfac import _rotated_squares
 
     g = torch.randn(2, 7, T, d_out, dtype=torch.float64)
     a = torch.randn(7, T, d_in, dtype=torch.float64)
     q_s = torch.linalg.qr(torch.randn(d_out, d_out, dtype=torch.float64))[0]
     q_a = torch.linalg.qr(torch.randn(d_in, d_in, dtype=torch.float64))[0]
-    expected = torch.stack([torch.stack([q_s.T @ g[k, j].T @ a[j] @ q_a for j in range(7)]) for k in range(2)])
-    assert torch.allclose(_rotated_gradients(g, a, q_s, q_a), expected, rtol=1e-12, atol=1e-12)
+    expected = sum((q_s.T @ g[k, j].T @ a[j] @ q_a).square() for j in range(7) for k in range(2))
+    cap = Captured([a], [g], torch.zeros(7, 1, dtype=torch.float64))
+    assert torch.allclose(_rotated_squares(cap, 0, g, q_s, q_a), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_ekfac_on_conv1d_equals_the_same_net_as_conv2d():

@@ -117,3 +117,59 @@ def test_unsupported_modules_are_reported():
     layers, missing = find_layers(functions)
     assert [l.name for l in layers] == ["0"] and layers[0].bias_slice is None  # bias not selected
     assert missing == ["1.weight", "2.weight"]
+
+
+@pytest.mark.parametrize("conv", [
+    dict(in_channels=3, out_channels=5, kernel_size=3, padding=1),
+    dict(in_channels=2, out_channels=4, kernel_size=(2, 3), stride=(2, 1), padding=(1, 0), bias=False),
+    dict(in_channels=2, out_channels=3, kernel_size=(2, 3), dilation=(2, 1), padding="same"),  # uneven padding
+    dict(in_channels=4, out_channels=2, kernel_size=1, padding="valid"),
+])
+def test_conv_per_sample_grads_without_patches_equal_the_float64_patch_product(conv):
+    """The grouped convolution backward and sum_t g_t a_t^T over the patches are the same
+    float64 sums in other orders: agreement to 1e-12 relative (rounding of ~100-term sums)."""
+    from torchfluence.capture import ConvInput, _conv2d_activations
+
+    torch.manual_seed(0)
+    module = nn.Conv2d(**conv).double()
+    x = torch.randn(6, conv["in_channels"], 9, 10, dtype=torch.float64)
+    out = module(x)
+    g = torch.randn_like(out).flatten(2).transpose(1, 2)  # (n, T, d_out)
+    bias = module.bias is not None
+    patches = _conv2d_activations(module, x)
+    if bias:
+        patches = torch.cat([patches, patches.new_ones(*patches.shape[:-1], 1)], dim=-1)
+    expected = torch.einsum("nto,nti->noi", g, patches)
+    lazy = ConvInput(module, x, bias)
+    torch.testing.assert_close(lazy.grads(g, 0, 6), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lazy.grads(g, 2, 5), expected[2:5], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lazy.patches(), patches, rtol=0, atol=0)
+    # The patches themselves against F.unfold's, where it applies (numeric padding).
+    if not isinstance(conv.get("padding", 0), str):
+        unfolded = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                            stride=module.stride).transpose(1, 2)
+        torch.testing.assert_close(_conv2d_activations(module, x), unfolded, rtol=0, atol=0)
+
+
+def test_scores_and_gradients_of_a_conv_net_agree_on_both_per_sample_gradient_routes():
+    """Above GROUPED_GRADS_MIN_POSITIONS the grouped route is taken; forcing the patch route
+    must give the same float64 scores and per-sample gradients (rounding only)."""
+    from torchfluence import capture as capture_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 3, 3, stride=2), nn.Tanh(),
+                          nn.Flatten(), nn.Linear(3 * 4 * 4, 5)).double()
+    x, y = torch.randn(20, 2, 10, 10, dtype=torch.float64), torch.randint(0, 5, (20,))
+    runs = []
+    for positions in (16, 10**9):  # grouped for both convs (100 and 16 positions) / patches only
+        capture_module.GROUPED_GRADS_MIN_POSITIONS = positions
+        try:
+            im = tfl.EkfacInfluence(model, F.cross_entropy, 0.1, dtype=torch.float64).fit((x, y))
+            runs.append((im.influences(x[:4], y[:4], x, y), im.grads(x, y)))
+        finally:
+            capture_module.GROUPED_GRADS_MIN_POSITIONS = 64
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=1e-10, atol=1e-12)
+    exact = torch.func.vmap(torch.func.grad(lambda t, xi, yi: im.functions._sample_loss(t, xi, yi)),
+                            in_dims=(None, 0, 0))(im.functions.theta, x, y)
+    torch.testing.assert_close(runs[0][1], exact, rtol=1e-10, atol=1e-12)

@@ -12,7 +12,7 @@ gathers one column of Q per position instead of multiplying by a one-hot vector.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -218,6 +218,22 @@ def _gradient_blocks(Q: Tensor, A: Tensor, D: Tensor, out: Tensor) -> Tensor:
         else:
             grads = d.transpose(1, 2) @ a  # (b, d_out, d_in) = sum_t D[j,t] A[j,t]^T
         out[:, start:start + a.shape[0]] += mm_float32(Q, grads.flatten(1).T)
+    return out
+
+
+def score_gradients(Q: Tensor, grads: Callable[[int, int], Tensor], n: int, d_in: int, d_out: int,
+                    out: Tensor) -> Tensor:
+    """Adds one layer's scores ``<Q[q], G_j>`` to `out` (n_query, n), from its per-sample gradients.
+
+    Args:
+        Q: (n_query, d_out * d_in) query matrices, flattened row-major, in the gradients' dtype.
+        grads: ``(start, stop) -> (stop - start, d_out, d_in)`` per-sample gradients of those samples.
+        n: samples; out: (n_query, n) in Q's accumulation dtype.
+    """
+    block = gradient_block_samples(d_in, d_out, Q.dtype, Q.device)
+    for start in range(0, n, block):
+        g = grads(start, min(start + block, n))
+        out[:, start:start + g.shape[0]] += mm_float32(Q, g.flatten(1).T)
     return out
 
 

@@ -26,7 +26,7 @@ from torch import Tensor
 from ._functional import ModelFunctions
 from ._ops import accumulation_dtype
 from .capture import Layer, capture, find_layers
-from .fused import psg_dot, score_index_layer, score_layer
+from .fused import psg_dot, score_gradients, score_index_layer, score_layer
 from .precision import mm_float32
 
 
@@ -171,7 +171,12 @@ class CapturedGradients(GradientSource):
         captured = capture(self.functions, self.layers, x, y)
         out = torch.zeros(prepared.count, x.shape[0], dtype=accumulation_dtype(prepared.dtype),
                           device=prepared.parts[0].device)
-        for layer, q, a, d in zip(self.layers, prepared.parts, captured.activations, captured.output_grads):
+        for i, (layer, q) in enumerate(zip(self.layers, prepared.parts)):
+            if captured.grouped_grads(i) and isinstance(q, Tensor) and q.dtype == captured.output_grads[i].dtype:
+                score_gradients(q, lambda start, stop, i=i: captured.layer_grads(i, start, stop), x.shape[0],
+                                layer.d_in_total, layer.d_out, out)
+                continue
+            a, d = captured.activation(i), captured.output_grads[i]
             (score_index_layer if layer.index else score_layer)(q, a, d, out)
         if self.rest is not None:
             rest = prepared.parts[-1]

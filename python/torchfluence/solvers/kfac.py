@@ -216,13 +216,14 @@ class KfacInfluence(InfluenceFunctionModel):
         n = 0
         for cap in self._captures(train, sampler, "EK-FAC eigenvalues", stage=1):
             n += cap.outputs.shape[0]
-            for i, (layer, a, g) in enumerate(zip(self.layers, cap.activations, cap.output_grads)):
+            b = cap.outputs.shape[0]
+            for i, (layer, g) in enumerate(zip(self.layers, cap.output_grads)):
                 q_a, q_s = typed[i]
-                g = g.reshape(-1, *a.shape[:2], g.shape[-1])  # (K, b, T, d_out), K = 1 unless fisher="exact"
+                g = g.reshape(-1, b, *g.shape[-2:])  # (K, b, T, d_out), K = 1 unless fisher="exact"
                 if layer.index:
-                    sums[i] += _index_rotated_squares(layer, a, g @ q_s).double()
+                    sums[i] += _index_rotated_squares(layer, cap.activation(i), g @ q_s).double()
                     continue
-                sums[i] += _rotated_gradients(g, a, q_s, q_a).square().sum(dim=(0, 1)).double()
+                sums[i] += _rotated_squares(cap, i, g, q_s, q_a).double()
         for total in sums:
             all_reduce_sum(total)
         n = all_reduce_count(n, self.device)
@@ -360,24 +361,33 @@ class EkfacInfluence(KfacInfluence):
         return options
 
 
-def _rotated_gradients(g: Tensor, a: Tensor, q_s: Tensor, q_a: Tensor) -> Tensor:
-    """Per-sample gradients in the Kronecker eigenbasis, ``Q_S^T (sum_t g_t a_t^T) Q_A``, (K, b, d_out, d_in).
+def _rotated_squares(cap: Captured, i: int, g: Tensor, q_s: Tensor, q_a: Tensor) -> Tensor:
+    """Sum over samples of the squared per-sample gradients in the Kronecker eigenbasis, (d_out, d_in).
 
-    Two orders give the same matrices; the one with fewer multiply-adds per sample
-    is taken, from the shapes alone: rotating the T positions first costs
-    ``T (d_in^2 + d_out^2 + d_out d_in)``, forming the gradient first
-    ``T d_out d_in + d_out d_in (d_out + d_in)``. Convolutions at high resolution
-    (T >> d_in) form first; wide layers at few positions rotate first.
+    The gradients ``Q_S^T (sum_t g_t a_t^T) Q_A`` come in one of two orders, the one
+    with fewer multiply-adds per sample, from the shapes alone: rotating the T
+    positions first costs ``T (d_in^2 + d_out^2 + d_out d_in)``, forming the
+    gradient first ``T d_out d_in + d_out d_in (d_out + d_in)``. Convolutions at
+    high resolution (T >> d_in) form first (without patches where the capture
+    allows: :meth:`Captured.layer_grads`); wide layers at few positions rotate first.
 
     Args:
-        g: (K, b, T, d_out) output gradients; a: (b, T, d_in) inputs.
+        cap: the block's capture; i: the layer; g: (K, b, T, d_out) output gradients.
     """
-    T, d_out, d_in = a.shape[1], g.shape[-1], a.shape[-1]
+    K, b, T, d_out = g.shape
+    d_in = q_a.shape[0]
     rotate_first = T * (d_in * d_in + d_out * d_out + d_out * d_in)
     form_first = T * d_out * d_in + d_out * d_in * (d_out + d_in)
-    if form_first < rotate_first:
-        return q_s.T @ torch.einsum("knto,nti->knoi", g, a) @ q_a
-    return torch.einsum("knto,nti->knoi", g @ q_s, a @ q_a)
+    total = None
+    for k in range(K):
+        if form_first < rotate_first:
+            grads = cap.layer_grads(i, 0, b, None if K == 1 else g[k])
+            squares = (q_s.T @ grads @ q_a).square().sum(dim=0)
+        else:
+            a = cap.activation(i)
+            squares = torch.einsum("nto,nti->noi", g[k] @ q_s, a @ q_a).square().sum(dim=0)
+        total = squares if total is None else total + squares
+    return total
 
 
 def _to(q: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
