@@ -173,3 +173,37 @@ def test_scores_and_gradients_of_a_conv_net_agree_on_both_per_sample_gradient_ro
     exact = torch.func.vmap(torch.func.grad(lambda t, xi, yi: im.functions._sample_loss(t, xi, yi)),
                             in_dims=(None, 0, 0))(im.functions.theta, x, y)
     torch.testing.assert_close(runs[0][1], exact, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("conv, size", [
+    (dict(in_channels=3, out_channels=5, kernel_size=3, padding=1), (9, 10)),
+    (dict(in_channels=2, out_channels=4, kernel_size=(3, 2), padding=(2, 0), bias=False), (8, 7)),
+    (dict(in_channels=2, out_channels=3, kernel_size=(2, 3), dilation=(3, 1), padding="same"), (12, 9)),
+    (dict(in_channels=4, out_channels=2, kernel_size=5, padding="valid"), (13, 11)),
+])
+def test_conv_patch_covariance_from_row_shifts_equals_the_float64_patch_product(conv, size):
+    """The row-shift route sums the same products as P^T P over the patches, regrouped, and
+    subtracts boundary rows: float64 agreement to 1e-12 relative (sums of ~1e3 O(1) terms)."""
+    from torchfluence import conv_covariance
+    from torchfluence.capture import ConvInput, _conv2d_activations, _conv2d_pads
+
+    torch.manual_seed(0)
+    module = nn.Conv2d(**conv).double()
+    x = torch.randn(5, conv["in_channels"], *size, dtype=torch.float64)
+    assert conv_covariance.applies(module, x, _conv2d_pads(module))
+    bias = module.bias is not None
+    a = _conv2d_activations(module, x).reshape(-1, module.weight[0].numel())
+    if bias:
+        a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+    got = conv_covariance.patch_covariance(module, x, _conv2d_pads(module), bias)
+    torch.testing.assert_close(got, a.T @ a, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(ConvInput(module, x, bias).covariance(), a.T @ a, rtol=1e-12, atol=1e-10)
+
+
+def test_conv_patch_covariance_is_not_taken_where_it_does_not_apply():
+    from torchfluence import conv_covariance
+
+    x = torch.randn(2, 3, 16, 16)
+    assert not conv_covariance.applies(nn.Conv2d(3, 4, 3, stride=2), x, [0, 0, 0, 0])
+    assert not conv_covariance.applies(nn.Conv2d(3, 4, 1), x, [0, 0, 0, 0])
+    assert not conv_covariance.applies(nn.Conv2d(3, 4, 3, padding=1), torch.randn(2, 3, 4, 4), [1, 1, 1, 1])

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import conv_covariance
 from ._functional import _STOCHASTIC_MODULES, ModelFunctions
 from .fused import index_sum
 
@@ -388,6 +389,19 @@ class ConvInput:
         a = _conv2d_activations(self.module, self.x)
         return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1) if self.bias else a
 
+    def covariance(self) -> Tensor:
+        """``sum_{n,t} a_nt a_nt^T`` over the patches (bias column last), (d_in_total, d_in_total).
+
+        On a CPU, for stride-1 convolutions at 8 or more output rows, from row-shift
+        correlations of the input (:mod:`torchfluence.conv_covariance`), with no patches.
+        """
+        pads = _conv2d_pads(self.module)
+        if self.x.device.type == "cpu" and conv_covariance.applies(self.module, self.x, pads):
+            return conv_covariance.patch_covariance(self.module, self.x, pads, self.bias)
+        a = self.patches()
+        a2 = a.reshape(-1, a.shape[-1])
+        return a2.T @ a2
+
     def grads(self, output_grads: Tensor, start: int, stop: int) -> Tensor:
         """Per-sample gradients of samples start..stop, (b, d_out, d_in_total), from (n, T, d_out) output gradients.
 
@@ -441,6 +455,14 @@ class Captured:
         if isinstance(a, ConvInput):
             a = self._activations[i] = a.patches()
         return a
+
+    def activation_covariance(self, i: int) -> Tensor:
+        """Layer i's ``sum_{n,t} a_nt a_nt^T`` over the block, (d_in_total, d_in_total); not for index layers."""
+        a = self._activations[i]
+        if isinstance(a, ConvInput):
+            return a.covariance()
+        a2 = a.reshape(-1, a.shape[-1])
+        return a2.T @ a2
 
     def layer_grads(self, i: int, start: int, stop: int, output_grads: Optional[Tensor] = None) -> Tensor:
         """Layer i's per-sample gradients ``sum_t g_t a_t^T`` of samples start..stop, (b, d_out, d_in_total).

@@ -178,13 +178,12 @@ class KfacInfluence(InfluenceFunctionModel):
         n = 0
         for cap in self._captures(train, sampler, "K-FAC factors", stage=0):
             n += cap.outputs.shape[0]
-            for i, (layer, a, g) in enumerate(zip(self.layers, cap.activations, cap.output_grads)):
+            for i, (layer, g) in enumerate(zip(self.layers, cap.output_grads)):
                 g2 = g.reshape(-1, g.shape[-1])
                 if layer.index:
-                    a_sums[i] += _index_counts(layer, a).double()
+                    a_sums[i] += _index_counts(layer, cap.activation(i)).double()
                 else:
-                    a2 = a.reshape(-1, a.shape[-1])
-                    a_sums[i] += (a2.T @ a2).double()
+                    a_sums[i] += cap.activation_covariance(i).double()
                 s_sums[i] += (g2.T @ g2).double() / g.shape[-2]
         for total in (*a_sums, *s_sums):
             all_reduce_sum(total)
