@@ -381,10 +381,10 @@ def _rotated_squares(cap: Captured, i: int, g: Tensor, q_s: Tensor, q_a: Tensor)
     for k in range(K):
         if form_first < rotate_first:
             grads = cap.layer_grads(i, 0, b, None if K == 1 else g[k])
-            squares = (q_s.T @ grads @ q_a).square().sum(dim=0)
+            squares = (q_s.T @ grads @ q_a).square_().sum(dim=0)  # in place: no second (b, d_out, d_in)
         else:
             a = cap.activation(i)
-            squares = torch.einsum("nto,nti->noi", g[k] @ q_s, a @ q_a).square().sum(dim=0)
+            squares = torch.einsum("nto,nti->noi", g[k] @ q_s, a @ q_a).square_().sum(dim=0)
         total = squares if total is None else total + squares
     return total
 
