@@ -26,6 +26,8 @@ def test_footprint_counts_leaf_module_outputs_and_the_input():
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(256, 10))
     x = torch.randn(5, 1, 8, 8)
     assert chunking.footprint(model, model, x) == 64 + 256 + 256 + 256 + 10
+    assert chunking.footprint(model, model, x[:1]) == 64 + 256 + 256 + 256 + 10
+    assert chunking.footprint(model, lambda _: 1 / 0, x) == 0  # a failing forward: no estimate, no chunks
 
 
 @pytest.mark.parametrize("budget", [1 << 8, 1 << 12, 1 << 30])

@@ -66,15 +66,23 @@ def _even(total: int, most: int) -> int:
     return math.ceil(total / pieces)
 
 
-def footprint(model: nn.Module, call, x1: Tensor) -> int:
+def footprint(model: nn.Module, call, x: Tensor) -> int:
     """Elements of the intermediate values of one sample: the outputs of every leaf module, plus the input.
+
+    Counted on a forward of the first two samples of `x` (two, so that a model
+    left in training mode with batch norm runs), divided by their number.
 
     Args:
         model: the network, whose leaf modules are hooked for the one call.
         call: ``x -> outputs``, running `model` on a batch.
-        x1: a batch of one sample.
+        x: (b, ...) a batch of inputs.
+
+    Returns:
+        The count, or 0 when that forward fails (the product then runs unchunked,
+        and the product's own forward reports the model's error).
     """
-    total = [x1[:1].numel()]
+    sample = x[:2]
+    total = [sample.numel()]
 
     def hook(module: nn.Module, inputs: tuple, output) -> None:
         for t in output if isinstance(output, (tuple, list)) else (output,):
@@ -84,8 +92,10 @@ def footprint(model: nn.Module, call, x1: Tensor) -> int:
     handles = [m.register_forward_hook(hook) for m in model.modules() if not any(True for _ in m.children())]
     try:
         with torch.no_grad():
-            call(x1[:1])
+            call(sample)
+    except Exception:  # only an estimate: the real forward follows and raises on its own
+        return 0
     finally:
         for h in handles:
             h.remove()
-    return total[0]
+    return total[0] // max(sample.shape[0], 1)
