@@ -280,10 +280,7 @@ class Layer:
             grads = index_sum(keys, output_grads.reshape(-1, self.d_out), n * self.d_in)
             flat[:, self.weight_slice] += grads.view(n, -1).to(flat.dtype)
             return
-        grads = torch.einsum("nto,nti->noi", output_grads, activations)
-        flat[:, self.weight_slice] += grads[..., :self.d_in].reshape(n, -1).to(flat.dtype)
-        if self.bias_slice is not None:
-            flat[:, self.bias_slice] += grads[..., self.d_in].to(flat.dtype)
+        self.add_matrices(torch.einsum("nto,nti->noi", output_grads, activations), flat)
 
     def add_matrices(self, grads: Tensor, flat: Tensor) -> None:
         """Adds per-sample gradients given as (n, d_out, d_in_total) matrices to the rows of `flat` (n, p)."""
@@ -398,9 +395,7 @@ class ConvInput:
         pads = _conv2d_pads(self.module)
         if self.x.device.type == "cpu" and conv_covariance.applies(self.module, self.x, pads):
             return conv_covariance.patch_covariance(self.module, self.x, pads, self.bias)
-        a = self.patches()
-        a2 = a.reshape(-1, a.shape[-1])
-        return a2.T @ a2
+        return _gram(self.patches())
 
     def grads(self, output_grads: Tensor, start: int, stop: int) -> Tensor:
         """Per-sample gradients of samples start..stop, (b, d_out, d_in_total), from (n, T, d_out) output gradients.
@@ -432,6 +427,12 @@ class ConvInput:
 GROUPED_GRADS_MIN_POSITIONS = 64
 
 
+def _gram(activations: Tensor) -> Tensor:
+    """``sum_{n,t} a_nt a_nt^T`` of (n, T, d) activations, (d, d)."""
+    a2 = activations.reshape(-1, activations.shape[-1])
+    return a2.T @ a2
+
+
 class Captured:
     """One batch's capture for each layer: activations (n, T, d_in_total), output gradients (n, T, d_out).
 
@@ -459,10 +460,7 @@ class Captured:
     def activation_covariance(self, i: int) -> Tensor:
         """Layer i's ``sum_{n,t} a_nt a_nt^T`` over the block, (d_in_total, d_in_total); not for index layers."""
         a = self._activations[i]
-        if isinstance(a, ConvInput):
-            return a.covariance()
-        a2 = a.reshape(-1, a.shape[-1])
-        return a2.T @ a2
+        return a.covariance() if isinstance(a, ConvInput) else _gram(a)
 
     def layer_grads(self, i: int, start: int, stop: int, output_grads: Optional[Tensor] = None) -> Tensor:
         """Layer i's per-sample gradients ``sum_t g_t a_t^T`` of samples start..stop, (b, d_out, d_in_total).
