@@ -210,18 +210,18 @@ def _gradient_blocks(Q: Tensor, A: Tensor, D: Tensor, out: Tensor) -> Tensor:
     # CPUs have no fast 16-bit batched products: there the 16-bit operands are formed
     # in float32 from rounded inputs and rounded again, the values a GPU would use.
     widen = Q.device.type == "cpu" and operand in SCORE_DTYPES
-    block = gradient_block_samples(d_in, d_out, operand, Q.device)
     # One buffer for every block's gradients: a fresh (block, d_out, d_in) tensor above the
     # allocator's mmap threshold is page-faulted in again each time (3x the product's cost).
-    buffer = None if widen else torch.empty(min(block, n), d_out, d_in, dtype=operand, device=Q.device)
-    for start in range(0, n, block):
-        a, d = A[start:start + block].to(operand), D[start:start + block].to(operand)
+    rows = min(gradient_block_samples(d_in, d_out, operand, Q.device), n)
+    buffer = None if widen else torch.empty(rows, d_out, d_in, dtype=operand, device=Q.device)
+
+    def grads(start: int, stop: int) -> Tensor:
+        a, d = A[start:stop].to(operand), D[start:stop].to(operand)
         if widen:
-            grads = (d.float().transpose(1, 2) @ a.float()).to(operand)
-        else:
-            grads = torch.bmm(d.transpose(1, 2), a, out=buffer[:a.shape[0]])  # sum_t D[j,t] A[j,t]^T
-        out[:, start:start + a.shape[0]] += mm_float32(Q, grads.flatten(1).T)
-    return out
+            return (d.float().transpose(1, 2) @ a.float()).to(operand)
+        return torch.bmm(d.transpose(1, 2), a, out=buffer[:stop - start])  # sum_t D[j,t] A[j,t]^T
+
+    return score_gradients(Q, grads, n, d_in, d_out, out)
 
 
 def score_gradients(Q: Tensor, grads: Callable[[int, int], Tensor], n: int, d_in: int, d_out: int,
