@@ -283,10 +283,14 @@ def test_sampled_fisher_converges_to_exact_expectation(problem):
         assert rel_error(got, expected) < 0.05, name
 
 
+@pytest.mark.parametrize("chunk_elements", [1 << 22, 1])  # one chunk / one sample per chunk
 @pytest.mark.parametrize("T, d_in, d_out", [(64, 5, 3), (2, 40, 30)])  # forms first / rotates first
-def test_ekfac_rotated_squares_equal_either_order(T, d_in, d_out):
+def test_ekfac_rotated_squares_equal_either_order(T, d_in, d_out, chunk_elements, monkeypatch):
     from torchfluence.capture import Captured
+    from torchfluence.solvers import kfac
     from torchfluence.solvers.kfac import _rotated_squares
+
+    monkeypatch.setattr(kfac, "_CHUNK_ELEMENTS", chunk_elements)
 
     g = torch.randn(2, 7, T, d_out, dtype=torch.float64)
     a = torch.randn(7, T, d_in, dtype=torch.float64)
@@ -312,3 +316,17 @@ def test_ekfac_on_conv1d_equals_the_same_net_as_conv2d():
     runs = [tfl.EkfacInfluence(net, F.cross_entropy, 0.1, fisher="exact").fit((inputs, y))
             .influences(inputs[:5], y[:5], inputs, y) for net, inputs in ((net1, x), (net2, x.unsqueeze(2)))]
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-10, atol=1e-12)
+
+
+def test_kfac_solve_in_row_chunks_equals_one_chunk(monkeypatch):
+    """Chunking the rows of a K-FAC solve only splits independent rows: same float64 values."""
+    from torchfluence.solvers import kfac
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    x, y = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
+    im = tfl.EkfacInfluence(model, F.cross_entropy, 0.1, dtype=torch.float64).fit((x, y))
+    v = torch.randn(7, im.num_params, dtype=torch.float64)
+    whole = im.solve(v)
+    monkeypatch.setattr(kfac, "_CHUNK_ELEMENTS", 1)  # one row per chunk
+    torch.testing.assert_close(im.solve(v), whole, rtol=1e-13, atol=1e-15)

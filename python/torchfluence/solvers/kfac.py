@@ -250,8 +250,8 @@ class KfacInfluence(InfluenceFunctionModel):
         vectors = vectors.to(device=self.device, dtype=self.dtype)
         out = torch.empty_like(vectors)
         for layer, (q_a, q_s, lam) in zip(self.layers, self._solve_factors):
-            # Rows in chunks with (chunk, d_out, d_in) temporaries under _CHUNK_ELEMENTS (see _rotated_squares).
-            step = max(1, _CHUNK_ELEMENTS // (layer.d_out * layer.d_in_total))
+            # Rows in chunks whose (chunk, d_out, d_in) temporaries stay small on a CPU (_chunk_rows).
+            step = _chunk_rows(layer.d_out * layer.d_in_total, vectors.device)
             for start in range(0, vectors.shape[0], step):
                 rows, target = vectors[start:start + step], out[start:start + step]
                 if q_a is None:  # an embedding: its eigenbasis on the input side is the token basis
@@ -384,7 +384,7 @@ def _rotated_squares(cap: Captured, i: int, g: Tensor, q_s: Tensor, q_a: Tensor)
     # Samples go through in chunks whose (chunk, d_out, d_in) temporaries stay below the
     # allocator's mmap threshold (32 MiB): larger ones are returned to the OS when freed and
     # page-faulted in again by the next chunk, which measured 3x slower than the product itself.
-    chunk = max(1, _CHUNK_ELEMENTS // (d_out * max(d_in, T)))
+    chunk = _chunk_rows(d_out * max(d_in, T), g.device)
     total = torch.zeros(d_out, d_in, dtype=g.dtype, device=g.device)
     a = None if form_first < rotate_first else cap.activation(i)
     for k in range(K):
@@ -400,6 +400,17 @@ def _rotated_squares(cap: Captured, i: int, g: Tensor, q_s: Tensor, q_a: Tensor)
 
 
 _CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 per temporary
+
+
+def _chunk_rows(per_row: int, device: torch.device) -> int:
+    """Rows per chunk of a product whose temporaries hold `per_row` values per row.
+
+    On a CPU, temporaries under :data:`_CHUNK_ELEMENTS` (see :func:`_rotated_squares`);
+    CUDA's caching allocator reuses its blocks, so there a product takes every row at once.
+    """
+    if device.type != "cpu":
+        return 1 << 62
+    return max(1, _CHUNK_ELEMENTS // per_row)
 
 
 def _to(q: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
