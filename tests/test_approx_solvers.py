@@ -330,3 +330,53 @@ def test_kfac_solve_in_row_chunks_equals_one_chunk(monkeypatch):
     whole = im.solve(v)
     monkeypatch.setattr(kfac, "_CHUNK_ELEMENTS", 1)  # one row per chunk
     torch.testing.assert_close(im.solve(v), whole, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 22, 1])  # one chunk / one sample per chunk
+@pytest.mark.parametrize("solver", [tfl.KfacInfluence, tfl.EkfacInfluence])
+def test_query_factors_from_captures_equal_the_dense_solve(solver, chunk_elements, monkeypatch):
+    """Test factors rotated from each query's capture (positions rotated first where that is
+    cheaper) equal (F + lambda I)^-1 applied to the dense per-sample gradients."""
+    from torchfluence.influence import InfluenceFunctionModel
+    from torchfluence.solvers import kfac
+
+    monkeypatch.setattr(kfac, "_CHUNK_ELEMENTS", chunk_elements)
+    torch.manual_seed(0)
+    # A conv at 8 x 8 positions forms each gradient first (T = 64 >> d_in = 10); the conv
+    # at 2 x 2 and the Linear (T = 1) rotate their positions first.
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.MaxPool2d(4), nn.Conv2d(3, 16, 1),
+                          nn.Tanh(), nn.Flatten(), nn.Linear(64, 4)).double()
+    x, y = torch.randn(30, 1, 8, 8, dtype=torch.float64), torch.randint(0, 4, (30,))
+    xt, yt = torch.randn(9, 1, 8, 8, dtype=torch.float64), torch.randint(0, 4, (9,))
+    im = solver(model, F.cross_entropy, 0.1, dtype=torch.float64, block_size=4).fit((x, y))
+    assert im._queries_from_captures()
+    got = im._prepared_factors(xt, yt).parts
+    expected = InfluenceFunctionModel._prepared_factors(im, xt, yt).parts  # dense gradients, then solve
+    assert len(got) == len(expected) == 3
+    for g, e in zip(got, expected):
+        # float64 products of orthogonal rotations in another order: rounding only.
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    scores = im.train_influences(xt, yt)
+    torch.testing.assert_close(scores, im.influences_from_factors(im.influence_factors(xt, yt), x, y),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_query_factors_name_a_non_finite_query(monkeypatch):
+    from torchfluence.solvers import kfac
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(20, 5, dtype=torch.float64), torch.randint(0, 3, (20,))
+    im = tfl.EkfacInfluence(model, F.cross_entropy, 0.1, dtype=torch.float64, block_size=4).fit((x, y))
+    xt, yt = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    rotate = kfac._rotated_gradients
+
+    def poisoned(cap, i, start, stop, *args):  # the query of global index 5: row 1 of the second block
+        out = rotate(cap, i, start, stop, *args)
+        if cap.outputs.shape[0] == 2:
+            out[1, 0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(kfac, "_rotated_gradients", poisoned)
+    with pytest.raises(ValueError, match=r"per-sample gradients.*sample 5"):
+        im.train_influences(xt, yt)

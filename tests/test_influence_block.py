@@ -103,6 +103,52 @@ def test_streaming_equals_full_matrix_topk_on_random_data(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("columns", [1, 7, 64])
+def test_column_chunks_give_the_same_topk_and_scores(device, columns, monkeypatch):
+    # update() scores a block in column chunks sized to the GPU's L2; forcing tiny chunks
+    # (on any device) must leave the top-k exact, ties included, and fill every column of
+    # `out` (poisoned with NaN), at the chunk offsets.
+    from torchfluence import topk as topk_module
+
+    monkeypatch.setattr(topk_module, "score_chunk_columns", lambda n_query, device: columns)
+    for dtype in dtypes_for(device):
+        S, G = _integer_data(9, 150, 23, device, dtype)
+        state = tfl.StreamingTopK(9, 10, device=device, dtype=S.dtype)
+        out = torch.full((9, 100), float("nan"), device=device, dtype=state.largest_values.dtype)
+        state.update(S, G[:100], out=out)
+        state.update(S, G[100:])
+        ref_scores, ref = influence_block_reference(S, G, k=10)
+        _assert_same_topk(state.result(), ref)
+        assert torch.equal(out.double().cpu(), ref_scores[:, :100].cpu())  # integers: exact in any order
+
+
+def test_chunk_columns_fill_half_the_l2_in_whole_tiles():
+    from torchfluence.topk import chunk_columns
+
+    assert chunk_columns(2048, 50 * 2**20) == 3072  # 25 MiB of float32 scores: 3,200 columns, rounded down
+    assert chunk_columns(10**6, 50 * 2**20) == 256  # never below one aligned chunk
+    assert chunk_columns(2048, 0) is None  # unknown L2: one chunk per block
+    assert chunk_columns(0, 2**20) % 256 == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_top_k_of_scores_equals_the_streamed_top_k(device):
+    S, G = _integer_data(9, 150, 23, device, torch.float32)
+    scores = tfl.influence_scores(S, G)
+    got = tfl.top_k_of_scores(scores, 12, offset=5)
+    _, ref = influence_block_reference(S, G, k=12, offset=5)
+    _assert_same_topk(got, ref)
+    bad = scores.clone()
+    bad[3, 77] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        tfl.top_k_of_scores(bad, 3)
+    with pytest.raises(ValueError, match=r"k must be an int in \[1, n\] = \[1, 150\], got 151"):
+        tfl.top_k_of_scores(scores, 151)
+    with pytest.raises(ValueError, match="2-D floating tensor"):
+        tfl.top_k_of_scores(scores[0], 3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_offsets_beyond_int32(device):
     offset = 2**31 + 12345
     S, G = _integer_data(4, 90, 11, device, torch.float32)

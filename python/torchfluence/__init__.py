@@ -30,7 +30,7 @@ from .solvers import (
                       SolveInfo,
 )
 from .store import GradientStore
-from .topk import InfluenceBlock, StreamingTopK, TopKResult, influence_block, influence_scores
+from .topk import InfluenceBlock, StreamingTopK, TopKResult, influence_block, influence_scores, top_k_of_scores
 
 __version__: str = build_info()["version"]
 
@@ -72,4 +72,5 @@ __all__ = [
     "linear_head_hessian",
     "linear_head_hvp",
     "psg_dot",
+    "top_k_of_scores",
 ]

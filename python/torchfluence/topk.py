@@ -96,10 +96,14 @@ class StreamingTopK:
             _ops.influence_block_update(S, G, offset, self.largest_values, self.largest_indices,
                                         self.smallest_values, self.smallest_indices, self.status, out)
         else:
-            scores = block_scores(S, G)
-            if out is not None:
-                out.copy_(scores)
-            self._merge(scores, offset)
+            # Column chunks whose scores fit in half the L2 cache: the merge reads each chunk
+            # from L2 right after the GEMM wrote it, instead of the whole block back from memory.
+            step = score_chunk_columns(S.shape[0], S.device) or max(1, G.shape[0])
+            for start in range(0, G.shape[0], step):
+                scores = block_scores(S, G[start:start + step])
+                if out is not None:
+                    out[:, start:start + scores.shape[1]].copy_(scores)
+                self._merge(scores, offset + start)
         self.n_seen = max(self.n_seen, offset + G.shape[0])
         return out
 
@@ -169,6 +173,65 @@ class StreamingTopK:
         keep = min(self.k, self.n_seen)
         return TopKResult(self.largest_values[:, :keep], self.largest_indices[:, :keep],
                           self.smallest_values[:, :keep], self.smallest_indices[:, :keep])
+
+
+# Columns of a score chunk are a multiple of this (whole GEMM tiles), and never fewer.
+_CHUNK_ALIGN = 256
+_l2_bytes: dict[int, int] = {}
+
+
+def score_chunk_columns(n_query: int, device: torch.device) -> Optional[int]:
+    """Training columns per chunk of :meth:`StreamingTopK.update` on `device` (None: one chunk).
+
+    On a GPU, a chunk's float32 scores take at most half of the L2 cache, so that
+    ``topk_merge`` reads them from L2 right after the GEMM wrote them. The size
+    depends on the device model only (never on timing or free memory); the top-k
+    does not depend on it at all, since the merge order is total. CPUs keep one
+    chunk per block: their last-level cache is shared with the GEMM's own panels.
+    """
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _l2_bytes:
+        _l2_bytes[index] = int(getattr(torch.cuda.get_device_properties(index), "L2_cache_size", 0))
+    return chunk_columns(n_query, _l2_bytes[index])
+
+
+def chunk_columns(n_query: int, l2_bytes: int) -> Optional[int]:
+    """Columns whose (n_query, columns) float32 scores fill at most half of `l2_bytes` (None: unknown L2)."""
+    if l2_bytes <= 0:
+        return None
+    columns = l2_bytes // 2 // (4 * max(1, n_query))
+    return max(_CHUNK_ALIGN, columns // _CHUNK_ALIGN * _CHUNK_ALIGN)
+
+
+def top_k_of_scores(scores: Tensor, k: int, offset: int = 0) -> TopKResult:
+    """The exact top-k of a held (n_query, n) score matrix, in :class:`StreamingTopK`'s order.
+
+    The k largest (descending) and k smallest (ascending) scores of each row, equal
+    values ordered by lower column index, read in one pass by the compiled
+    ``topk_merge`` op; what a streamed :meth:`InfluenceFunctionModel.top_k` returns for
+    the same scores, without scoring the training data again.
+
+    Args:
+        scores: (n_query, n) float tensor (float64 stays float64, other dtypes are ranked in float32).
+        k: how many on each side, 1 <= k <= n.
+        offset: index of column 0 in the returned indices.
+
+    Returns:
+        :class:`TopKResult` of (n_query, k) tensors on `scores`' device.
+
+    Raises:
+        ValueError: on a bad shape or k, or if any score is NaN or inf (naming the first).
+    """
+    if not isinstance(scores, Tensor) or scores.dim() != 2 or not scores.is_floating_point():
+        got = f"{tuple(scores.shape)} {scores.dtype}" if isinstance(scores, Tensor) else type(scores).__name__
+        raise ValueError(f"top_k_of_scores: scores must be a 2-D floating tensor (n_query, n), got {got}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= scores.shape[1]:
+        raise ValueError(f"top_k_of_scores: k must be an int in [1, n] = [1, {scores.shape[1]}], got {k!r}")
+    state = StreamingTopK(scores.shape[0], k, device=scores.device, dtype=scores.dtype)
+    state.update_scores(scores, offset)
+    return state.result()
 
 
 def block_scores(S: Tensor, G: Tensor) -> Tensor:
