@@ -34,6 +34,12 @@ Configurations:
 - torchfluence bf16: the same with ``score_dtype=torch.bfloat16`` (bf16 operands
   with float32 accumulation and results, in the scoring products only). A
   torchfluence without that keyword runs its float32 path, and the row says so.
+- torchfluence bf16 + TF32: the same with ``allow_tf32=True``: the fit's float32
+  products (covariances, EK-FAC rotations) and the query preconditioning on TF32
+  tensor cores (about 1e-3 relative rounding, below the bf16 rounding of the
+  scoring operands and far below the sampled-label noise of the factors). Its
+  agreement with kronfluence fp32 is measured like every other row's.
+  ``--no-tf32-run`` leaves it out.
 
 Damping: REG is absolute and added to the EK-FAC eigenvalues by both
 libraries. The default, ``--reg auto``, is 0.1 x the mean corrected eigenvalue
@@ -101,7 +107,7 @@ T = TypeVar("T")
 TOP = 10
 MIN_BLOCK = 128
 KRON_FP32, KRON_AMP = "kronfluence fp32", "kronfluence AMP (bf16)"
-TFL_FP32, TFL_BF16 = "torchfluence fp32", "torchfluence bf16"
+TFL_FP32, TFL_BF16, TFL_TF32 = "torchfluence fp32", "torchfluence bf16", "torchfluence bf16 + TF32"
 OWN_TOP = "top-10 overlap, top_k vs own matrix"
 GIB = 2**30
 
@@ -291,20 +297,27 @@ def run_kronfluence(
 # -- torchfluence -----------------------------------------------------------------------------------
 
 
-def ekfac(ctx: Context, score_dtype: torch.dtype | None, block: int) -> tuple[tfl.EkfacInfluence, str]:
-    """EkfacInfluence with `score_dtype`; a torchfluence without that keyword runs its float32 path."""
+def ekfac(
+    ctx: Context, score_dtype: torch.dtype | None, block: int, tf32: bool = False
+) -> tuple[tfl.EkfacInfluence, str]:
+    """EkfacInfluence with `score_dtype`; a torchfluence without that keyword runs its float32 path.
+
+    `tf32`: ``allow_tf32=True``, TF32 tensor cores for the float32 products of the fit
+    (covariances, EK-FAC rotations) and the query preconditioning.
+    """
+    extra = {"allow_tf32": True} if tf32 else {}
     if score_dtype is None:
-        return tfl.EkfacInfluence(ctx.model, F.cross_entropy, ctx.reg, block_size=block), ""
+        return tfl.EkfacInfluence(ctx.model, F.cross_entropy, ctx.reg, block_size=block, **extra), ""
     try:
         im = tfl.EkfacInfluence(
-            ctx.model, F.cross_entropy, ctx.reg, block_size=block, score_dtype=score_dtype
+            ctx.model, F.cross_entropy, ctx.reg, block_size=block, score_dtype=score_dtype, **extra
         )
         return im, ""
     except TypeError as error:
         if "score_dtype" not in str(error):
             raise
     note = f"this torchfluence takes no score_dtype: ran its float32 path instead of {score_dtype}"
-    return tfl.EkfacInfluence(ctx.model, F.cross_entropy, ctx.reg, block_size=block), note
+    return tfl.EkfacInfluence(ctx.model, F.cross_entropy, ctx.reg, block_size=block, **extra), note
 
 
 def chunks(n: int, size: int) -> list[slice]:
@@ -318,6 +331,7 @@ def run_torchfluence(
     score_dtype: torch.dtype | None,
     train: tuple[Tensor, Tensor],
     queries: tuple[Tensor, Tensor],
+    tf32: bool = False,
 ) -> Run:
     (x, y), (xq, yq) = train, queries
     parts = chunks(len(xq), ctx.args.query_chunk)
@@ -334,7 +348,7 @@ def run_torchfluence(
 
     def fit() -> str:
         state.pop("im", None)
-        im, note = ekfac(ctx, score_dtype, state["block"])
+        im, note = ekfac(ctx, score_dtype, state["block"], tf32)
         im.fit((x, y))
         state["im"] = im
         return note
@@ -510,7 +524,7 @@ def table(epoch: float, runs: dict[str, Run], batch: int) -> list[list[str]]:
     rows = [
         ["one epoch of training", "-", "-", "-", seconds(epoch), "1.0"] + ["-"] * 6 + [f"fp32, batch {batch}"]
     ]
-    for name in (KRON_FP32, KRON_AMP, TFL_FP32, TFL_BF16):
+    for name in (KRON_FP32, KRON_AMP, TFL_FP32, TFL_BF16, TFL_TF32):
         if name not in runs:
             continue
         run = runs[name]
@@ -553,6 +567,10 @@ def headline(epoch: float, runs: dict[str, Run]) -> str:
                 **ours.metrics
             )
         )
+    tf32 = runs.get(TFL_TF32)
+    if tf32 is not None and tf32.job is not None:
+        vs = f", {kron.job / tf32.job:.1f}x vs {kron.name}" if kron is not None and kron.job else ""
+        parts.append(f"{TFL_TF32} {tf32.job:.1f} s{vs}, Pearson {tf32.metrics.get('pearson', float('nan')):.4f}")
     return "; ".join(parts) + f"; one epoch {epoch:.1f} s"
 
 
@@ -588,6 +606,12 @@ def parse_args() -> argparse.Namespace:
         help="also run kronfluence with its bf16 settings (default: on for cuda)",
     )
     parser.add_argument("--skip-peer", action="store_true", help="torchfluence only")
+    parser.add_argument(
+        "--tf32-run",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run torchfluence bf16 with allow_tf32=True (TF32 fit and query preconditioning)",
+    )
     parser.add_argument(
         "--streamed-top-k",
         action="store_true",
@@ -630,6 +654,8 @@ def estimated_seconds(name: str, done: dict[str, Run]) -> float | None:
     """Rough time of an optional run from the runs already done (None: no basis)."""
     if name == KRON_AMP and KRON_FP32 in done and done[KRON_FP32].job:
         return 0.6 * done[KRON_FP32].job  # kronfluence's README: 36 s with AMP against 106 s without
+    if name == TFL_TF32 and TFL_BF16 in done and done[TFL_BF16].job:
+        return done[TFL_BF16].job  # at most as long as the IEEE float32 fit
     if name == TFL_FP32 and TFL_BF16 in done and done[TFL_BF16].job:
         run = done[TFL_BF16]
         return run.stages["fit"] + 5 * (run.stages["scores"] + run.stages.get("streamed top-k", 0.0))
@@ -765,6 +791,8 @@ def main() -> None:
     if peer:
         configs.append((KRON_FP32, lambda t, q: run_kronfluence(ctx, KRON_FP32, False, t, q)))
     configs.append((TFL_BF16, lambda t, q: run_torchfluence(ctx, TFL_BF16, torch.bfloat16, t, q)))
+    if args.tf32_run:
+        configs.append((TFL_TF32, lambda t, q: run_torchfluence(ctx, TFL_TF32, torch.bfloat16, t, q, tf32=True)))
     if peer and args.peer_amp:
         configs.append((KRON_AMP, lambda t, q: run_kronfluence(ctx, KRON_AMP, True, t, q)))
     configs.append((TFL_FP32, lambda t, q: run_torchfluence(ctx, TFL_FP32, None, t, q)))
@@ -788,7 +816,7 @@ def main() -> None:
 
     for name, fn in configs:
         estimate, elapsed = estimated_seconds(name, report.runs), time.perf_counter() - report.started
-        if name in (KRON_AMP, TFL_FP32) and estimate is not None and elapsed + estimate > args.budget:
+        if name in (KRON_AMP, TFL_FP32, TFL_TF32) and estimate is not None and elapsed + estimate > args.budget:
             print(
                 f"skipped {name}: ~{estimate:.0f} s more, {elapsed:.0f} s elapsed, budget {args.budget:.0f} s"
             )
