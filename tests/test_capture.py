@@ -175,6 +175,44 @@ def test_scores_and_gradients_of_a_conv_net_agree_on_both_per_sample_gradient_ro
     torch.testing.assert_close(runs[0][1], exact, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("conv", [
+    dict(in_channels=3, out_channels=5, kernel_size=3, padding=1),
+    dict(in_channels=2, out_channels=3, kernel_size=(2, 3), dilation=(2, 1), padding="same"),  # uneven padding
+    dict(in_channels=2, out_channels=4, kernel_size=(2, 3), stride=(2, 1), padding=(1, 0)),
+])
+def test_gpu_patch_route_equals_the_cpu_one(conv):
+    """GPUs form patches with F.unfold (a transposed view), CPUs with strided copies: the same values."""
+    from torchfluence.capture import _conv2d_pads, _strided_patches, _unfold_patches
+
+    module = nn.Conv2d(**conv).double()
+    x = F.pad(torch.randn(3, conv["in_channels"], 9, 10, dtype=torch.float64), _conv2d_pads(module))
+    view = _unfold_patches(module, x)
+    assert not view.is_contiguous()
+    torch.testing.assert_close(view, _strided_patches(module, x), rtol=0, atol=0)
+
+
+def test_a_conv_net_scores_the_same_on_non_contiguous_patches(monkeypatch):
+    """Every consumer of the patches takes F.unfold's transposed view (the GPU route): forcing
+    it on a CPU, with the grouped gradients and row-shift covariance off, gives the same float64
+    factors and scores as the contiguous patches (rounding only)."""
+    from torchfluence import capture as capture_module
+    from torchfluence import conv_covariance
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 3, 3, stride=2), nn.Tanh(),
+                          nn.Flatten(), nn.Linear(3 * 4 * 4, 5)).double()
+    x, y = torch.randn(20, 2, 10, 10, dtype=torch.float64), torch.randint(0, 5, (20,))
+    monkeypatch.setattr(capture_module, "GROUPED_GRADS_MIN_POSITIONS", 10**9)
+    monkeypatch.setattr(conv_covariance, "applies", lambda *args: False)
+    runs = []
+    for route in (capture_module._strided_patches, capture_module._unfold_patches):
+        monkeypatch.setattr(capture_module, "_strided_patches", route)
+        im = tfl.EkfacInfluence(model, F.cross_entropy, 0.1, dtype=torch.float64).fit((x, y))
+        runs.append((im.factors["0"].eigenvalues, im.train_influences(x[:4], y[:4]), im.self_influences(x, y)))
+    for got, expected in zip(runs[1], runs[0]):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("conv, size", [
     (dict(in_channels=3, out_channels=5, kernel_size=3, padding=1), (9, 10)),
     (dict(in_channels=2, out_channels=4, kernel_size=(3, 2), padding=(2, 0), bias=False), (8, 7)),
