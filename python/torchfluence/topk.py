@@ -187,7 +187,7 @@ def score_chunk_columns(n_query: int, device: torch.device) -> Optional[int]:
     ``topk_merge`` reads them from L2 right after the GEMM wrote them. The size
     depends on the device model only (never on timing or free memory); the top-k
     does not depend on it at all, since the merge order is total. CPUs keep one
-    chunk per block: their last-level cache is shared with the GEMM's own panels.
+    product per block, the route measured there (``benchmarks/RESULTS.md``).
     """
     if device.type != "cuda":
         return None
