@@ -80,3 +80,10 @@ $(BENCH_VENV)/.torchfluence-installed: $(BENCH_VENV)/.deps-$(subst =,_,$(subst /
 
 bench-peers: $(BENCH_VENV)/.torchfluence-installed
 	$(BENCH_BIN)/python benchmarks/bench_peers.py $(BENCH_ARGS)
+
+# make gpu-peer-wheels: kronfluence 1.0.1 and einconv as wheels in .whl/, for a GPU machine
+# without network access. benchmarks/gpu_suite.sh installs whatever .whl/ holds (carry it along).
+.PHONY: gpu-peer-wheels
+gpu-peer-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps -d .whl "kronfluence==1.0.1" "einconv==0.1.0"
+	ls -l .whl
