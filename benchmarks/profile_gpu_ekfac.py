@@ -52,14 +52,18 @@ def main() -> None:
     xq, yq = synthetic_cifar(args.n_query, 2, device)
     reg = 1e-5
 
-    def build():
-        return tfl.EkfacInfluence(model, F.cross_entropy, reg, block_size=args.block, score_dtype=torch.bfloat16)
+    def build(tf32: bool = False):
+        return tfl.EkfacInfluence(model, F.cross_entropy, reg, block_size=args.block, score_dtype=torch.bfloat16,
+                                  allow_tf32=tf32)
 
     # Warm-up on a slice: handles, kernel selection.
     build().fit((x[:1024], y[:1024])).train_influences(xq[:64], yq[:64])
     im = timed("fit", lambda: build().fit((x, y)))
     timed("train_influences", lambda: im.train_influences(xq, yq))
     timed("prepared factors only", lambda: im._prepared_factors(xq, yq))
+    im_tf32 = timed("fit tf32", lambda: build(tf32=True).fit((x, y)))
+    timed("prepared factors only tf32", lambda: im_tf32._prepared_factors(xq, yq))
+    del im_tf32
     small = slice(0, 4096)
     profiled("fit 4096", lambda: build().fit((x[small], y[small])), args.rows)
     im_small = build().fit((x[small], y[small]))
