@@ -260,8 +260,12 @@ class KfacInfluence(InfluenceFunctionModel):
                     layer.write(q_s @ ((q_s.T @ layer.matrices(rows)) / (lam + self.regularization)), target)
                     continue
                 rotated = q_s.T @ layer.matrices(rows) @ q_a  # (chunk, d_out, d_in_total)
-                layer.write(q_s @ (rotated / (lam + self.regularization)) @ q_a.T, target)
+                layer.write(self._solve_rotated(rotated, q_s, q_a, lam), target)
         return out
+
+    def _solve_rotated(self, rotated: Tensor, q_s: Tensor, q_a: Tensor, lam: Tensor) -> Tensor:
+        """``Q_S (R / (eigenvalues + lambda)) Q_A^T``: the solve of gradients R given in the eigenbasis."""
+        return q_s @ (rotated / (lam + self.regularization)) @ q_a.T
 
     def _prepared_factors(self, x_test: Tensor, y_test: Tensor) -> PreparedQueries:
         """Test factors from each query block's capture, rotated into the eigenbasis in the cheaper order.
@@ -290,7 +294,7 @@ class KfacInfluence(InfluenceFunctionModel):
                         stop = min(start + step, block.size)
                         rotated = _rotated_gradients(cap, i, start, stop, q_s, q_a)
                         check_finite(rotated, "per-sample gradients", block.offset + start)
-                        factors = q_s @ (rotated / (lam + self.regularization)) @ q_a.T
+                        factors = self._solve_rotated(rotated, q_s, q_a, lam)
                         check_finite(factors, "influence factors", block.offset + start)
                         part[block.offset + start:block.offset + stop] = factors
         return prepared
