@@ -22,7 +22,7 @@ Sections (each one runs even when another fails; failures are listed at the end)
   GEMM followed by topk_merge into running lists; TFLOP/s and the ratio (b)/(a),
   with the ratio a merge reading the scores once at the copy's rate would give.
   The opt-in fused kernel (``_ops.influence_block_update``) at p = 1024 for comparison;
-- psg_dot: ``torchfluence.fused.psg_dot`` for a ResNet-9 conv layer and a Linear
+- psg_dot: ``torchfluence.captured_scores.psg_dot`` for a ResNet-9 conv layer and a Linear
   layer, in float32 (IEEE) and bfloat16; effective TFLOP/s counts the per-sample
   gradient formation (2 T d_in d_out n) and the contraction (2 n_query d_in d_out n);
   relative error against a float64 reference on a slice.
@@ -399,7 +399,7 @@ def bench_psg(dev, quick: bool) -> dict:
 
 
 def bench_psg_one(dev, quick: bool, name: str, shape: tuple, dtype: torch.dtype) -> dict:
-    from torchfluence import fused, reference
+    from torchfluence import captured_scores as fused, reference
 
     n_q, n, T, d_in, d_out = shape
     sets = [(torch.randn(n_q, d_out, d_in, device=dev).to(dtype),

@@ -126,7 +126,7 @@ def scorers() -> dict[str, Scorer]:
                                                                        second_order="gauss_newton")),
         "DataInf": solver(lambda s: tfl.InverseHarmonicMeanInfluence(s.model, LOSS, s.reg)),
         "gradient similarity (identity)": gradient_similarity,
-        # Projected gradient spaces (torchfluence.projected): LoGra's per-layer Kronecker
+        # Projected gradient spaces (torchfluence.projected_space): LoGra's per-layer Kronecker
         # projection (k_out x k_in per layer, clamped to the layer's shape), and the sparse JL
         # transform of the whole gradient (p = 910) with the Fisher of the projected gradients.
         **{f"EK-FAC, Kronecker-projected {ko}x{ki}": solver(

@@ -46,13 +46,13 @@ def inputs(n_q: int, n: int, T: int, d: int, seed: int = 0):
 
 
 def run_psg(Q, A, D, U, V):
-    from torchfluence.fused import psg_dot
+    from torchfluence.captured_scores import psg_dot
 
     return psg_dot(Q, A, D)
 
 
 def run_low_rank(Q, A, D, U, V):
-    from torchfluence.fused import psg_dot
+    from torchfluence.captured_scores import psg_dot
 
     return psg_dot((U, V), A, D)
 

@@ -178,7 +178,7 @@ class SmallResNet(nn.Module):
 @pytest.mark.parametrize("solver, kwargs", [(tfl.DirectInfluence, {}), (tfl.CgInfluence, {"rtol": 1e-11}),
                                             (tfl.LissaInfluence, {"maxiter": 5, "scale": 20.0})])
 def test_a_trainable_tail_runs_in_head_mode(solver, kwargs):
-    from torchfluence.head import split_trainable_tail
+    from torchfluence.backbone import split_trainable_tail
 
     x, y, xt, yt = digits(n_train=60, n_test=4, image=True)
     torch.manual_seed(0)
@@ -201,7 +201,7 @@ def test_a_trainable_tail_runs_in_head_mode(solver, kwargs):
 
 
 def test_no_split_without_a_frozen_prefix():
-    from torchfluence.head import split_trainable_tail
+    from torchfluence.backbone import split_trainable_tail
 
     model = SmallResNet()
     assert split_trainable_tail(model) is None  # everything trainable

@@ -15,7 +15,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import torchfluence as tfl
-from torchfluence import projected
+from torchfluence import projected_space as projected
 from torchfluence.capture import find_layers
 from torchfluence._functional import ModelFunctions
 

@@ -18,7 +18,7 @@ from torchfluence import reference as R
 from torchfluence._functional import ModelFunctions
 from torchfluence._ops import sjlt_accumulate
 from torchfluence.capture import capture, find_layers
-from torchfluence.projection import DenseProjector, KroneckerProjector, Projector, SparseJLProjector
+from torchfluence.projectors import DenseProjector, KroneckerProjector, Projector, SparseJLProjector
 
 from .conftest import CUDA_READY, DEVICES
 

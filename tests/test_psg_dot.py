@@ -6,7 +6,7 @@ import torchfluence as tfl
 from torchfluence.gradients import CapturedGradients, FuncGradients
 from torch import nn
 from torchfluence.capture import capture, find_layers
-from torchfluence.fused import psg_dot
+from torchfluence.captured_scores import psg_dot
 from torchfluence.reference import psg_dot_reference
 
 from .conftest import DEVICES, dtypes_for
@@ -164,7 +164,7 @@ def test_engine_scores_equal_with_and_without_the_fused_path(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("T", [1, 6])
 def test_self_dot_matches_reference(device, T):
-    from torchfluence.fused import psg_self_dot
+    from torchfluence.captured_scores import psg_self_dot
 
     W = torch.rand(7, 5, dtype=torch.float64, device=device)
     A = torch.randn(40, T, 5, dtype=torch.float64, device=device)

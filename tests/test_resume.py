@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import torchfluence as tfl
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from torchfluence import checkpoint as ckpt
+from torchfluence import journal as ckpt
 
 N_TRAIN, N_TEST, BLOCK, K = 150, 5, 16, 4
 N_BLOCKS = 10  # (x, y) tensors in blocks of 16: the last one of 6 samples
@@ -118,7 +118,7 @@ def run_job(job: str, path: Path, kill_after: int = -1, delay: float = 0.0):
 def kill_midway(job: str, path: Path, kill_after: int) -> None:
     """Runs `job` in a subprocess that SIGKILLs itself before block `kill_after`."""
     # Slow blocks (0.2 s) make every block's record due: a save takes ~10-30 ms, and one is made
-    # once 10x that has passed since the last (checkpoint.SAVE_TIME_RATIO).
+    # once 10x that has passed since the last (journal.SAVE_TIME_RATIO).
     cmd = [sys.executable, __file__, job, str(path), str(kill_after)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
     assert done.returncode == -signal.SIGKILL, f"not killed:\n{done.stdout}\n{done.stderr[-3000:]}"

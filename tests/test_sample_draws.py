@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchfluence as tfl
-from torchfluence._fisher import SampleDraws, default_sampler
+from torchfluence.target_sampling import SampleDraws, default_sampler
 
 MASK = (1 << 64) - 1
 

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import torchfluence as tfl
-from torchfluence import projected, store as store_module
+from torchfluence import projected_space as projected, store as store_module
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSS = F.cross_entropy

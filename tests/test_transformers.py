@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import torchfluence as tfl
 from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jacrev, vmap
-from torchfluence.fused import psg_dot, psg_self_dot
+from torchfluence.captured_scores import psg_dot, psg_self_dot
 from torchfluence.reference import psg_dot_reference
 
 VOCAB, WIDTH, LENGTH = 19, 12, 7

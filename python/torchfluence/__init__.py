@@ -11,12 +11,12 @@ from ._build_info import build_info
 from .capture import register_layer
 from .curvature import AutogradHessian, CurvatureOperator, GaussNewton, LinearHeadCurvature
 from .data import SampleBlock, Samples
-from .fused import psg_dot
+from .captured_scores import psg_dot
 from .head import HeadInfluence
 from .influence import InfluenceFunctionModel, TopKInfluences
 from .linear_head import linear_head_hessian, linear_head_hvp
-from .projected import KroneckerProjection
-from .projection import DenseProjector, KroneckerProjector, Projector, SparseJLProjector
+from .projected_space import KroneckerProjection
+from .projectors import DenseProjector, KroneckerProjector, Projector, SparseJLProjector
 from .solvers import (
                       ArnoldiInfluence,
                       CgInfluence,

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from . import conv_covariance
 from ._functional import _STOCHASTIC_MODULES, ModelFunctions
-from .fused import index_sum
+from .captured_scores import index_sum
 
 ActivationsFn = Callable[[nn.Module, Tensor], Tensor]
 OutputGradsFn = Callable[[nn.Module, Tensor], Tensor]

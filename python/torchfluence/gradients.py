@@ -7,7 +7,7 @@ A source is chosen once, when a solver is built, from the model's layers:
   (``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding``, registered types), each layer's
   inputs ``A`` (an embedding's token ids) and output gradients ``D`` from one
   forward/backward of the block; scores are contracted from ``(A, D)`` by
-  :func:`torchfluence.fused.psg_dot` without per-sample gradients in memory, and
+  :func:`torchfluence.captured_scores.psg_dot` without per-sample gradients in memory, and
   any other parameters go through ``torch.func``.
 
 In head mode the model a source sees is the head, and its inputs are the
@@ -26,7 +26,7 @@ from torch import Tensor
 from ._functional import ModelFunctions
 from ._ops import accumulation_dtype
 from .capture import Layer, capture, find_layers
-from .fused import psg_dot, score_gradients, score_index_layer, score_layer
+from .captured_scores import psg_dot, score_gradients, score_index_layer, score_layer
 from .precision import mm_float32
 
 

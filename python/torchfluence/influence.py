@@ -34,7 +34,7 @@ from torch.utils.data._utils.collate import default_collate
 from tqdm.auto import tqdm
 
 from ._functional import LossFn, ModelFunctions, resolve_dtype
-from .checkpoint import BlockIndex, JobSpec, Journal, ScoreFile, TopKCheckpoint
+from .journal import BlockIndex, JobSpec, Journal, ScoreFile, TopKCheckpoint
 from .checks import (FiniteChecks, check_finite, check_mode, check_positive_int,
                      check_regularization)
 from .curvature import CurvatureOperator, curvature_operator
@@ -42,12 +42,12 @@ from .data import DataSource, SampleBlock, Samples
 from .distributed import all_reduce_sum, block_selector, is_distributed, local_blocks, world
 from .fingerprint import model_fingerprint
 from .gradients import GradientSource, PreparedQueries, gradient_source
-from .head import BackboneFeatures, HeadSpec, split_trainable_tail
+from .backbone import BackboneFeatures, HeadSpec, split_trainable_tail
 from . import persist
 from .linear_head import loss_kind
 from .oom import SplitOnOOM
 from .precision import check_score_dtype, matmul_precision
-from .projected import Projection, projected_engine, resolve_second_order
+from .projected_space import Projection, projected_engine, resolve_second_order
 from .sinks import DenseSink, MemmapSink, ScoreSink, SharedMemmapSink, TopKSink
 
 SecondOrder = Literal["hessian", "gauss_newton"]
@@ -83,7 +83,7 @@ class InfluenceFunctionModel(ABC):
         second_order: ``"hessian"`` or ``"gauss_newton"`` (the generalised
             Gauss-Newton matrix J^T H_out J, positive semi-definite for convex losses).
             None (default): ``"hessian"``; with a `projector` always ``"fisher"``, the Fisher
-            of the projected gradients (``"hessian"`` is refused there: :mod:`torchfluence.projected`).
+            of the projected gradients (``"hessian"`` is refused there: :mod:`torchfluence.projected_space`).
         dtype: computation dtype, float32 or float64; None (default): the model's.
         block_size: samples per block; bounds memory at about block_size x num_params values.
         progress: show tqdm progress bars on long loops.
@@ -115,7 +115,7 @@ class InfluenceFunctionModel(ABC):
             element, a dict or Hugging Face ``ModelOutput`` its ``"logits"`` (any other
             object its ``.logits``); other outputs raise a TypeError asking for this
             argument. The loss always receives a Tensor.
-        projector: work in a projected gradient space (:mod:`torchfluence.projected`):
+        projector: work in a projected gradient space (:mod:`torchfluence.projected_space`):
             a :class:`~torchfluence.Projector` whose ``p`` is the number of selected
             parameters, or a :class:`~torchfluence.KroneckerProjection` (one
             ``P_out kron P_in`` per captured layer, LoGra). Per-sample gradients are
@@ -374,7 +374,7 @@ class InfluenceFunctionModel(ABC):
                 resumable: ``<out>.progress.json`` records the finished blocks, and the same
                 call with the same `out` goes on where an interrupted one stopped, with the
                 same result bits (a finished job's file is returned as it is). Another model,
-                other data or other settings are refused (:mod:`torchfluence.checkpoint`).
+                other data or other settings are refused (:mod:`torchfluence.journal`).
 
         Returns:
             (n_test, n) for ``"up"``; (n_test, n, *x.shape[1:]) for ``"perturbation"``.
@@ -483,7 +483,7 @@ class InfluenceFunctionModel(ABC):
                 the running top-k state is saved there as blocks finish, and the same call
                 with the same path goes on from it, with the same result bits as an
                 uninterrupted run (a finished job returns at once). Another model, other data
-                or other settings are refused (:mod:`torchfluence.checkpoint`).
+                or other settings are refused (:mod:`torchfluence.journal`).
         """
         check_positive_int(k, "k")
         same = train_data is None or train_data is self._train_source

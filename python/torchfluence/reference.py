@@ -112,7 +112,7 @@ def linear_head_hvp_reference(features: Tensor, weight: Tensor, bias, vectors: T
 
 
 # ---------------------------------------------------------------------------
-# Random projections (torchfluence.projection). Each twin builds its explicit
+# Random projections (torchfluence.projectors). Each twin builds its explicit
 # matrix from the documented recipe and multiplies in float64.
 
 _MASK64 = (1 << 64) - 1

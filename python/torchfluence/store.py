@@ -34,7 +34,7 @@ skips the recorded blocks and ends with the same bytes as an uninterrupted one
 (each block's gradients depend on that block alone, and the Fisher is summed
 in block order). The gradient file's pages are flushed before the record that
 calls their block done is written; records are written with the same time rule
-as resumable scoring (:mod:`torchfluence.checkpoint`). Another model, other
+as resumable scoring (:mod:`torchfluence.journal`). Another model, other
 settings or other data are refused with an error naming what differs.
 """
 
@@ -53,7 +53,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import journal
 from ._build_info import build_info
 from ._functional import LossFn, ModelFunctions
 from .checks import check_finite, check_positive_int, check_regularization
@@ -62,7 +62,7 @@ from .distributed import is_distributed
 from .fingerprint import model_fingerprint, settings_fingerprint
 from .gradients import GradientSource, gradient_source
 from .influence import TopKInfluences
-from .projected import (KroneckerGradients, Projection, describe_projection, projected_source,
+from .projected_space import (KroneckerGradients, Projection, describe_projection, projected_source,
                         projection_from_description)
 from .topk import StreamingTopK
 
@@ -469,7 +469,7 @@ class _Builder:
             if leftovers:
                 raise ValueError(f"path: '{self.path}' holds {leftovers} but no {METADATA_FILE}: it is not a gradient "
                                  f"store (or a damaged one); {_remedy(self.path)}")
-            checkpoint.atomic_write(self.path / METADATA_FILE, json.dumps(self.metadata, indent=1).encode())
+            journal.atomic_write(self.path / METADATA_FILE, json.dumps(self.metadata, indent=1).encode())
             with open(self.path / GRADIENTS_FILE, "wb") as f:
                 f.truncate(2 * self.n * self.k)
         device = self.source.functions.device
@@ -513,7 +513,7 @@ class _Builder:
         # Blocks split the data's own batches, so their number is known only for an (x, y) pair.
         total = -(-self.n // self.samples.block_size) if self.pair else None
         bar = tqdm(total=total, initial=self.blocks_done, desc="gradient store", disable=not self.progress)
-        index = checkpoint.BlockIndex(lambda i: i >= self.blocks_done)
+        index = journal.BlockIndex(lambda i: i >= self.blocks_done)
         consistent = True
         try:
             for block in self.samples.blocks(select=index.select):
@@ -533,7 +533,7 @@ class _Builder:
                 self.blocks_done, self.samples_done = index.last + 1, block.offset + block.size
                 consistent = True
                 bar.update(1)
-                if time.monotonic() - self._save_end >= checkpoint.SAVE_TIME_RATIO * self._save_cost:
+                if time.monotonic() - self._save_end >= journal.SAVE_TIME_RATIO * self._save_cost:
                     self._save()
         except BaseException:
             if consistent and self.blocks_done:
@@ -556,7 +556,7 @@ class _Builder:
         fisher_sum = self.fisher_sum.detach().to("cpu").contiguous()
         tensors = {"fisher": fisher_sum / self.n} if complete and self.with_fisher else {"fisher_sum": fisher_sum}
         data = safetensors_bytes(tensors, metadata={_RECORD_KEY: json.dumps(record)})
-        checkpoint.atomic_write(self.path / FISHER_FILE, data)
+        journal.atomic_write(self.path / FISHER_FILE, data)
         self._save_end = time.monotonic()
         self._save_cost = self._save_end - start
 
@@ -566,7 +566,7 @@ class _Builder:
 
     def _write_complete_metadata(self) -> None:
         self.metadata["complete"] = True
-        checkpoint.atomic_write(self.path / METADATA_FILE, json.dumps(self.metadata, indent=1).encode())
+        journal.atomic_write(self.path / METADATA_FILE, json.dumps(self.metadata, indent=1).encode())
 
 
 # -- files ---------------------------------------------------------------------------------------------
@@ -622,7 +622,7 @@ def _read_fisher(path: Path) -> tuple[Optional[dict[str, Any]], dict[str, Tensor
 
 def _check_same(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
     """Refuses to go on with a store of another model, other settings or other data."""
-    found = checkpoint.identity_differences(saved, now, where="the store")
+    found = journal.identity_differences(saved, now, where="the store")
     if not found and saved["settings_fingerprint"] != now["settings_fingerprint"]:
         found.append("the settings fingerprint")
     if found:
@@ -657,5 +657,5 @@ def _loss_name(loss: Callable) -> str:
 
 def _data_digest(data: DataSource) -> Optional[str]:
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
-        return checkpoint.digest([("x", data[0]), ("y", data[1])])
+        return journal.digest([("x", data[0]), ("y", data[1])])
     return None

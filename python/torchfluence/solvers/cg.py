@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._fisher import exact_output_grads
+from ..target_sampling import exact_output_grads
 from ..curvature import AutogradHessian
 from ..data import Samples
 from ..distributed import all_reduce_sum, local_blocks

@@ -30,17 +30,17 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._fisher import SampleDraws, TargetSampler, default_sampler, exact_output_grads
+from ..target_sampling import SampleDraws, TargetSampler, default_sampler, exact_output_grads
 from ..capture import Captured, Layer, capture, describe_missing, find_layers, shared_weights
 from ..checks import check_finite, check_mode, check_regularization
 from ..data import SampleBlock, Samples
 from ..distributed import all_reduce_count, all_reduce_sum, is_main_process, local_blocks
-from ..fused import index_pair_sums, index_sum, psg_self_dot
+from ..captured_scores import index_pair_sums, index_sum, psg_self_dot
 from ..gradients import CapturedGradients, PreparedQueries
 from ..influence import InfluenceFunctionModel
 from ..persist import state_tensor
 from ..precision import matmul_precision
-from ..projected import kronecker_layers
+from ..projected_space import kronecker_layers
 from ..sinks import DenseSink
 
 
@@ -146,7 +146,7 @@ class KfacInfluence(InfluenceFunctionModel):
         """Captures of this process's training blocks (all of them without a process group).
 
         The default samplers' targets are addressed by (seed, stage, draw, global sample
-        index) (:class:`~torchfluence._fisher.SampleDraws`): a sample gets the same
+        index) (:class:`~torchfluence.target_sampling.SampleDraws`): a sample gets the same
         targets whatever the block size, the loader's batches or the number of processes.
         """
         exact = self.fisher == "exact"

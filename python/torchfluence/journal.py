@@ -111,7 +111,7 @@ def solver_settings(solver) -> dict[str, Any]:
     }
     projector = getattr(solver, "projector", None)
     if projector is not None:
-        from .projected import describe_projection  # the projection's kind, sizes and seed
+        from .projected_space import describe_projection  # the projection's kind, sizes and seed
 
         try:
             settings["projector"] = describe_projection(projector)

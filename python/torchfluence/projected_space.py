@@ -16,7 +16,7 @@ unprojected empirical Fisher (tests/test_projected.py).
 
 Two kinds of projection:
 
-- any :class:`~torchfluence.projection.Projector` whose ``p`` is the number of
+- any :class:`~torchfluence.projectors.Projector` whose ``p`` is the number of
   selected parameters (dense, sparse JL): :class:`ProjectedGradients` projects
   each block's gradients piece by piece with :meth:`Projector.accumulate`: the
   captured layers in chunks of output rows (an embedding in chunks of its
@@ -25,7 +25,7 @@ Two kinds of projection:
   is never held; without captured layers (``fused=False``) the (b, p) block is
   formed by ``torch.func`` and projected whole.
 - :class:`KroneckerProjection` (LoGra): one
-  :class:`~torchfluence.projection.KroneckerProjector` per captured layer,
+  :class:`~torchfluence.projectors.KroneckerProjector` per captured layer,
   ``P_l = P_out kron P_in``. :class:`KroneckerGradients` projects each layer's
   inputs ``P_in a`` and output gradients ``P_out g`` and contracts them: no
   per-sample gradient of the layer is formed. Layer l then behaves as a layer of
@@ -56,10 +56,10 @@ from torch import Tensor
 from ._functional import ModelFunctions
 from .capture import Captured, Layer, capture, describe_missing, find_layers, shared_weights
 from .curvature import CurvatureOperator
-from .fused import index_sum
+from .captured_scores import index_sum
 from .gradients import CapturedGradients, GradientSource
 from .precision import mm_float32
-from .projection import DenseProjector, KroneckerProjector, Projector, SparseJLProjector
+from .projectors import DenseProjector, KroneckerProjector, Projector, SparseJLProjector
 
 if TYPE_CHECKING:
     from .influence import InfluenceFunctionModel
@@ -78,7 +78,7 @@ class KroneckerProjection:
     """LoGra's projection: ``P_out kron P_in`` per captured layer, (k_out, k_in) numbers each.
 
     A layer of shape (d_out, d_in) (d_in counts a bias column) gets a
-    :class:`~torchfluence.projection.KroneckerProjector` of
+    :class:`~torchfluence.projectors.KroneckerProjector` of
     ``min(k_out, d_out) x min(k_in, d_in)`` numbers (a side no larger than
     asked is projected by a square Gaussian matrix, invertible with probability
     one), seeded by `seed` and the layer's position among the captured layers.
@@ -134,7 +134,7 @@ def layer_seed(seed: int, index: int) -> int:
 
 # -- gradient sources ---------------------------------------------------------------------------------
 class ProjectedGradients(GradientSource):
-    """Per-sample gradients projected by a :class:`~torchfluence.projection.Projector`, (b, k).
+    """Per-sample gradients projected by a :class:`~torchfluence.projectors.Projector`, (b, k).
 
     With captured layers (the default ``fused=True`` source) each block is one
     forward and backward; each layer's per-sample gradients are formed a piece
@@ -226,7 +226,7 @@ class KroneckerGradients(GradientSource):
 
     Attributes:
         layers: the model's captured layers.
-        projectors: one :class:`~torchfluence.projection.KroneckerProjector` per layer.
+        projectors: one :class:`~torchfluence.projectors.KroneckerProjector` per layer.
         projected_layers: the layers of the projected space: dense, shape
             (k_out, k_in), no bias, at their columns of the k-vector (for K-FAC).
     """
