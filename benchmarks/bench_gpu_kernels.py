@@ -21,7 +21,7 @@ Sections (each one runs even when another fails; failures are listed at the end)
   alone, bfloat16 operands with float32 scores and float32 IEEE, and (b) the
   GEMM followed by topk_merge into running lists; TFLOP/s and the ratio (b)/(a),
   with the ratio a merge reading the scores once at the copy's rate would give.
-  The opt-in fused kernel (``_ops.influence_block_update``) at p = 1024 for comparison;
+  The opt-in fused kernel (``ops.influence_block_update``) at p = 1024 for comparison;
 - psg_dot: ``torchfluence.captured_scores.psg_dot`` for a ResNet-9 conv layer and a Linear
   layer, in float32 (IEEE) and bfloat16; effective TFLOP/s counts the per-sample
   gradient formation (2 T d_in d_out n) and the contraction (2 n_query d_in d_out n);
@@ -247,8 +247,7 @@ def torch_topk_step(blocks, k, i):
 
 
 def bench_topk(dev, quick: bool, copy_GBps: float | None) -> dict:
-    from torchfluence import _ops as ops
-    from torchfluence import reference
+    from torchfluence import ops, reference
 
     res = {"exact_checks": check_exact_small(ops, reference, dev), "runs": []}
     shapes = TOPK_SHAPES[:1] if quick else TOPK_SHAPES
@@ -312,8 +311,9 @@ def fused_step(ops, S, G, state, j):
 
 
 def bench_scoring(dev, quick: bool, copy_GBps: float | None) -> dict:
-    from torchfluence import _ops as ops
-    from torchfluence.topk import StreamingTopK, score_chunk_columns
+    from torchfluence import ops
+    from torchfluence.budget import score_chunk_columns
+    from torchfluence.topk import StreamingTopK
 
     res = {"runs": [], "fused": [], "errors": []}
     ps = SCORING_PS[:2] if quick else SCORING_PS
@@ -567,7 +567,7 @@ def main() -> int:
         write(args, report, msg)
         return 0
     import torchfluence
-    from torchfluence import _ops
+    from torchfluence import ops
 
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
@@ -576,7 +576,7 @@ def main() -> int:
                   build_info=torchfluence.build_info())
     print(f"{props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}; "
           f"torchfluence {report['build_info']}", flush=True)
-    has_kernels = _ops.cuda_available_in_build()
+    has_kernels = ops.cuda_available_in_build()
     sections = args.only or ["ceilings", "topk", "scoring", "psg"]
     torch.manual_seed(0)
     t_start = time.perf_counter()

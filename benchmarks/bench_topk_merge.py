@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import environment, median_seconds, print_table  # noqa: E402
-from torchfluence import _ops  # noqa: E402
+from torchfluence import ops  # noqa: E402
 
 SHAPES = [(100, 1024), (256, 4096), (512, 8192)]  # (n_query, b)
 KS = [10, 100]
@@ -55,7 +55,7 @@ def fresh_state(n_query: int, k: int, dtype: torch.dtype, device: torch.device) 
 def run_op(blocks, k):
     state = fresh_state(blocks[0][0].shape[0], k, blocks[0][0].dtype, blocks[0][0].device)
     for scores, offset in blocks:
-        _ops.topk_merge(scores, offset, **state)
+        ops.topk_merge(scores, offset, **state)
     return state
 
 

@@ -1,7 +1,7 @@
 // The compiled module torchfluence._C: raw-pointer kernels and build facts.
 //
 // Argument validation (types, dtypes, shapes, devices, finiteness policy)
-// happens in python/torchfluence/_ops.py before anything here is called. This
+// happens in python/torchfluence/ops/ before anything here is called. This
 // layer repeats every check whose failure would make a kernel write out of
 // bounds: the shape, element type and layout of each array a kernel writes,
 // the sizes it indexes with, and the launch bounds of the CUDA grids.
@@ -12,6 +12,12 @@
 #include <string>
 
 #include "common.h"
+#include "influence_block_args.h"
+#include "linear_head_args.h"
+#include "psg_dot_args.h"
+#include "sjlt_args.h"
+#include "topk_merge_args.h"
+
 #include "cpu/influence_block.h"
 #include "cpu/linear_head.h"
 #include "cpu/psg_dot.h"
@@ -206,7 +212,7 @@ py::dict build_info() {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "torchfluence compiled kernels (raw pointers; use torchfluence._ops)";
+  m.doc() = "torchfluence compiled kernels (raw pointers; use torchfluence.ops)";
 
   py::class_<MatrixRef>(m, "MatrixRef")
       .def(py::init([](std::uintptr_t data, std::int64_t rows, std::int64_t cols, std::int64_t stride_row,

@@ -3,7 +3,8 @@
 // The extension never links libtorch. Python allocates every tensor and
 // passes data pointers, shapes, strides (in elements) and element types, so
 // one build loads under any torch release, and the bindings can verify every
-// array a kernel writes before it writes it.
+// array a kernel writes before it writes it. Each op's argument struct is in
+// csrc/<op>_args.h.
 #pragma once
 
 #include <cstdint>
@@ -20,7 +21,8 @@
 
 namespace torchfluence {
 
-// Element types. Values match `_ops._ELEMENT_CODES` (the first four also `_ops._DTYPE_CODES`).
+// Element types. Values match ELEMENT_CODES in python/torchfluence/ops/_common.py (the first four
+// also DTYPE_CODES, the kernels' input types).
 enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3, Int64 = 4 };
 
 inline bool is_input_dtype(int code) { return code >= 0 && code <= 3; }
@@ -78,7 +80,7 @@ struct Tensor3Ref {
   int dtype = -1;
 };
 
-// Running per-query top-k state, each array contiguous [n_query, k].
+// Running per-query top-k state (influence_block and topk_merge), each array contiguous [n_query, k].
 // Slots not yet filled hold index -1 and sort after every real entry.
 struct TopKRef {
   MatrixRef largest_values;    // [n_query, k] accumulation dtype, sorted best first
@@ -86,58 +88,6 @@ struct TopKRef {
   MatrixRef smallest_values;   // [n_query, k] accumulation dtype
   MatrixRef smallest_indices;  // [n_query, k] int64
   TORCHFLUENCE_HOST_DEVICE std::int64_t k() const { return largest_values.cols; }
-};
-
-// Everything one call of influence_block needs.
-struct InfluenceBlockArgs {
-  DType dtype = DType::Float32;  // of queries and train
-  MatrixRef queries;             // S [n_query, p]
-  MatrixRef train;               // G [b, p]
-  std::int64_t offset = 0;       // global index of G's first row
-  MatrixRef scores;              // optional out [n_query, b], accumulation dtype, any non-overlapping strides
-  TopKRef topk;                  // k >= 1
-  // int64[3]: number of non-finite scores seen, and the query row and global
-  // training index of one of them. Accumulates across calls.
-  VectorRef status;
-};
-
-// One block of precomputed scores merged into a running top-k.
-struct TopKMergeArgs {
-  MatrixRef scores;          // [n_query, b] float32 or float64, any strides
-  std::int64_t offset = 0;   // global index of column 0
-  TopKRef topk;              // values in the dtype of scores, k >= 1
-  // int64[3]: count of non-finite scores seen, query row and global index of the
-  // first one (row-major within a call, the earliest call first). Accumulates.
-  VectorRef status;
-};
-
-// One captured layer for psg_dot: scores[q, j] += sum_t D[j,t]^T Q[q] A[j,t].
-struct PsgDotArgs {
-  DType dtype = DType::Float32;  // of queries, activations and output_grads
-  MatrixRef queries;             // Q [n_query, d_out * d_in], each row a row-major (d_out, d_in) matrix
-  Tensor3Ref activations;        // A [b, T, d_in]
-  Tensor3Ref output_grads;       // D [b, T, d_out]
-  MatrixRef scores;              // out [n_query, b], accumulation dtype, accumulated into (+=)
-};
-
-// Loss of a linear head, for its closed-form curvature. Values match `_ops._HEAD_LOSS_CODES`.
-enum class HeadLoss : int { CrossEntropy = 0, MSE = 1, BCEWithLogits = 2 };
-
-// Hessian-vector products of a linear head's mean loss: out[v] = (1/n_total) sum_i h_i (V[v] x~_i) x~_i^T
-// over the n samples of this call, accumulated into out.
-struct LinearHeadArgs {
-  DType dtype = DType::Float32;  // of every tensor (float32 or float64)
-  HeadLoss loss = HeadLoss::CrossEntropy;
-  MatrixRef features;            // X [n, d]
-  MatrixRef weight;              // W [C, d]
-  VectorRef bias;                // b [C], contiguous, or data == 0 (then V and out have no bias column)
-  Tensor3Ref vectors;            // V [k, C, d1] contiguous, d1 = d + (bias present)
-  Tensor3Ref out;                // [k, C, d1] contiguous, accumulated into
-  std::int64_t n_total = 0;      // the divisor (all samples of the mean, over every call)
-  std::uintptr_t workspace = 0;  // CUDA only: n * C + k * n * C elements of the dtype
-  std::int64_t workspace_bytes = 0;
-  TORCHFLUENCE_HOST_DEVICE std::int64_t k() const { return vectors.n; }
-  TORCHFLUENCE_HOST_DEVICE bool has_bias() const { return bias.data != 0; }
 };
 
 inline void check(bool ok, const std::string& message) {

@@ -286,11 +286,11 @@ def test_sampled_fisher_converges_to_exact_expectation(problem):
 @pytest.mark.parametrize("chunk_elements", [1 << 22, 1])  # one chunk / one sample per chunk
 @pytest.mark.parametrize("T, d_in, d_out", [(64, 5, 3), (2, 40, 30)])  # forms first / rotates first
 def test_ekfac_rotated_squares_equal_either_order(T, d_in, d_out, chunk_elements, monkeypatch):
+    from torchfluence import budget
     from torchfluence.capture import Captured
-    from torchfluence.solvers import kfac
     from torchfluence.solvers.kfac import _rotated_squares
 
-    monkeypatch.setattr(kfac, "_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(budget, "TEMPORARY_ELEMENTS", chunk_elements)
 
     g = torch.randn(2, 7, T, d_out, dtype=torch.float64)
     a = torch.randn(7, T, d_in, dtype=torch.float64)
@@ -320,7 +320,7 @@ def test_ekfac_on_conv1d_equals_the_same_net_as_conv2d():
 
 def test_kfac_solve_in_row_chunks_equals_one_chunk(monkeypatch):
     """Chunking the rows of a K-FAC solve only splits independent rows: same float64 values."""
-    from torchfluence.solvers import kfac
+    from torchfluence import budget
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
@@ -328,7 +328,7 @@ def test_kfac_solve_in_row_chunks_equals_one_chunk(monkeypatch):
     im = tfl.EkfacInfluence(model, F.cross_entropy, 0.1, dtype=torch.float64).fit((x, y))
     v = torch.randn(7, im.num_params, dtype=torch.float64)
     whole = im.solve(v)
-    monkeypatch.setattr(kfac, "_CHUNK_ELEMENTS", 1)  # one row per chunk
+    monkeypatch.setattr(budget, "TEMPORARY_ELEMENTS", 1)  # one row per chunk
     torch.testing.assert_close(im.solve(v), whole, rtol=1e-13, atol=1e-15)
 
 
@@ -337,10 +337,9 @@ def test_kfac_solve_in_row_chunks_equals_one_chunk(monkeypatch):
 def test_query_factors_from_captures_equal_the_dense_solve(solver, chunk_elements, monkeypatch):
     """Test factors rotated from each query's capture (positions rotated first where that is
     cheaper) equal (F + lambda I)^-1 applied to the dense per-sample gradients."""
-    from torchfluence.influence import InfluenceFunctionModel
-    from torchfluence.solvers import kfac
+    from torchfluence import budget
 
-    monkeypatch.setattr(kfac, "_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(budget, "TEMPORARY_ELEMENTS", chunk_elements)
     torch.manual_seed(0)
     # A conv at 8 x 8 positions forms each gradient first (T = 64 >> d_in = 10); the conv
     # at 2 x 2 and the Linear (T = 1) rotate their positions first.
@@ -351,7 +350,10 @@ def test_query_factors_from_captures_equal_the_dense_solve(solver, chunk_element
     im = solver(model, F.cross_entropy, 0.1, dtype=torch.float64, block_size=4).fit((x, y))
     assert im._queries_from_captures()
     got = im._prepared_factors(xt, yt).parts
-    expected = InfluenceFunctionModel._prepared_factors(im, xt, yt).parts  # dense gradients, then solve
+    monkeypatch.setattr(im, "_queries_from_captures", lambda: False)  # dense gradients, then solve
+    expected = im._prepared_factors(xt, yt).parts
+    monkeypatch.undo()
+    monkeypatch.setattr(budget, "TEMPORARY_ELEMENTS", chunk_elements)
     assert len(got) == len(expected) == 3
     for g, e in zip(got, expected):
         # float64 products of orthogonal rotations in another order: rounding only.

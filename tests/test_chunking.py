@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchfluence as tfl
+from torchfluence import budget as budgets
 from torchfluence import chunking
 
 
@@ -41,7 +42,7 @@ def test_chunked_hessian_products_equal_the_float64_hessian(monkeypatch, budget)
     im = tfl.DirectInfluence(model, F.cross_entropy, 0.1, dtype=torch.float64)
     theta = im.functions.theta.clone()
     exact = torch.func.hessian(lambda t: im.functions.batch_loss(t, x, y))(theta)
-    monkeypatch.setattr(chunking, "CPU_BUDGET", budget)
+    monkeypatch.setattr(budgets, "VMAP_CPU_ELEMENTS", budget)
     chunks = chunking.plan(im.num_params, 37, im.functions._footprint(x), im.num_params, torch.device("cpu"))
     if budget == 1 << 8:
         assert chunks.samples == 1 and chunks.vectors == 1

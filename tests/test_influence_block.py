@@ -123,7 +123,7 @@ def test_column_chunks_give_the_same_topk_and_scores(device, columns, monkeypatc
 
 
 def test_chunk_columns_fill_half_the_l2_in_whole_tiles():
-    from torchfluence.topk import chunk_columns
+    from torchfluence.budget import chunk_columns
 
     assert chunk_columns(2048, 50 * 2**20) == 3072  # 25 MiB of float32 scores: 3,200 columns, rounded down
     assert chunk_columns(10**6, 50 * 2**20) == 256  # never below one aligned chunk
@@ -238,9 +238,9 @@ def test_bad_state_arguments():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_topk_limit_follows_dtype_and_device(device, dtype):
-    from torchfluence import _C, _ops
+    from torchfluence import _C, ops
 
-    limit = _ops.max_fused_topk(torch.device(device), dtype)
+    limit = ops.max_fused_topk(torch.device(device), dtype)
     if device == "cpu":
         assert limit is None
         return

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from torchfluence import _ops
+from torchfluence import ops
 from torchfluence._native import _C
 
 from .conftest import DEVICES
@@ -64,7 +64,7 @@ def _state(n_query, k, dtype, device):
 def _merge(blocks, k, dtype, device):
     state = _state(blocks[0][0].shape[0], k, dtype, device)
     for scores, offset in blocks:
-        _ops.topk_merge(scores, offset, **state)
+        ops.topk_merge(scores, offset, **state)
     return state
 
 
@@ -163,9 +163,9 @@ def test_topk_merge_counts_nonfinite_and_never_ranks_them(device, dtype):
     second[0, 4] = torch.nan
     blocks = [(first.to(device), 100), (second.to(device), 140)]
     state = _state(3, 50, dtype, device)  # k above the finite count: nothing non-finite may fill a slot
-    _ops.topk_merge(*blocks[0], **state)
+    ops.topk_merge(*blocks[0], **state)
     assert state["status"].tolist() == [3, 1, 107]
-    _ops.topk_merge(*blocks[1], **state)
+    ops.topk_merge(*blocks[1], **state)
     assert state["status"].tolist() == [4, 1, 107]  # the count accumulates, the first stays
     _assert_matches_oracle(state, blocks, 50)
     for name in ("largest_values", "smallest_values"):
@@ -176,19 +176,19 @@ def test_topk_merge_counts_nonfinite_and_never_ranks_them(device, dtype):
         match=r"influence scores: 4 value\(s\) are NaN or inf \(first at query row 1, "
         r"sample 107\)",
     ):
-        _ops.raise_if_nonfinite(state["status"])
-    _ops.raise_if_nonfinite(_state(1, 1, dtype, device)["status"])  # a clean status passes
+        ops.raise_if_nonfinite(state["status"])
+    ops.raise_if_nonfinite(_state(1, 1, dtype, device)["status"])  # a clean status passes
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_topk_merge_empty_blocks_are_noops(device):
     state = _state(4, 3, torch.float32, device)
     before = {name: t.clone() for name, t in state.items()}
-    _ops.topk_merge(torch.empty(4, 0, device=device), 5, **state)
+    ops.topk_merge(torch.empty(4, 0, device=device), 5, **state)
     for name, t in state.items():
         assert torch.equal(t, before[name]), name
     empty = _state(0, 3, torch.float32, device)
-    _ops.topk_merge(torch.empty(0, 9, device=device), 0, **empty)
+    ops.topk_merge(torch.empty(0, 9, device=device), 0, **empty)
 
 
 @pytest.mark.parametrize("dtype", SCORE_DTYPES)
@@ -200,8 +200,8 @@ def test_fused_update_matches_topk_merge(dtype):
     G[17, 2] = torch.nan
     fused, merged = _state(7, 6, dtype, "cpu"), _state(7, 6, dtype, "cpu")
     scores = torch.empty(7, 300, dtype=dtype)
-    _ops.influence_block_update(S, G, 2**40, **fused, scores=scores)
-    _ops.topk_merge(S @ G.T, 2**40, **merged)
+    ops.influence_block_update(S, G, 2**40, **fused, scores=scores)
+    ops.topk_merge(S @ G.T, 2**40, **merged)
     assert torch.equal(scores.nan_to_num(), (S @ G.T).nan_to_num())
     for name in merged:
         assert torch.equal(fused[name], merged[name]), name
@@ -270,16 +270,16 @@ def test_topk_merge_under_torch_compile():
     scores = torch.randn(4, 30)
     compiled, eager = _state(4, 5, torch.float32, "cpu"), _state(4, 5, torch.float32, "cpu")
     merge_doubled(scores, 7, *compiled.values())
-    _ops.topk_merge(scores * 2, 7, *eager.values())
+    ops.topk_merge(scores * 2, 7, *eager.values())
     for name in eager:
         assert torch.equal(compiled[name], eager[name]), name
 
 
 def test_scores_only_is_no_longer_an_op():
     # Scores alone are a plain matmul by the caller; the fused op always selects (k >= 1).
-    assert not hasattr(_ops, "influence_scores") and not hasattr(_ops, "fill_scores")
+    assert not hasattr(ops, "influence_scores") and not hasattr(ops, "fill_scores")
     with pytest.raises(ValueError, match="k >= 1"):
-        _ops.influence_block_update(
+        ops.influence_block_update(
             torch.randn(3, 4),
             torch.randn(5, 4),
             0,
@@ -821,7 +821,9 @@ def _c_layer_cases():
     """The same kind of bad state handed straight to `_C` (past the Python checks): C++ must refuse it too."""
     f64, f32, i64 = torch.float64, torch.float32, torch.int64
     inf = float("inf")
-    M, V, T3 = _ops._matrix, _ops._vector, _ops._tensor3
+    from torchfluence.ops._common import matrix_ref as M
+    from torchfluence.ops._common import tensor3_ref as T3
+    from torchfluence.ops._common import vector_ref as V
 
     def topk(g, **override):
         s = dict(
@@ -949,11 +951,11 @@ def _run_bad_argument_table() -> None:
         g = _Guards()
         args = dict(_table_cases_valid(g))[op]
         report(start=f"valid {op}")
-        getattr(_ops, op)(*args)
+        getattr(ops, op)(*args)
         report(case=f"valid {op}", raised=None, message="", untouched=g.pads_untouched())
 
     calls = [
-        (name, lambda args, op=op: getattr(_ops, op)(*args), build, words)
+        (name, lambda args, op=op: getattr(ops, op)(*args), build, words)
         for name, op, build, words in _table_cases()
     ]
     calls += [(name, lambda _args: None, build, words) for name, build, words in _c_layer_cases()]

@@ -88,7 +88,7 @@ def test_round_trip_gives_the_same_influences_bitwise(fitted, data, tmp_path, na
     # The base class takes whichever solver class the file holds.
     again = InfluenceFunctionModel.load(path, fresh_copy(model), LOSS, train_data=train)
     assert type(again) is cls
-    saved, restored = im._fitted_state()[0], again._fitted_state()[0]
+    saved, restored = im.fitted_state()[0], again.fitted_state()[0]
     assert saved.keys() == restored.keys()
     for key, value in saved.items():
         assert torch.equal(restored[key], value) and restored[key].stride() == value.stride(), key
@@ -448,7 +448,7 @@ def test_pydvl_classes_round_trip(data, tmp_path, index):
     expected = im.influences(xt, yt, x, y)
     path = im.save(tmp_path / "s.safetensors")
     cls = type(im)
-    train = loader if persist.needs_train_data(cls) else None
+    train = loader if cls.traits.solve_reads_train_data else None
     loaded = cls.load(path, fresh_copy(model), LOSS, train_data=train)
     assert type(loaded) is cls
     assert getattr(loaded, "block_names", None) == getattr(im, "block_names", None)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchfluence import reference as R
 from torchfluence._functional import ModelFunctions
-from torchfluence._ops import sjlt_accumulate
+from torchfluence.ops import sjlt_accumulate
 from torchfluence.capture import capture, find_layers
 from torchfluence.projectors import DenseProjector, KroneckerProjector, Projector, SparseJLProjector
 
@@ -113,7 +113,7 @@ def test_sjlt_is_deterministic(device):
 def test_sjlt_bits_do_not_depend_on_the_number_of_threads():
     script = textwrap.dedent("""
         import hashlib, torch
-        from torchfluence._ops import sjlt_accumulate
+        from torchfluence.ops import sjlt_accumulate
         G = torch.randn(70, 30000, generator=torch.Generator().manual_seed(0))
         out = torch.zeros(70, 512)
         sjlt_accumulate(G, out, 4, 21)

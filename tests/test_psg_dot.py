@@ -47,7 +47,7 @@ def test_full_queries_match_reference(device, shape):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_kernel_matches_reference_for_every_T(device, shape):
     """The compiled kernel itself (psg_dot sends T > 1 to batched matmuls, but the kernel handles any T)."""
-    from torchfluence._ops import accumulation_dtype, psg_dot_accumulate
+    from torchfluence.ops import accumulation_dtype, psg_dot_accumulate
 
     n_query, n, T, d_in, d_out = shape
     for dtype in dtypes_for(device):

@@ -87,7 +87,7 @@ def loader(x, y, batch_size=24):
 def count_scores(im, on_call=None) -> list[int]:
     """Wraps the solver's scoring to record each call's block size (and run `on_call(number)` first)."""
     calls: list[int] = []
-    score = type(im.source).scores.__get__(im.source)  # the method itself, not an earlier wrapper
+    score = type(im.source).score_block.__get__(im.source)  # the method itself, not an earlier wrapper
 
     def counted(factors, x, y):
         if on_call is not None:
@@ -95,7 +95,7 @@ def count_scores(im, on_call=None) -> list[int]:
         calls.append(x.shape[0])
         return score(factors, x, y)
 
-    im.source.scores = counted
+    im.source.score_block = counted
     return calls
 
 
@@ -151,7 +151,7 @@ def partial_job(path: Path, blocks: int):
     count_scores(im, interrupt_at(blocks))
     with pytest.raises(KeyboardInterrupt):
         im.influences(xt, yt, x, y, out=path)
-    del im.source.scores
+    del im.source.score_block
     return json.loads(ckpt.sidecar_path(path).read_text())
 
 
@@ -249,19 +249,19 @@ def test_nonfinite_block_is_not_recorded(tmp_path, save_every_block):
     model, x, y, xt, yt = problem()
     im = solver(model, x, y)
     expected = im.influences(xt, yt, x, y)
-    score, scored = type(im.source).scores.__get__(im.source), []
+    score, scored = type(im.source).score_block.__get__(im.source), []
 
     def nan_in_block_3(factors, xb, yb):
         scored.append(xb.shape[0])
         values = score(factors, xb, yb)
         return values * float("nan") if len(scored) == 4 else values
 
-    im.source.scores = nan_in_block_3
+    im.source.score_block = nan_in_block_3
     path = tmp_path / "s.npy"
     with pytest.raises(ValueError, match="NaN or inf"):
         im.influences(xt, yt, x, y, out=path)
     assert json.loads(ckpt.sidecar_path(path).read_text())["blocks"] == [[0, 3, 0, 48]]
-    del im.source.scores
+    del im.source.score_block
     calls = count_scores(im)
     assert torch.equal(im.influences(xt, yt, x, y, out=path), expected) and len(calls) == N_BLOCKS - 3
 
@@ -319,7 +319,7 @@ def test_refuses_other_batches(tmp_path, save_every_block):
     count_scores(im, interrupt_at(3))
     with pytest.raises(KeyboardInterrupt):
         im.top_k(xt, yt, loader(x, y, 24), k=K, checkpoint=path)
-    del im.source.scores
+    del im.source.score_block
     with pytest.raises(ValueError, match="same batches"):
         solver(model, x, y).top_k(xt, yt, loader(x, y, 20), k=K, checkpoint=path)
 
@@ -386,7 +386,7 @@ def test_corrupt_topk_checkpoint(tmp_path):
 def oom_above(im, limit: int) -> list[int]:
     """Makes scoring raise CUDA's out-of-memory error for blocks of more than `limit` samples."""
     calls: list[int] = []
-    score = type(im.source).scores.__get__(im.source)  # the method itself, not an earlier wrapper
+    score = type(im.source).score_block.__get__(im.source)  # the method itself, not an earlier wrapper
 
     def limited(factors, x, y):
         calls.append(x.shape[0])
@@ -394,7 +394,7 @@ def oom_above(im, limit: int) -> list[int]:
             raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (test: more than {limit} samples)")
         return score(factors, x, y)
 
-    im.source.scores = limited
+    im.source.score_block = limited
     return calls
 
 
@@ -437,14 +437,14 @@ def test_oom_resumed_job_keeps_the_reduced_size(tmp_path, save_every_block):
     path = tmp_path / "s.npy"
     im = solver(model, x, y)
     calls = oom_above(im, 5)
-    score = im.source.scores
+    score = im.source.score_block
 
     def stop_after_three_blocks(factors, xb, yb):
         if sum(c for c in calls if c <= 5) >= 3 * BLOCK:
             raise KeyboardInterrupt
         return score(factors, xb, yb)
 
-    im.source.scores = stop_after_three_blocks
+    im.source.score_block = stop_after_three_blocks
     with pytest.warns(RuntimeWarning), pytest.raises(KeyboardInterrupt):
         im.influences(xt, yt, x, y, out=path)
     resumed = solver(model, x, y)

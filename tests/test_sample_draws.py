@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchfluence as tfl
-from torchfluence.target_sampling import SampleDraws, default_sampler
+from torchfluence.counter_random import SampleDraws
+from torchfluence.target_sampling import default_sampler
 
 MASK = (1 << 64) - 1
 

@@ -15,8 +15,8 @@
 #include <cstring>
 #include <vector>
 
-#include "../common.h"
 #include "gemm_tile.h"
+#include "influence_block.h"
 #include "topk_merge.h"
 
 namespace torchfluence::cpu {

@@ -1,7 +1,7 @@
 // Host entry points of the CPU kernels.
 #pragma once
 
-#include "../common.h"
+#include "../influence_block_args.h"
 
 namespace torchfluence::cpu {
 

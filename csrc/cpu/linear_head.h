@@ -1,7 +1,7 @@
 // Host entry point of the CPU closed-form linear-head HVP.
 #pragma once
 
-#include "../common.h"
+#include "../linear_head_args.h"
 
 namespace torchfluence::cpu {
 

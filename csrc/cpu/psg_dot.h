@@ -1,7 +1,7 @@
 // Host entry point of the CPU per-sample-gradient dot product.
 #pragma once
 
-#include "../common.h"
+#include "../psg_dot_args.h"
 
 namespace torchfluence::cpu {
 

@@ -20,6 +20,8 @@
 #include <cstring>
 #include <vector>
 
+#include "../sjlt.h"
+
 namespace torchfluence::cpu {
 namespace {
 

@@ -1,7 +1,7 @@
 // Host entry point of the CPU sparse Johnson-Lindenstrauss projection.
 #pragma once
 
-#include "../sjlt.h"
+#include "../sjlt_args.h"
 
 namespace torchfluence::cpu {
 

@@ -6,7 +6,6 @@
 // first blocks of a stream almost every score is rejected by that compare.
 #include <omp.h>
 
-#include "../common.h"
 #include "topk_merge.h"
 
 namespace torchfluence::cpu {

@@ -11,7 +11,7 @@
 #include <limits>
 #include <vector>
 
-#include "../common.h"
+#include "../topk_merge_args.h"
 
 namespace torchfluence::cpu {
 

@@ -16,7 +16,6 @@
 #include <algorithm>
 #include <string>
 
-#include "../common.h"
 #include "influence_block_cuda.h"
 
 namespace torchfluence::cuda {

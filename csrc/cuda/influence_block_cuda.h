@@ -4,7 +4,7 @@
 #include <cstdint>
 #include <string>
 
-#include "../common.h"
+#include "../influence_block_args.h"
 
 namespace torchfluence::cuda {
 

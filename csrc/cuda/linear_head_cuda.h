@@ -3,7 +3,7 @@
 
 #include <cstdint>
 
-#include "../common.h"
+#include "../linear_head_args.h"
 
 namespace torchfluence::cuda {
 

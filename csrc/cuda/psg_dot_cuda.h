@@ -3,7 +3,7 @@
 
 #include <cstdint>
 
-#include "../common.h"
+#include "../psg_dot_args.h"
 
 namespace torchfluence::cuda {
 

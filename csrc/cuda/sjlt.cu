@@ -25,6 +25,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "../sjlt.h"
 #include "sjlt_cuda.h"
 
 namespace torchfluence::cuda {

@@ -3,7 +3,7 @@
 
 #include <cstdint>
 
-#include "../sjlt.h"
+#include "../sjlt_args.h"
 
 namespace torchfluence::cuda {
 

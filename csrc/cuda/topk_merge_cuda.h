@@ -3,7 +3,7 @@
 
 #include <cstdint>
 
-#include "../common.h"
+#include "../topk_merge_args.h"
 
 namespace torchfluence::cuda {
 

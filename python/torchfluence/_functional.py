@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
-from . import chunking
+from .chunking import footprint, plan
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 OutputTransform = Callable[[Any], Tensor]
@@ -254,7 +254,7 @@ class ModelFunctions:
         """
         x, y = self.cast_input(x), y.to(self.device)
         b = x.shape[0]
-        chunks = chunking.plan(num_vectors, b, self._footprint(x), self.num_params, self.device)
+        chunks = plan(num_vectors, b, self._footprint(x), self.num_params, self.device)
         gradient = grad(self.batch_loss)
         parts = []
         for start in range(0, b, chunks.samples):
@@ -289,7 +289,7 @@ class ModelFunctions:
         """Elements of one sample's intermediate values for inputs shaped like `x` (cached per shape)."""
         key = (tuple(x.shape[1:]), x.dtype)
         if key not in self._footprints:
-            self._footprints[key] = chunking.footprint(self.model, lambda x1: self.outputs(self.theta, x1), x)
+            self._footprints[key] = footprint(self.model, lambda x1: self.outputs(self.theta, x1), x)
         return self._footprints[key]
 
     def ggn_vp(self, vectors: Tensor, x: Tensor, y: Tensor) -> Tensor:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
+
 try:
-    from . import _C  # noqa: F401
+    # By its full name: the extension is a sibling module, not something the package's
+    # __init__ (which imports this module) provides.
+    _C = importlib.import_module(f"{__package__}._C")
 except ImportError as error:  # pragma: no cover - exercised only on broken installs
     raise ImportError(
         "torchfluence's compiled module torchfluence._C could not be loaded "

@@ -17,32 +17,12 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from ._ops import _CPU_DTYPES, _DTYPE_CODES, accumulation_dtype, cuda_available_in_build, psg_dot_accumulate
+from .budget import gradient_block_samples, low_rank_block_samples
+from .ops import accumulation_dtype, cuda_available_in_build, psg_dot_accumulate
+from .ops import psg_dot as psg_dot_kernel
 from .precision import SCORE_DTYPES, mm_float32
 
 Queries = Union[Tensor, tuple[Tensor, Tensor]]
-
-# Elements of the per-block intermediates (low-rank projections, per-sample gradient
-# blocks) held at once on the CPU: 64 MiB in float32, whatever n is (cache-friendly).
-_BLOCK_ELEMENTS = 1 << 24
-# On a GPU the block of per-sample gradients is the right-hand side of one GEMM with
-# the queries; it must hold hundreds of samples for the GEMM to run at tensor-core rate
-# and to read the queries once per block instead of once per few samples. It takes
-# 1/32 of the device's memory (2.5 GB on an 80 GB card). The budget depends on the
-# device model only, never on free memory, so a run's blocks (and bits) do not
-# depend on what else is allocated.
-_GPU_MEMORY_FRACTION = 32
-
-
-def gradient_block_samples(d_in: int, d_out: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Samples per block of (b, d_out, d_in) per-sample gradients (at least 1)."""
-    if device.type == "cuda":
-        budget = torch.cuda.get_device_properties(device).total_memory // _GPU_MEMORY_FRACTION
-        elements = budget // torch.empty((), dtype=dtype).element_size()
-    else:
-        elements = _BLOCK_ELEMENTS
-    return max(1, elements // (d_in * d_out))
-
 
 def psg_dot(queries: Queries, activations: Tensor, output_grads: Tensor, *, out: Optional[Tensor] = None) -> Tensor:
     """``scores[q, j] = <Q[q], sum_t D[j, t] A[j, t]^T>`` for one captured layer.
@@ -112,12 +92,13 @@ def score_layer(Q: Tensor, A: Tensor, D: Tensor, out: Tensor) -> Tensor:
         out: (n_query, n) float32 (float64 for float64 queries).
     """
     T = A.shape[1]
-    if T == 1 and Q.device.type == "cpu" and Q.dtype in _CPU_DTYPES and A.dtype == D.dtype == Q.dtype:
+    on_cpu_kernel = Q.device.type == "cpu" and psg_dot_kernel.supports(Q.dtype, Q.device)
+    if T == 1 and on_cpu_kernel and A.dtype == D.dtype == Q.dtype:
         # The compiled kernel forms each gradient only as a cache-sized panel; it reads any strides.
         psg_dot_accumulate(Q, A, D, out)
         return out
     # Elsewhere the per-sample gradients of a block go through cuBLAS / MKL: the CUDA
-    # kernel (``_ops.psg_dot_accumulate``, tested against the same reference) is an FMA
+    # kernel (``ops.psg_dot_accumulate``, tested against the same reference) is an FMA
     # tile kernel, slower than the tensor-core GEMMs of this route.
     return _gradient_blocks(Q, A, D, out)
 
@@ -158,7 +139,7 @@ def _index_low_rank(queries: tuple[Tensor, Tensor], ids: Tensor, D: Tensor, out:
     n, T = ids.shape
     U_flat = U.permute(1, 0, 2).reshape(U.shape[1], n_query * rank).to(out.dtype)  # (d_out, n_query * r)
     V_rows = V.permute(1, 0, 2).reshape(V.shape[1], n_query * rank).to(out.dtype)  # (d_in, n_query * r)
-    block = max(1, _BLOCK_ELEMENTS // max(1, T * n_query * rank))
+    block = low_rank_block_samples(T * n_query * rank)
     for start in range(0, n, block):
         i, d = ids[start:start + block], D[start:start + block].to(out.dtype)
         b = i.shape[0]
@@ -244,7 +225,7 @@ def _low_rank(queries: tuple[Tensor, Tensor], A: Tensor, D: Tensor, out: Tensor)
     U, V = queries
     n_query, rank = U.shape[0], U.shape[2]
     n, T = A.shape[0], A.shape[1]
-    block = max(1, _BLOCK_ELEMENTS // max(1, T * n_query * rank))
+    block = low_rank_block_samples(T * n_query * rank)
     U_flat = U.permute(1, 0, 2).reshape(U.shape[1], n_query * rank).to(out.dtype)  # (d_out, n_query * r)
     V_flat = V.permute(1, 0, 2).reshape(V.shape[1], n_query * rank).to(out.dtype)  # (d_in, n_query * r)
     for start in range(0, n, block):
@@ -260,10 +241,7 @@ def _check(queries: Queries, A: Tensor, D: Tensor) -> tuple[int, int, int]:
     tensors = _three_d_tensors(queries, activations=A, output_grads=D)
     first = next(iter(tensors.values()))
     for name, t in tensors.items():
-        allowed = _CPU_DTYPES if t.device.type == "cpu" else tuple(_DTYPE_CODES)
-        if t.dtype not in allowed:
-            raise TypeError(f"psg_dot: {name} must have dtype in {[str(d) for d in allowed]} on {t.device.type}, "
-                            f"got {t.dtype}")
+        psg_dot_kernel.check_dtype("psg_dot", name, t)
         if t.dtype != first.dtype or t.device != first.device:
             raise ValueError(f"psg_dot: all inputs must share dtype and device; activations is {A.dtype} on "
                              f"{A.device}, {name} is {t.dtype} on {t.device}")
@@ -311,10 +289,7 @@ def _check_indices(queries: Queries, ids: Tensor, D: Tensor) -> tuple[int, int, 
         raise ValueError(f"psg_dot: integer activations must be (n, T) indices, got shape {tuple(ids.shape)}")
     tensors = _three_d_tensors(queries, output_grads=D)
     for name, t in tensors.items():
-        allowed = _CPU_DTYPES if t.device.type == "cpu" else tuple(_DTYPE_CODES)
-        if t.dtype not in allowed:
-            raise TypeError(f"psg_dot: {name} must have dtype in {[str(d) for d in allowed]} on {t.device.type}, "
-                            f"got {t.dtype}")
+        psg_dot_kernel.check_dtype("psg_dot", name, t)
         if t.dtype != D.dtype or t.device != ids.device:
             raise ValueError(f"psg_dot: queries and output_grads must share dtype, and all inputs the device; "
                              f"output_grads is {D.dtype}, activations on {ids.device}, {name} is {t.dtype} on "

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-# Elements (vectors x samples x per-sample footprint) of one vmapped product on a CPU:
-# 2^23 float32 values are 32 MiB, about a server CPU's L2 + L3 share per process.
-CPU_BUDGET = 1 << 23
+from .budget import vmap_call_elements
+
 # Fewest vectors per call before the samples are split instead: below this the
 # per-call overhead of the double backward (tens of ms) is no longer amortised.
 MIN_VECTORS = 64
@@ -44,9 +43,9 @@ def plan(num_vectors: int, num_samples: int, per_sample: int, num_params: int, d
         per_sample: elements of one sample's intermediate values (see :func:`footprint`).
         num_params: p; each vector adds a few p-sized tensors to a call.
         device: a CUDA device takes everything in one call.
-        budget: elements per call on a CPU; None: :data:`CPU_BUDGET`.
+        budget: elements per call on a CPU; None: :func:`torchfluence.budget.vmap_call_elements`.
     """
-    budget = CPU_BUDGET if budget is None else budget
+    budget = vmap_call_elements(device) if budget is None else budget
     k, b = max(num_vectors, 1), max(num_samples, 1)
     if device.type != "cpu":
         return Chunks(b, k)

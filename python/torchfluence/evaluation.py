@@ -23,10 +23,8 @@ the wrong sign one near -1.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Literal, Optional, Union
@@ -36,6 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .checks import check_choice
+from .durable import atomic_write, digest
 
 OutputKind = Literal["loss", "margin"]
 
@@ -255,7 +254,7 @@ def retrain_subsets(train_fn: Callable[[Tensor], Tensor], n_train: int, *, m: in
 
     subsets = _draw_subsets(n_train, m=m, k=k, seed=seed)
     settings = {"format": _FORMAT, "n_train": str(n_train), "m": str(m), "fraction": repr(fraction),
-                "seed": str(seed), "k": str(k), "subsets_sha256": _digest(subsets)}
+                "seed": str(seed), "k": str(k), "subsets_sha256": digest([("subsets", subsets)])}
     path = None if checkpoint is None else _check_path(checkpoint)
     outputs: Optional[Tensor] = None
     done = torch.zeros(m, dtype=torch.bool)
@@ -330,24 +329,10 @@ def _check_row(result, row: int, n_test: Optional[int]) -> Tensor:
     return result
 
 
-def _digest(subsets: Tensor) -> str:
-    return hashlib.sha256(subsets.numpy().tobytes()).hexdigest()
-
-
 def _save_checkpoint(path: Path, outputs: Tensor, done: Tensor, settings: dict[str, str]) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file({"outputs": outputs, "done": done}, tmp, metadata=settings)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())  # the data is on disk before the rename makes it the checkpoint
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, save({"outputs": outputs, "done": done}, metadata=settings))
 
 
 def _load_checkpoint(path: Path, settings: dict[str, str]) -> tuple[Tensor, Tensor]:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ._functional import ModelFunctions
-from ._ops import accumulation_dtype
+from .ops import accumulation_dtype
 from .capture import Layer, capture, find_layers
 from .captured_scores import psg_dot, score_gradients, score_index_layer, score_layer
 from .precision import mm_float32
@@ -99,7 +99,7 @@ class GradientSource(ABC):
         self.write_queries(prepared, queries, 0)
         return prepared
 
-    def scores(self, queries: Queries, x: Tensor, y: Tensor) -> Tensor:
+    def score_block(self, queries: Queries, x: Tensor, y: Tensor) -> Tensor:
         """``queries @ grads(x, y).T``, (n_query, b), in the accumulation dtype (float32 for 16-bit operands).
 
         Args:
@@ -108,7 +108,7 @@ class GradientSource(ABC):
         q = queries if isinstance(queries, Tensor) else queries.parts[0]
         return mm_float32(q, self.grads(x, y).to(q.dtype).T)
 
-    def scores_by_layer(self, queries: Tensor, x: Tensor, y: Tensor) -> Optional[dict[str, Tensor]]:
+    def score_block_by_layer(self, queries: Tensor, x: Tensor, y: Tensor) -> Optional[dict[str, Tensor]]:
         """{layer name: (n_query, b)} scores of each captured layer, or None when there are no layers."""
         return None
 
@@ -166,7 +166,7 @@ class CapturedGradients(GradientSource):
         parts = [layer.query_rows(queries) for layer in self.layers]
         return parts + ([queries[:, self.rest_index]] if self.rest is not None else [])
 
-    def scores(self, queries: Queries, x: Tensor, y: Tensor) -> Tensor:
+    def score_block(self, queries: Queries, x: Tensor, y: Tensor) -> Tensor:
         prepared = self.prepare(queries)
         captured = capture(self.functions, self.layers, x, y)
         out = torch.zeros(prepared.count, x.shape[0], dtype=accumulation_dtype(prepared.dtype),
@@ -183,7 +183,7 @@ class CapturedGradients(GradientSource):
             out += mm_float32(rest, self.rest.per_sample_grads(x, y).to(rest.dtype).T)
         return out
 
-    def scores_by_layer(self, queries: Tensor, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    def score_block_by_layer(self, queries: Tensor, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         if self.rest is not None:
             raise ValueError("per-layer scores need every selected parameter in a captured layer")
         captured = capture(self.functions, self.layers, x, y)

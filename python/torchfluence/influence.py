@@ -15,44 +15,43 @@ The engine is four parts, each chosen once at construction:
     data (:mod:`.data`)  ->  gradient source (:mod:`.gradients`)
         ->  curvature operator (:mod:`.curvature`) inside the solver  ->  sinks (:mod:`.sinks`)
 
-:meth:`InfluenceFunctionModel._stream` is the one loop that scores blocks of
-samples and hands them to the sinks.
+Every scoring job runs through :func:`torchfluence.scoring.run_blocks`, the one
+loop that scores blocks of samples and hands them to the sinks. What a solver
+class declares about itself (its options, traits and fitted state) is the
+contract of :mod:`torchfluence.contract`.
 """
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Literal, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset
 from torch.utils.data._utils.collate import default_collate
-from tqdm.auto import tqdm
 
 from ._functional import LossFn, ModelFunctions, resolve_dtype
-from .journal import BlockIndex, JobSpec, Journal, ScoreFile, TopKCheckpoint
-from .checks import (FiniteChecks, check_finite, check_mode, check_positive_int,
-                     check_regularization)
+from .backbone import BackboneFeatures, HeadSpec, split_trainable_tail
+from .checks import check_finite, check_mode, check_positive_int, check_regularization
+from .contract import COMMON_FIT_OPTIONS, SolverOptions, SolverTraits, plain
 from .curvature import CurvatureOperator, curvature_operator
 from .data import DataSource, SampleBlock, Samples
-from .distributed import all_reduce_sum, block_selector, is_distributed, local_blocks, world
-from .fingerprint import model_fingerprint
+from .distributed import all_reduce_sum, local_blocks
+from .durable import model_fingerprint
 from .gradients import GradientSource, PreparedQueries, gradient_source
-from .backbone import BackboneFeatures, HeadSpec, split_trainable_tail
-from . import persist
+from .journal import JobSpec, ScoreFile, TopKCheckpoint
 from .linear_head import loss_kind
-from .oom import SplitOnOOM
+from .persist import MissingTrainData, load_solver, save_solver
 from .precision import check_score_dtype, matmul_precision
-from .projected_space import Projection, projected_engine, resolve_second_order
-from .sinks import DenseSink, MemmapSink, ScoreSink, SharedMemmapSink, TopKSink
+from .projected_space import Projection, describe_projection, projected_engine, resolve_second_order
+from .scoring import Output, Runtime, finished, result_sink, run_blocks, score_into
+from .sinks import DenseSink, TopKSink
 
 SecondOrder = Literal["hessian", "gauss_newton"]
 Mode = Literal["up", "perturbation"]
-Output = Union[None, str, Path]
 
 
 @dataclass
@@ -62,6 +61,8 @@ class TopKInfluences:
     Attributes:
         helpful_indices, helpful_values: (n_test, k), largest influence first.
         harmful_indices, harmful_values: (n_test, k), most negative first.
+        scores: the (n_test, n_train) matrix the ranking was made from, when
+            :meth:`InfluenceFunctionModel.top_k` was asked for it (``with_scores=True``).
     Indices count training samples in the order the data yields them.
     """
 
@@ -69,6 +70,7 @@ class TopKInfluences:
     helpful_values: Tensor
     harmful_indices: Tensor
     harmful_values: Tensor
+    scores: Optional[Tensor] = None
 
 
 class InfluenceFunctionModel(ABC):
@@ -133,6 +135,10 @@ class InfluenceFunctionModel(ABC):
     tensor and unpack it in a wrapper module's forward.
     """
 
+    # The solver contract (torchfluence.contract): each solver class declares these.
+    Options: ClassVar[type[SolverOptions]] = SolverOptions  # the class's own constructor options
+    traits: ClassVar[SolverTraits] = SolverTraits()
+
     def __init__(self, model: nn.Module, loss: LossFn, regularization: float = 0.0, *,
                  params: Optional[Sequence[str]] = None, second_order: Optional[SecondOrder] = None,
                  dtype: Optional[torch.dtype] = None, block_size: int = 256, progress: bool = False,
@@ -180,7 +186,9 @@ class InfluenceFunctionModel(ABC):
                                                       if curvature is None else curvature(self.functions))
         self.projector = projector
         if projector is not None:
-            self.source, self.curvature_operator = projected_engine(self, projector)
+            if not self.traits.accepts_projector:
+                raise ValueError(f"{type(self).__name__} does not take projector=: {self.traits.projector_refusal}")
+            self.source, self.curvature_operator = projected_engine(self.functions, self.source, projector)
         self._loss_kind = loss_kind(loss)
         self._classes: Optional[int] = None
         self.n_train: Optional[int] = None
@@ -205,8 +213,13 @@ class InfluenceFunctionModel(ABC):
     def dtype(self) -> torch.dtype:
         return self.functions.dtype
 
+    @property
+    def runtime(self) -> Runtime:
+        """How this solver's scoring jobs run: result dtype and device, progress bars, matmul precision."""
+        return Runtime(self.dtype, self.device, bool(self.progress), self.allow_tf32)
+
     def model_fingerprint(self) -> str:
-        """A hash of the model's parameters and buffers (:func:`torchfluence.fingerprint.model_fingerprint`)."""
+        """A hash of the model's parameters and buffers (:func:`torchfluence.durable.model_fingerprint`)."""
         return model_fingerprint(self.model)
 
     # -- data ---------------------------------------------------------------------------------------
@@ -321,18 +334,11 @@ class InfluenceFunctionModel(ABC):
         check_finite(factors, "influence factors", 0)
         return factors
 
-    # Solvers whose solve treats each row on its own (a fixed linear map) set this:
-    # the test factors are then computed _factor_rows() rows at a time, straight into
-    # the scoring layout, so the (n_test, p) factors in the computation dtype are
-    # never held beside it.
-    _solves_rows_independently = False
-
     def _factor_rows(self) -> int:
         """Test rows per block of factors: a block holds its gradients and their solve, 2 x rows x p values.
 
-        At most ``block_size``, and at most 1/16 of the GPU's memory (1 GiB on a CPU)
-        for the two: with millions of parameters a full block of test gradients would
-        not fit beside the scoring layout.
+        At most ``block_size``, and within :func:`torchfluence.budget.query_rows`: with millions
+        of parameters a full block of test gradients would not fit beside the scoring layout.
         """
         if self.device.type == "cuda":
             budget = torch.cuda.get_device_properties(self.device).total_memory // 16
@@ -342,23 +348,32 @@ class InfluenceFunctionModel(ABC):
         return max(1, min(self.block_size, budget // per_row))
 
     def _prepared_factors(self, x_test: Tensor, y_test: Tensor) -> PreparedQueries:
-        """The test factors laid out for scoring, in the scoring dtype."""
+        """The test factors laid out for scoring, in the scoring dtype.
+
+        A solver whose solve treats each row on its own (``traits.solves_rows_independently``)
+        computes them :meth:`_factor_rows` test points at a time, straight into the scoring
+        layout, so the (n_test, p) factors in the computation dtype are never held beside it.
+        """
         self._require_fitted()
         dtype = self.score_dtype or self.dtype
-        if not self._solves_rows_independently:
+        if not self.traits.solves_rows_independently:
             return self.source.prepare(self.influence_factors(x_test, y_test), dtype)
         samples = Samples((x_test, y_test), "x_test, y_test", self._factor_rows(), check=self._check_targets,
                           transform=self.features)
         prepared = self.source.allocate_queries(samples.count(), dtype)
         with matmul_precision(self.allow_tf32):
             for block in samples.blocks():
-                g = self.source.grads(block.x, block.y)
-                check_finite(g, "per-sample gradients", block.offset)
-                factors = self.solve(g)
-                del g
-                check_finite(factors, "influence factors", block.offset)
-                self.source.write_queries(prepared, factors, block.offset)
+                self._write_factor_block(prepared, block)
         return prepared
+
+    def _write_factor_block(self, prepared: PreparedQueries, block: SampleBlock) -> None:
+        """Writes the factors of one block of test points into their rows of `prepared`."""
+        g = self.source.grads(block.x, block.y)
+        check_finite(g, "per-sample gradients", block.offset)
+        factors = self.solve(g)
+        del g
+        check_finite(factors, "influence factors", block.offset)
+        self.source.write_queries(prepared, factors, block.offset)
 
     # -- scores -------------------------------------------------------------------------------------
     def influences(self, x_test: Tensor, y_test: Tensor, x: Optional[Tensor] = None,
@@ -410,25 +425,56 @@ class InfluenceFunctionModel(ABC):
         self._check_perturbation()
         functions = self._perturbation_functions()
         raw = Samples((x, y), "x, y", self.block_size, check=self._check_targets)  # gradients need the inputs
-        sink, journal = self._dense((factors.shape[0], n, *x.shape[1:]), out, sample_dim=1, spec=spec)
-        if journal is None or not journal.complete:
-            self._stream(raw, lambda b: functions.perturbation_scores(factors, b.x, b.y), [sink],
-                         "perturbation scores", sample_dim=1, journal=journal)
-        return sink.result() if journal is None else journal.finish()
+        sink, journal = self._result_sink((factors.shape[0], n, *x.shape[1:]), out, spec, sample_dim=1)
+        score_into(raw, lambda b: functions.perturbation_scores(factors, b.x, b.y), [sink], "perturbation scores",
+                   self.runtime, journal=journal, sample_dim=1)
+        return finished(sink, journal)
+
+    def scores_from_factors(self, factors: Tensor, data: DataSource, *, out: Output = None) -> Tensor:
+        """Mode-"up" scores of every sample of `data` against precomputed factors, in one pass.
+
+        Like :meth:`influences_from_factors`, for data of any supported kind (a DataLoader,
+        an ``(x, y)`` pair, a Dataset, batches) read once, in order.
+
+        Args:
+            factors: (n_test, p) from :meth:`influence_factors`.
+            data: the samples to score.
+            out: optional ``.npy`` file to write the matrix into (memory-mapped; not resumable).
+
+        Returns:
+            (n_test, n) scores.
+        """
+        self._require_fitted()
+        factors = self._check_factors(factors)
+        samples = self.samples(data, "data")
+        sink, _ = result_sink((factors.shape[0], samples.count()), out, self.runtime, sample_dim=1)
+        prepared = self.source.prepare(factors, self.score_dtype)
+        run_blocks(samples, self._block_scorer(prepared), [sink], "influence scores", self.runtime)
+        return sink.result()
 
     def _up_scores(self, prepare: Callable[[], PreparedQueries], samples: Samples, out: Output,
                    spec: JobSpec) -> Tensor:
         """(n_test, n) scores against the factors `prepare()` lays out; a finished `out` job skips them."""
         factors = prepare() if out is None else None
         n_test = spec.count() if factors is None else factors.count
-        sink, journal = self._dense((n_test, samples.count()), out, sample_dim=1, spec=spec)
+        sink, journal = self._result_sink((n_test, samples.count()), out, spec, sample_dim=1)
         if journal is None or not journal.complete:
             factors = prepare() if factors is None else factors
             if journal is not None:
                 journal.check_factors(factors.parts)
-            self._stream(samples, lambda b: self.source.scores(factors, b.x, b.y), [sink], "influence scores",
-                         journal=journal)
-        return sink.result() if journal is None else journal.finish()
+            run_blocks(samples, self._block_scorer(factors), [sink], "influence scores", self.runtime,
+                       journal=journal)
+        return finished(sink, journal)
+
+    def _block_scorer(self, factors: PreparedQueries) -> Callable[[SampleBlock], Tensor]:
+        """``block -> (n_test, b)`` scores of a block of training samples against prepared test factors."""
+        return lambda block: self.source.score_block(factors, block.x, block.y)
+
+    def _result_sink(self, shape: tuple[int, ...], out: Output, spec: JobSpec, *,
+                     sample_dim: int) -> tuple[DenseSink, Optional[ScoreFile]]:
+        """The sink of a dense result of `shape`: in memory, or `out`, a resumable job described by `spec`."""
+        return result_sink(shape, out, self.runtime, sample_dim=sample_dim,
+                           open_job=lambda path: ScoreFile.open(path, self, spec, shape, sample_dim))
 
     def _perturbation_functions(self) -> ModelFunctions:
         """The model as a function of the parameters (the full model in automatic head mode)."""
@@ -440,7 +486,7 @@ class InfluenceFunctionModel(ABC):
                               output_transform=f.output_transform)
 
     def _check_perturbation(self) -> None:
-        if getattr(self, "projector", None) is not None:
+        if self.projector is not None:
             raise ValueError("mode='perturbation' differentiates the scores with respect to the inputs in parameter "
                              "space, which a projector leaves; use mode='up', or a solver without projector=")
         if self.features is not None and self._full_model is None:
@@ -461,7 +507,7 @@ class InfluenceFunctionModel(ABC):
         self._require_fitted()
         samples = self._inputs(x, y, "x, y")
         sink = DenseSink((samples.count(),), dtype=self.dtype, device=self.device)
-        self._stream(samples, self._self_influence_block, [sink], "self-influences")
+        run_blocks(samples, self._self_influence_block, [sink], "self-influences", self.runtime)
         return sink.result()
 
     def _self_influence_block(self, block: SampleBlock) -> Tensor:
@@ -469,11 +515,12 @@ class InfluenceFunctionModel(ABC):
         return (g * self.solve(g)).sum(dim=1)
 
     def top_k(self, x_test: Tensor, y_test: Tensor, train_data: Optional[DataSource] = None,
-              k: int = 10, *, checkpoint: Output = None) -> TopKInfluences:
+              k: int = 10, *, checkpoint: Output = None, with_scores: bool = False,
+              out: Output = None) -> TopKInfluences:
         """The k most helpful and harmful training points per test point, streamed.
 
         Score blocks of the training data are merged into running top-k lists, so
-        the (n_test, n_train) matrix is never held.
+        the (n_test, n_train) matrix is never held unless it is asked for.
 
         Args:
             train_data: the training data to rank (default: the fitted data, whose
@@ -484,8 +531,21 @@ class InfluenceFunctionModel(ABC):
                 with the same path goes on from it, with the same result bits as an
                 uninterrupted run (a finished job returns at once). Another model, other data
                 or other settings are refused (:mod:`torchfluence.journal`).
+            with_scores: also keep the full (n_test, n_train) matrix, filled by the same pass
+                over the training data (:attr:`TopKInfluences.scores`); equal to
+                :meth:`train_influences` / :meth:`influences` on the same data.
+            out: with `with_scores`, a ``.npy`` file to write the matrix into (memory-mapped;
+                the returned tensor shares its pages). Not resumable: use
+                ``influences(..., out=)`` for a resumable matrix.
         """
         check_positive_int(k, "k")
+        if not isinstance(with_scores, bool):
+            raise TypeError(f"with_scores must be a bool, got {type(with_scores).__name__}")
+        if out is not None and not with_scores:
+            raise ValueError("out is where the matrix of with_scores=True goes; pass with_scores=True too")
+        if with_scores and checkpoint is not None:
+            raise ValueError("checkpoint= resumes the top-k state alone; with with_scores=True score the matrix "
+                             "resumably with influences(..., out=) or train_influences(..., out=) instead")
         same = train_data is None or train_data is self._train_source
         train = self._require_fitted() if same else self.samples(train_data, "train_data")
         known = train.known_count()
@@ -503,62 +563,135 @@ class InfluenceFunctionModel(ABC):
                 journal.check_factors(factors.parts)
         sink = journal.sink if journal is not None else TopKSink(factors.count, k, dtype=self.dtype,
                                                                  device=self.device)
+        sinks, matrix = [sink], None
+        if with_scores:
+            matrix, _ = result_sink((factors.count, train.count()), out, self.runtime, sample_dim=1)
+            sinks.append(matrix)
         if factors is not None:
-            self._stream(train, lambda b: self.source.scores(factors, b.x, b.y), [sink], "top-k",
-                         journal=journal)
-        res = sink.result() if journal is None else journal.finish()
-        return TopKInfluences(res.largest_indices, res.largest_values, res.smallest_indices, res.smallest_values)
-
-    # -- the one scoring loop -----------------------------------------------------------------------
-    def _stream(self, samples: Samples, score: Callable[[SampleBlock], Tensor], sinks: Sequence[ScoreSink],
-                what: str, sample_dim: int = -1, *, journal: Optional[Journal] = None) -> None:
-        """Scores every block of `samples` and writes it to each sink; NaN/inf are reported with the sample.
-
-        A block that runs out of CUDA memory is scored in halves (:class:`~torchfluence.oom.SplitOnOOM`).
-        With a `journal` (a resumable job), the blocks it holds as done are skipped, and each
-        scored block is recorded in it once the sinks hold it.
-        """
-        known = samples.known_count()
-        rank, size = world()
-        total = None if known is None else len(range(rank, math.ceil(known / self.block_size), size))
-        index = BlockIndex(block_selector(), None if journal is None else journal.select)
-        scorer = SplitOnOOM(score, sample_dim, None if journal is None else journal.score_chunk)
-        bar = tqdm(samples.blocks(select=index.select), total=total, desc=what,
-                   initial=0 if journal is None else journal.blocks_done,
-                   disable=not self.progress or total == 1 or rank != 0)
-        checks = FiniteChecks(what, sample_dim=sample_dim)
-        with matmul_precision(self.allow_tf32):
-            for block in bar:
-                values = scorer(block)
-                checks.add(values, block.offset)
-                for sink in sinks:
-                    sink.write(values, block.offset)
-                if journal is not None and journal.done(index.last, block, scorer.chunk):
-                    checks.flush()  # a block is recorded as done only once its scores are known finite
-                    journal.save()
-        checks.finish()
-        for sink in sinks:
-            sink.gather()
-
-    def _dense(self, shape: tuple[int, ...], out: Output, sample_dim: int,
-               spec: Optional[JobSpec] = None) -> tuple[DenseSink, Optional[ScoreFile]]:
-        """The sink for a result of `shape`: in memory, or the file `out` (a resumable job with a `spec`)."""
-        if out is None:
-            return DenseSink(shape, dtype=self.dtype, device=self.device, sample_dim=sample_dim), None
-        if not isinstance(out, (str, Path)):
-            raise TypeError(f"out must be a path of a .npy file or None, got {type(out).__name__}")
-        if is_distributed():  # one shared file, each process writing its own columns; not resumable
-            return SharedMemmapSink(out, shape, dtype=self.dtype, sample_dim=sample_dim), None
-        if spec is None:
-            return MemmapSink(out, shape, dtype=self.dtype, sample_dim=sample_dim), None
-        job = ScoreFile.open(out, self, spec, shape, sample_dim)
-        return job.sink, job
+            run_blocks(train, self._block_scorer(factors), sinks, "top-k", self.runtime, journal=journal)
+        res = finished(sink, journal)
+        return TopKInfluences(res.largest_indices, res.largest_values, res.smallest_indices, res.smallest_values,
+                              None if matrix is None else matrix.result())
 
     def _check_factors(self, factors: Tensor) -> Tensor:
         if not isinstance(factors, Tensor) or factors.dim() != 2 or factors.shape[1] != self.num_params:
             got = tuple(factors.shape) if isinstance(factors, Tensor) else type(factors).__name__
             raise ValueError(f"factors must have shape (n_test, {self.num_params}), got {got}")
         return factors.to(device=self.device, dtype=self.dtype)
+
+    # -- the solver contract (torchfluence.contract) -------------------------------------------------
+    def options(self) -> SolverOptions:
+        """This solver's own options (those of its class beyond the common ones), as its ``Options``."""
+        return self.Options.of(self)
+
+    @classmethod
+    def fit_options(cls) -> frozenset[str]:
+        """Names of the constructor options the fitted state depends on: a load keeps their saved values."""
+        return COMMON_FIT_OPTIONS | cls.Options.fit_fields()
+
+    def common_options(self) -> dict[str, Any]:
+        """The options every solver takes, as the keyword arguments that rebuild this one on the same model.
+
+        ``head`` and ``params`` rebuild the same head/backbone split; ``curvature`` is the class
+        given to the constructor (None for the one ``second_order`` picks).
+        """
+        names = list(self.functions.names)
+        if self.features is None:
+            head: dict[str, Any] = {"head": False, "params": names}
+        elif self._full_model is not None:  # found automatically (head=None, params=None): find it again
+            head = {"head": None, "params": None}
+        else:  # a traced trainable tail came from head="auto"; a module head is rebuilt from its name
+            head = {"head": "auto" if self.features.backbone is not None else self.features.head_name,
+                    "params": names}
+        default = type(curvature_operator(self.functions, self.second_order))
+        given = type(self.curvature_operator)
+        return {"regularization": self.regularization, "second_order": self.second_order, "dtype": self.dtype,
+                "block_size": self.block_size, "progress": bool(self.progress), "fused": self.fused,
+                "score_dtype": self.score_dtype, "allow_tf32": self.allow_tf32,
+                "curvature": None if given is default else given, **head}
+
+    def constructor_options(self) -> dict[str, Any]:
+        """The keyword arguments that rebuild this solver from a model and a loss (dtypes as torch dtypes).
+
+        The common options minus those the class sets itself (``traits.fixed_options``),
+        plus the class's own (:meth:`options`).
+        """
+        options = self.common_options()
+        for name in self.traits.fixed_options:
+            options.pop(name, None)
+        options.update(self.options().values())
+        return options
+
+    @classmethod
+    def from_constructor_options(cls, model: nn.Module, loss: LossFn,
+                                 options: dict[str, Any]) -> "InfluenceFunctionModel":
+        """The solver built from :meth:`constructor_options` as a load reads them back."""
+        return cls(model, loss, **options)
+
+    def settings(self) -> dict[str, Any]:
+        """What decides this solver's scores besides the model and the data, as JSON values.
+
+        A resumable job's record is checked against it (:mod:`torchfluence.journal`): the
+        class, parameters, dtypes, device type, head, curvature operator and projection, the
+        regularization, block size and the other common options, and the class's own options.
+        """
+        settings: dict[str, Any] = {
+            "solver": f"{type(self).__module__}.{type(self).__qualname__}",
+            "params": list(self.functions.names),
+            "dtype": str(self.dtype),
+            "score_dtype": str(self.score_dtype),
+            "device": self.device.type,
+            "head": None if self.features is None else str(self.features.head_name),
+            "curvature": type(self.curvature_operator).__qualname__,
+            "regularization": self.regularization,
+            "second_order": self.second_order,
+            "block_size": self.block_size,
+            "fused": self.fused,
+            "allow_tf32": self.allow_tf32,
+        }
+        if self.projector is not None:
+            try:
+                settings["projector"] = describe_projection(self.projector)
+            except TypeError:  # a user-defined Projector: its class, sizes and seed
+                kind = type(self.projector)
+                settings["projector"] = {"kind": f"{kind.__module__}.{kind.__qualname__}",
+                                         **{a: getattr(self.projector, a, None) for a in ("p", "k", "seed")}}
+        for name, value in self.options().values().items():
+            try:
+                settings.setdefault(name, plain(value))
+            except TypeError:  # no JSON form (a callable): recorded by its type's name
+                settings.setdefault(name, type(value).__qualname__)
+        return settings
+
+    def fitted_state(self) -> tuple[dict[str, Tensor], dict]:
+        """(tensors, JSON facts) that the fit left and the solves need, for :meth:`save`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be saved: it does not define fitted_state()")
+
+    def restore_fitted_state(self, tensors: dict[str, Tensor], info: dict) -> None:
+        """Puts what :meth:`fitted_state` returned back into a freshly built solver (tensors on its device)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be loaded: it does not define "
+                                  "restore_fitted_state()")
+
+    def restore(self, tensors: dict[str, Tensor], info: dict, *, n_train: int, classes: Optional[int],
+                train: Optional[Samples], train_source: Optional[DataSource] = None, missing: str = "") -> None:
+        """Makes this freshly built solver fitted from a saved state, as its fit would have left it.
+
+        Args:
+            tensors: the saved tensors (any device; moved to the solver's).
+            info: the JSON facts saved beside them.
+            n_train: the number of training samples of the fit.
+            classes: the model's class count for target checks (cross-entropy), or None.
+            train: the training samples in the solver's input space, or None: then reading
+                them raises an error that starts with `missing`.
+            train_source: the data `train` was read from (what :meth:`top_k` compares with).
+        """
+        self.n_train = n_train
+        self._classes = classes
+        self._train = train if train is not None else MissingTrainData(missing, n_train, self.block_size)
+        self._train_source = train_source if train is not None else None
+        on_device = {key: value.to(self.device) for key, value in tensors.items()}
+        with matmul_precision(self.allow_tf32):
+            self.restore_fitted_state(on_device, dict(info))
 
     # -- saved state (torchfluence.persist) ---------------------------------------------------------
     def save(self, path: Union[str, Path]) -> Path:
@@ -579,11 +712,11 @@ class InfluenceFunctionModel(ABC):
                 cannot rebuild a projector); a :class:`~torchfluence.GradientStore` keeps
                 projected training gradients on disk instead.
         """
-        if getattr(self, "projector", None) is not None:
+        if self.projector is not None:
             raise NotImplementedError(f"{type(self).__name__} with projector= cannot be saved: the file's options do "
                                       "not record the projector, so a load would rebuild a solver in parameter "
                                       "space; keep the projected gradients in a torchfluence.GradientStore instead")
-        return persist.save(self, path)
+        return save_solver(self, path)
 
     @classmethod
     def load(cls, path: Union[str, Path], model: nn.Module, loss: LossFn, *,
@@ -607,7 +740,8 @@ class InfluenceFunctionModel(ABC):
             overrides: constructor options to change, e.g. ``block_size``, ``progress``,
                 ``score_dtype``, ``regularization``.
         """
-        return persist.load(cls, path, model, loss, train_data=train_data, overrides=overrides)
+        return load_solver(cls, path, model, loss, any_subclass=cls is InfluenceFunctionModel, train_data=train_data,
+                           overrides=overrides)
 
 
 def _same_data(source: Optional[DataSource], x: Tensor, y: Tensor) -> bool:

@@ -26,10 +26,7 @@ truncated or corrupt file or record is reported, never trusted.
 from __future__ import annotations
 
 import bisect
-import hashlib
-import inspect
 import json
-import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -42,9 +39,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
+from .contract import plain
 from .data import SampleBlock, check_pair
 from .distributed import is_distributed
-from .fingerprint import settings_fingerprint, tensor_digest
+from .durable import atomic_write, digest, settings_fingerprint
+from .durable import data_digest as _data_digest
 from .sinks import MemmapSink, TopKSink
 
 PathLike = Union[str, Path]
@@ -59,8 +58,7 @@ METADATA_KEY = "torchfluence"  # the record's key in a top-k checkpoint's safete
 # ~1/SAVE_TIME_RATIO of the run, and an interrupted run loses about that much of its work.
 SAVE_TIME_RATIO = 10
 
-# Constructor arguments that never change a result (or are recorded another way).
-_NOT_SETTINGS = frozenset({"self", "model", "loss", "progress", "cache_dir", "head", "curvature", "params"})
+_ABSENT = object()  # a key missing from a record
 
 
 @dataclass(frozen=True)
@@ -90,88 +88,12 @@ class JobSpec:
 
 
 # -- fingerprints ---------------------------------------------------------------------------------------
-def solver_settings(solver) -> dict[str, Any]:
-    """The settings of `solver` that decide its scores, as JSON values.
-
-    The solver's class, parameters, dtypes, device type, head and curvature
-    operator, and every constructor argument (of the class and its bases) that
-    the solver keeps as an attribute of the same name with a plain value:
-    regularization, block size, ``second_order``, ``fused`` and the solver's own
-    options (``rtol``, ``rank``, ``seed``, ...).
-    """
-    features = solver.features
-    settings: dict[str, Any] = {
-        "solver": f"{type(solver).__module__}.{type(solver).__qualname__}",
-        "params": list(solver.functions.names),
-        "dtype": str(solver.dtype),
-        "score_dtype": str(solver.score_dtype),
-        "device": solver.device.type,
-        "head": None if features is None else str(features.head_name),
-        "curvature": type(solver.curvature_operator).__qualname__,
-    }
-    projector = getattr(solver, "projector", None)
-    if projector is not None:
-        from .projected_space import describe_projection  # the projection's kind, sizes and seed
-
-        try:
-            settings["projector"] = describe_projection(projector)
-        except TypeError:  # a user-defined Projector: its class, sizes and seed
-            settings["projector"] = {"kind": f"{type(projector).__module__}.{type(projector).__qualname__}",
-                                     **{a: _plain(getattr(projector, a, None)) for a in ("p", "k", "seed")}}
-    state = vars(solver)  # attributes only: properties may compute (or need a fit)
-    for cls in type(solver).__mro__:
-        init = cls.__dict__.get("__init__")
-        if init is None or cls is object:
-            continue
-        for name, parameter in inspect.signature(init).parameters.items():
-            if name in _NOT_SETTINGS or name in settings or name not in state:
-                continue
-            if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
-                continue
-            value = _plain(state[name])
-            if value is not _SKIP:
-                settings[name] = value
-    return settings
-
-
-_SKIP = object()
-
-
-def _plain(value: Any) -> Any:
-    """`value` as a JSON value (dtypes and devices as strings), or _SKIP when it is not a plain setting."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (torch.dtype, torch.device)):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        items = [_plain(v) for v in value]
-        return _SKIP if any(v is _SKIP for v in items) else items
-    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
-        items = {k: _plain(v) for k, v in value.items()}
-        return _SKIP if any(v is _SKIP for v in items.values()) else items
-    return _SKIP
-
-
-def digest(named: Sequence[tuple[str, Tensor]]) -> str:
-    """A hex digest of tensors: names, dtypes, shapes and bits."""
-    hasher = hashlib.sha256()
-    for name, tensor in named:
-        tensor_digest(hasher, name, tensor)
-    return hasher.hexdigest()[:32]
-
-
-def _data_digest(data: Any) -> Optional[str]:
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
-        return digest([("x", data[0]), ("y", data[1])])
-    return None
-
-
 def job_identity(solver, spec: JobSpec, shape: Sequence[int], n_train: Optional[int]) -> dict[str, Any]:
     """The fingerprints a record is checked against: model, settings, test data, training data."""
     n_test = spec.count()
     names = ("x_test", "y_test") if len(spec.queries) == 2 else ("factors",)
-    settings = dict(solver_settings(solver), job=spec.job, mode=spec.mode, n_test=n_test, n_train=n_train,
-                    shape=[int(s) for s in shape], **{k: _plain(v) for k, v in spec.extra.items()})
+    settings = dict(solver.settings(), job=spec.job, mode=spec.mode, n_test=n_test, n_train=n_train,
+                    shape=[int(s) for s in shape], **{k: plain(v) for k, v in spec.extra.items()})
     settings = json.loads(json.dumps(settings))  # as it reads back from a record (tuples become lists)
     return {
         "model": solver.model_fingerprint(),
@@ -195,7 +117,7 @@ def identity_differences(saved: Mapping[str, Any], now: Mapping[str, Any], where
                      f"{now['model']} now)")
     before, after = saved["settings"], now["settings"]
     for key in sorted(set(before) | set(after)):
-        if before.get(key, _SKIP) != after.get(key, _SKIP):
+        if before.get(key, _ABSENT) != after.get(key, _ABSENT):
             was, now_ = before.get(key, "<absent>"), after.get(key, "<absent>")
             found.append(f"{key} ({was!r} in {where}, {now_!r} now)")
     return found
@@ -211,28 +133,6 @@ def _differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     if not found and saved["settings_fingerprint"] != now["settings_fingerprint"]:
         found.append("the settings fingerprint")
     return found
-
-
-# -- atomic files ---------------------------------------------------------------------------------------
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replaces `path` with `data` so that a reader sees the old or the new file, never a part.
-
-    The bytes go to ``<path>.tmp``, are flushed and fsynced, and the file is renamed over
-    `path` (``os.replace`` is atomic); the directory is then fsynced so the rename itself
-    survives a crash of the machine.
-    """
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-    if hasattr(os, "O_DIRECTORY"):  # POSIX; elsewhere a directory cannot be opened for fsync
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 # -- records --------------------------------------------------------------------------------------------
@@ -266,10 +166,10 @@ def _record_problem(record: Any) -> Optional[str]:
         return f"identity must hold {list(keys)}"
     if not isinstance(record.get("complete"), bool):
         return f"complete must be true or false, got {record.get('complete')!r}"
-    chunk = record.get("score_chunk", _SKIP)
+    chunk = record.get("score_chunk", _ABSENT)
     if chunk is not None and not (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1):
         return f"score_chunk must be null or a positive int, got {chunk!r}"
-    if record.get("factors", _SKIP) is not None and not isinstance(record.get("factors"), str):
+    if record.get("factors", _ABSENT) is not None and not isinstance(record.get("factors"), str):
         return f"factors must be null or a digest, got {record.get('factors', '<absent>')!r}"
     blocks = record.get("blocks")
     if not isinstance(blocks, list):
@@ -300,26 +200,6 @@ class _Throttle:
         save()
         self.end = time.monotonic()
         self.cost = self.end - start
-
-
-class BlockIndex:
-    """Block selectors combined (a block is kept when all keep it), remembering the index last asked about.
-
-    :meth:`Samples.blocks <torchfluence.data.Samples.blocks>` calls ``select(i)`` for each
-    block index in order and yields a block right after the call that kept it, so
-    :attr:`last` is the index of the block in hand.
-
-    Args:
-        selects: predicates on the block index; None entries keep every block.
-    """
-
-    def __init__(self, *selects: Optional[Callable[[int], bool]]) -> None:
-        self._selects = [s for s in selects if s is not None]
-        self.last = -1
-
-    def select(self, index: int) -> bool:
-        self.last = index
-        return all(s(index) for s in self._selects)
 
 
 class Journal(ABC):

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._ops import linear_head_hvp_accumulate
+from .ops import linear_head as head_kernel
+from .ops import linear_head_hvp_accumulate
 
 HeadLoss = Literal["cross_entropy", "mse", "bce_with_logits"]
 
@@ -69,7 +70,7 @@ def linear_head_hvp(features: Tensor, weight: Tensor, bias: Optional[Tensor], ve
     if loss not in ("cross_entropy", "mse", "bce_with_logits"):
         raise ValueError(f"linear_head: loss must be 'cross_entropy', 'mse' or 'bce_with_logits', got {loss!r}")
     dtype = vectors.dtype
-    if dtype not in (torch.float32, torch.float64) or any(
+    if not head_kernel.supports(dtype) or any(
             t.dtype != dtype or t.device != vectors.device for t in (features, weight) + ((bias,) if bias is not None else ())):
         raise TypeError(f"linear_head: features, weight, bias and vectors must share one dtype (float32 or float64) "
                         f"and device, got {features.dtype}/{weight.dtype}/{vectors.dtype}")

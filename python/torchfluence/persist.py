@@ -12,7 +12,7 @@ The file holds raw tensors and a JSON header (the safetensors ``metadata``
 under the key ``"torchfluence"``): the format and its version, the solver class,
 the constructor options that rebuild it, the fitted state's scalar facts, the
 number of training samples, a fingerprint of the model
-(:func:`torchfluence.fingerprint.model_fingerprint`), a digest of the tensors,
+(:func:`torchfluence.durable.model_fingerprint`), a digest of the tensors,
 and the torch and torchfluence versions. Nothing is pickled, so loading a file
 runs no code from it. Writes are atomic: a temporary file in the same
 directory, flushed to disk, then renamed over the target.
@@ -63,35 +63,27 @@ whether ``train_data`` is required):
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
-import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from ._build_info import build_info
-from .curvature import CurvatureOperator, curvature_operator
+from .curvature import CurvatureOperator
 from .data import DataSource, SampleBlock, Samples
-from .fingerprint import model_fingerprint, tensor_digest
+from .durable import atomic_write, model_fingerprint
+from .durable import digest as _digest
 from .linear_head import loss_kind
-from .precision import matmul_precision
-
-if TYPE_CHECKING:
-    from .influence import InfluenceFunctionModel
 
 FORMAT = "torchfluence.solver"
 FORMAT_VERSION = 1
 METADATA_KEY = "torchfluence"
 
-# Options of every solver that decide its fitted state: a load keeps the saved value.
-_FIT_OPTIONS = ("params", "head", "second_order", "dtype", "curvature")
 _DTYPE_OPTIONS = ("dtype", "score_dtype")
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16}
@@ -100,16 +92,18 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 # -- save ---------------------------------------------------------------------------------------------
-def save(solver: InfluenceFunctionModel, path: PathLike) -> Path:
-    """Writes the fitted `solver` to `path` (see :meth:`InfluenceFunctionModel.save`); returns the path."""
+def save_solver(solver: Any, path: PathLike) -> Path:
+    """Writes the fitted `solver` to `path` (see :meth:`InfluenceFunctionModel.save`); returns the path.
+
+    What is written comes from the solver's contract (:mod:`torchfluence.contract`):
+    ``fitted_state()``, ``constructor_options()``, ``fit_options()`` and ``traits``.
+    """
     path = _check_path(path)
     name = type(solver).__name__
     if not solver.is_fitted:
         raise RuntimeError(f"{name} is not fitted: call .fit(train_data) before .save(path)")
-    if not hasattr(solver, "_fitted_state"):
-        raise TypeError(f"{name} cannot be saved: it does not define _fitted_state()")
     _check_unchanged(solver)
-    state, info = solver._fitted_state()
+    state, info = solver.fitted_state()
     # Copies on the host: contiguous, and sharing no storage (safetensors refuses aliased tensors).
     tensors = {key: value.detach().to("cpu", copy=True).contiguous() for key, value in state.items()}
     # Memory layouts other than row-major (eigh's column-major eigenvectors) are restored at load:
@@ -120,10 +114,10 @@ def save(solver: InfluenceFunctionModel, path: PathLike) -> Path:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "solver": qualified_name(type(solver)),
-        "options": _encode_options(solver, constructor_options(solver)),
-        "fit_options": sorted(fit_options(type(solver))),
+        "options": _encode_options(solver, solver.constructor_options()),
+        "fit_options": sorted(type(solver).fit_options()),
         "structure": structure(solver),
-        "needs_train_data": needs_train_data(type(solver)),
+        "needs_train_data": type(solver).traits.solve_reads_train_data,
         "n_train": int(solver.n_train),
         "classes": solver._classes,
         "loss": loss_kind(solver.functions.loss),
@@ -142,74 +136,14 @@ def save(solver: InfluenceFunctionModel, path: PathLike) -> Path:
     return path
 
 
-def constructor_options(solver: InfluenceFunctionModel) -> dict[str, Any]:
-    """The keyword arguments that rebuild `solver` from a model and a loss (dtypes as torch dtypes).
-
-    The options every solver takes, minus those its class sets itself
-    (``_implied_options``), plus the solver's own (``_saved_options()``).
-    A class whose constructor takes other arguments (the pyDVL-compatible
-    classes) gives them all through ``_constructor_options()``.
-    """
-    own = getattr(solver, "_constructor_options", None)
-    if own is not None:
-        return own()
-    options: dict[str, Any] = {
-        "regularization": solver.regularization,
-        "second_order": solver.second_order,
-        "dtype": solver.dtype,
-        "block_size": solver.block_size,
-        "progress": bool(solver.progress),
-        "fused": solver.fused,
-        "score_dtype": solver.score_dtype,
-        "allow_tf32": solver.allow_tf32,
-        "curvature": _custom_curvature(solver),
-        **_head_options(solver),
-    }
-    for name in getattr(solver, "_implied_options", ()):
-        options.pop(name, None)
-    saved_options = getattr(solver, "_saved_options", None)
-    if saved_options is not None:
-        options.update(saved_options())
-    return options
-
-
-def fit_options(cls: type) -> set[str]:
-    """Names of the options a load takes from the file (overrides with another value are refused)."""
-    return set(_FIT_OPTIONS) | set(getattr(cls, "_fit_options", ()))
-
-
-def needs_train_data(cls: type) -> bool:
-    """Whether every solve of `cls` reads the training data (CG, LiSSA, DataInf)."""
-    return bool(getattr(cls, "_load_needs_train_data", False))
-
-
-def structure(solver: InfluenceFunctionModel) -> dict[str, Any]:
+def structure(solver: Any) -> dict[str, Any]:
     """What the solver works on: parameter names and count, dtype, head (None outside head mode)."""
     return {"params": list(solver.functions.names), "num_params": solver.num_params,
             "dtype": _dtype_name(solver.dtype),
             "head": None if solver.features is None else solver.features.head_name}
 
 
-def _head_options(solver: InfluenceFunctionModel) -> dict[str, Any]:
-    """``head`` and ``params`` that rebuild the same head/backbone split on a model with the same weights."""
-    names = list(solver.functions.names)
-    if solver.features is None:
-        return {"head": False, "params": names}
-    if solver._full_model is not None:  # found automatically (head=None, params=None): find it again
-        return {"head": None, "params": None}
-    features = solver.features
-    # A traced trainable tail came from head="auto"; a module head is rebuilt from its name.
-    return {"head": "auto" if features.backbone is not None else features.head_name, "params": names}
-
-
-def _custom_curvature(solver: InfluenceFunctionModel) -> Optional[type]:
-    """The ``curvature=`` class the solver was built with, None for the one ``second_order`` picks."""
-    given = type(solver.curvature_operator)
-    default = type(curvature_operator(solver.functions, solver.second_order))
-    return None if given is default else given
-
-
-def _check_unchanged(solver: InfluenceFunctionModel) -> None:
+def _check_unchanged(solver: Any) -> None:
     """Refuses to save when the model's tensors changed after the solver copied them.
 
     The solver works on copies of the parameters made at construction (and of the
@@ -238,15 +172,19 @@ def _check_unchanged(solver: InfluenceFunctionModel) -> None:
 
 
 # -- load ---------------------------------------------------------------------------------------------
-def load(cls: type, path: PathLike, model: nn.Module, loss: Any, *, train_data: Optional[DataSource] = None,
-         overrides: Optional[Mapping[str, Any]] = None) -> InfluenceFunctionModel:
-    """A solver rebuilt from `path` (see :meth:`InfluenceFunctionModel.load`)."""
-    from .influence import InfluenceFunctionModel
+def load_solver(cls: type, path: PathLike, model: nn.Module, loss: Any, *, any_subclass: bool,
+                train_data: Optional[DataSource] = None, overrides: Optional[Mapping[str, Any]] = None) -> Any:
+    """A solver rebuilt from `path` (see :meth:`InfluenceFunctionModel.load`).
 
+    Args:
+        cls: the solver class asked for.
+        any_subclass: take whichever subclass of `cls` the file holds (``InfluenceFunctionModel.load``);
+            False: the file must hold exactly `cls`.
+    """
     path = _check_path(path)
     overrides = dict(overrides or {})
     header, tensors = read(path)
-    target = _solver_class(cls, header["solver"], path, InfluenceFunctionModel)
+    target = _solver_class(cls, header["solver"], path, any_subclass)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     fingerprint = model_fingerprint(model)
@@ -259,44 +197,21 @@ def load(cls: type, path: PathLike, model: nn.Module, loss: Any, *, train_data: 
     if saved_kind is not None and kind is not None and saved_kind != kind:
         raise ValueError(f"loss: '{path}' was fitted with a {saved_kind} loss, got a {kind} loss")
     n_train = header["n_train"]
-    if needs_train_data(target) and train_data is None:
+    if target.traits.solve_reads_train_data and train_data is None:
         raise ValueError(f"train_data: {target.__name__} reads the training data in every solve, so load "
                          f"needs train_data= (the {n_train} samples it was fitted on, in the same order)")
     kwargs = _load_options(target, header, overrides, path, model)
-    build = getattr(target, "_from_options", None)
-    solver = build(model, loss, kwargs) if build is not None else target(model, loss, **kwargs)
+    solver = target.from_constructor_options(model, loss, kwargs)
     if kwargs.get("head") == "auto" and header["options"].get("head") is None:
         solver._full_model = model  # found automatically at fit: mode="perturbation" stays available
     _check_structure(solver, header, path)
     train = None if train_data is None else training_samples(solver, train_data, n_train)
-    restore(solver, tensors, header["state"], n_train=n_train, classes=header["classes"], train=train,
-            train_source=train_data, missing=f"{target.__name__} was loaded from '{path}' without train_data")
+    solver.restore(tensors, header["state"], n_train=n_train, classes=header["classes"], train=train,
+                   train_source=train_data, missing=f"{target.__name__} was loaded from '{path}' without train_data")
     return solver
 
 
-def restore(solver: InfluenceFunctionModel, tensors: Mapping[str, Tensor], info: Mapping[str, Any], *,
-            n_train: int, classes: Optional[int], train: Optional[Samples],
-            train_source: Optional[DataSource] = None, missing: str = "") -> None:
-    """Puts a saved fitted state into a freshly built `solver`, as its fit would have left it.
-
-    Args:
-        tensors: the saved tensors (any device; moved to the solver's).
-        info: the JSON facts saved beside them.
-        n_train: the number of training samples of the fit.
-        classes: the model's class count for target checks (cross-entropy), or None.
-        train: the training samples in the solver's input space, or None: then
-            reading them raises an error that starts with `missing`.
-    """
-    solver.n_train = n_train
-    solver._classes = classes
-    solver._train = train if train is not None else MissingTrainData(missing, n_train, solver.block_size)
-    solver._train_source = train_source if train is not None else None
-    on_device = {key: value.to(solver.device) for key, value in tensors.items()}
-    with matmul_precision(solver.allow_tf32):
-        solver._restore_fitted_state(on_device, dict(info))
-
-
-def training_samples(solver: InfluenceFunctionModel, train_data: DataSource, n_train: int) -> Samples:
+def training_samples(solver: Any, train_data: DataSource, n_train: int) -> Samples:
     """`train_data` as the fit read it (head-mode features cached), checked to hold n_train samples."""
     samples = Samples(train_data, "train_data", solver.block_size, check=solver._check_targets)
     samples.require_reiterable(f"{type(solver).__name__}.load")
@@ -367,10 +282,10 @@ def qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _solver_class(cls: type, saved: str, path: Path, base: type) -> type:
-    """The class to rebuild: `cls` when it is the saved one; the saved one when `cls` is the base class."""
-    if cls is base:
-        found = _subclass_named(base, saved)
+def _solver_class(cls: type, saved: str, path: Path, any_subclass: bool) -> type:
+    """The class to rebuild: `cls` when it is the saved one; with `any_subclass`, the saved subclass of `cls`."""
+    if any_subclass:
+        found = _subclass_named(cls, saved)
         if found is None:
             raise ValueError(f"path: '{path}' holds a {saved}, which is not a loaded solver class; import "
                              "the module that defines it, then load again")
@@ -395,8 +310,8 @@ def _load_options(cls: type, header: Mapping[str, Any], overrides: dict[str, Any
                   model: nn.Module) -> dict[str, Any]:
     """The saved constructor options with the allowed overrides applied, decoded for the constructor."""
     saved = header["options"]
-    fixed = set(header.get("fit_options", ())) | fit_options(cls)
-    extra = set(getattr(cls, "_load_extra_options", ("cache_dir",)))
+    fixed = set(header.get("fit_options", ())) | cls.fit_options()
+    extra = set(cls.traits.load_only_options)
     unknown = sorted(set(overrides) - set(saved) - extra)
     if unknown:
         raise TypeError(f"{cls.__name__}.load got unknown option(s) {unknown}; it takes "
@@ -413,7 +328,7 @@ def _load_options(cls: type, header: Mapping[str, Any], overrides: dict[str, Any
     return options
 
 
-def _check_structure(solver: InfluenceFunctionModel, header: Mapping[str, Any], path: Path) -> None:
+def _check_structure(solver: Any, header: Mapping[str, Any], path: Path) -> None:
     """The rebuilt solver must work on the same parameters, head and dtype as the saved one."""
     saved, now = header["structure"], structure(solver)
     for key in ("head", "params", "num_params", "dtype"):
@@ -422,15 +337,15 @@ def _check_structure(solver: InfluenceFunctionModel, header: Mapping[str, Any], 
                 f"model: the solver rebuilt from '{path}' differs from the saved one in {key}: saved "
                 f"{saved.get(key)!r}, now {now[key]!r}; the model's trainable parameters (requires_grad) and "
                 "head must be as at fit")
-    rebuilt = _encode_options(solver, constructor_options(solver))
-    for key in sorted(fit_options(type(solver)) & set(rebuilt)):
+    rebuilt = _encode_options(solver, solver.constructor_options())
+    for key in sorted(type(solver).fit_options() & set(rebuilt)):
         if rebuilt[key] != header["options"].get(key):
             raise ValueError(f"{key}: the solver rebuilt from '{path}' has {key}={rebuilt[key]!r}, but it "
                              f"was fitted with {key}={header['options'].get(key)!r}")
 
 
 # -- option encoding ----------------------------------------------------------------------------------
-def _encode_options(solver: InfluenceFunctionModel, options: Mapping[str, Any]) -> dict[str, Any]:
+def _encode_options(solver: Any, options: Mapping[str, Any]) -> dict[str, Any]:
     return {name: _encode(name, value, solver.model) for name, value in options.items()}
 
 
@@ -486,31 +401,11 @@ def _dense(tensor: Tensor) -> bool:
     return True
 
 
-def _digest(tensors: Mapping[str, Tensor]) -> str:
-    hasher = hashlib.sha256()
-    for key in sorted(tensors):
-        tensor_digest(hasher, key, tensors[key])
-    return hasher.hexdigest()[:32]
-
-
 def _write_atomic(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """A safetensors file written beside `path`, synced, renamed over it: readers see the old or the new."""
+    """The safetensors file, streamed to disk by :func:`~torchfluence.durable.atomic_write`."""
     from safetensors.torch import save_file
 
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"path: the directory '{path.parent}' does not exist")
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    # os.open with mode 0o666 lets the umask decide the permissions, as for any new file.
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
 
 
 # -- a loaded solver without its training data --------------------------------------------------------

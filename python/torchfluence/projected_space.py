@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
@@ -60,9 +60,6 @@ from .captured_scores import index_sum
 from .gradients import CapturedGradients, GradientSource
 from .precision import mm_float32
 from .projectors import DenseProjector, KroneckerProjector, Projector, SparseJLProjector
-
-if TYPE_CHECKING:
-    from .influence import InfluenceFunctionModel
 
 __all__ = ["KroneckerProjection", "ProjectedGradients", "KroneckerGradients", "ProjectedFisher",
            "projected_source", "describe_projection", "projection_from_description"]
@@ -289,8 +286,8 @@ class KroneckerGradients(GradientSource):
             out[:, layer.weight_slice] = torch.bmm(pg.transpose(1, 2), pa).reshape(x.shape[0], -1)
         return out
 
-    def scores_by_layer(self, queries: Tensor, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        """{layer name: (n_query, b)}: each layer's columns of the projected space; they sum to :meth:`scores`."""
+    def score_block_by_layer(self, queries: Tensor, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """{layer name: (n_query, b)}: each layer's columns of the projected space; they sum to :meth:`score_block`."""
         g = self.grads(x, y)
         q = queries.to(g.dtype)
         return {layer.name: mm_float32(q[:, p.weight_slice], g[:, p.weight_slice].T)
@@ -372,34 +369,28 @@ def resolve_second_order(second_order: Optional[str], projector: Optional[Projec
     return "fisher"
 
 
-def projected_engine(solver: InfluenceFunctionModel,
+def projected_engine(functions: ModelFunctions, source: GradientSource,
                      projector: Projection) -> tuple[GradientSource, CurvatureOperator]:
-    """The projected gradient source and curvature operator of `solver` (built on its model functions)."""
-    from .solvers.datainf import InverseHarmonicMeanInfluence
-
-    if isinstance(solver, InverseHarmonicMeanInfluence):
-        raise ValueError("InverseHarmonicMeanInfluence (DataInf) does not take projector=: its blocks are groups "
-                         "of parameters, which a projection mixes; use DirectInfluence or CgInfluence with the "
-                         "projector instead")
-    source = projected_source(solver.functions, solver.source, projector)
-    return source, ProjectedFisher(source)
+    """The projected gradient source over `source`, and the Fisher of its projected gradients."""
+    projected = projected_source(functions, source, projector)
+    return projected, ProjectedFisher(projected)
 
 
-def kronecker_layers(solver: InfluenceFunctionModel) -> Optional[KroneckerGradients]:
-    """K-FAC's projected space: the solver's Kronecker source, None without a projector.
+def kronecker_layers(solver_name: str, source: GradientSource,
+                     projector: Optional[Projection]) -> Optional[KroneckerGradients]:
+    """K-FAC's projected space: `source` when it is a Kronecker source, None without a projector.
 
     Raises:
         TypeError: a projector other than a :class:`KroneckerProjection` (K-FAC needs layers).
     """
-    projector = getattr(solver, "projector", None)
     if projector is None:
         return None
-    if not isinstance(solver.source, KroneckerGradients):
-        raise TypeError(f"{type(solver).__name__} needs the layer structure of the gradients, which "
+    if not isinstance(source, KroneckerGradients):
+        raise TypeError(f"{solver_name} needs the layer structure of the gradients, which "
                         f"{type(projector).__name__} mixes; pass projector=KroneckerProjection(k_out, k_in) "
                         "(LoGra: Kronecker factors of projected inputs and output gradients), or use "
                         "DirectInfluence / CgInfluence with this projector")
-    return solver.source
+    return source
 
 
 # -- descriptions (for stores and records) ------------------------------------------------------------------

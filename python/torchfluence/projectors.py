@@ -23,7 +23,8 @@ per layer, say) through :meth:`Projector.project_parts` and
 :meth:`Projector.accumulate`, without concatenating them.
 
 Random numbers: each projector draws from ``torch.Generator`` streams seeded by
-a SplitMix64 mix of ``(seed, stream index)`` on the CPU in float64, so a seed
+a SplitMix64 mix of ``(seed, stream index)``
+(:func:`torchfluence.counter_random.stream_seed`) on the CPU in float64, so a seed
 gives the same matrix on every device and, up to rounding, in every dtype.
 Different seeds give independent projectors (use one seed per layer).
 """
@@ -38,31 +39,18 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _ops
+from . import ops
+from .counter_random import stream_seed
 
 __all__ = ["Projector", "DenseProjector", "SparseJLProjector", "KroneckerProjector"]
 
-_MASK64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15
 _SEED_MAX = 2**63 - 1
 _DTYPES = (torch.float32, torch.float64)
 _DENSE_CHUNK = 1024  # columns of a DenseProjector drawn from one generator stream
 
 
-def _mix64(z: int) -> int:
-    z &= _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
-def _stream_seed(seed: int, stream: int) -> int:
-    """Seed of an independent torch.Generator stream: SplitMix64 output `stream` of `seed`, 63 bits."""
-    return _mix64(_mix64(seed + _GOLDEN) + (stream + 1) * _GOLDEN) >> 1
-
-
 def _generator(seed: int, stream: int) -> torch.Generator:
-    return torch.Generator(device="cpu").manual_seed(_stream_seed(seed, stream))
+    return torch.Generator(device="cpu").manual_seed(stream_seed(seed, stream))
 
 
 def _positive_int(name: str, value, where: str) -> int:
@@ -309,24 +297,23 @@ class SparseJLProjector(Projector):
     def __init__(self, p: int, k: int, *, s: int = 4, seed: int = 0, dtype: Optional[torch.dtype] = None):
         super().__init__(p, k, seed=seed, dtype=dtype)
         s = _positive_int("s", s, "SparseJLProjector")
-        if s > min(k, _ops.SJLT_MAX_S):
+        if s > min(k, ops.SJLT_MAX_S):
             raise ValueError(
-                f"SparseJLProjector: s must be in [1, min(k, {_ops.SJLT_MAX_S})], got s = {s}, k = {k}"
+                f"SparseJLProjector: s must be in [1, min(k, {ops.SJLT_MAX_S})], got s = {s}, k = {k}"
             )
-        if k > _ops.SJLT_MAX_K:
-            raise ValueError(f"SparseJLProjector: k must be <= {_ops.SJLT_MAX_K}, got {k}")
+        if k > ops.SJLT_MAX_K:
+            raise ValueError(f"SparseJLProjector: k must be <= {ops.SJLT_MAX_K}, got {k}")
         self.s = s
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", s={self.s})"
 
     def _accumulate(self, g: Tensor, out: Tensor, offset: int) -> None:
-        # The kernel reads half inputs on CUDA itself (float32 accumulation); otherwise
-        # the input is brought to the dtype of the results first.
-        native = g.device.type == "cuda" and g.dtype in (torch.float16, torch.bfloat16)
-        if not (native and out.dtype == torch.float32):
+        # The kernel reads the dtypes it supports itself (half inputs on CUDA, accumulated
+        # in float32); otherwise the input is brought to the dtype of the results first.
+        if not (ops.sjlt.supports(g.dtype, g.device) and out.dtype == ops.accumulation_dtype(g.dtype)):
             g = g.to(out.dtype)
-        _ops.sjlt_accumulate(g, out, self.s, self.seed, offset)
+        ops.sjlt_accumulate(g, out, self.s, self.seed, offset)
 
 
 class KroneckerProjector(Projector):

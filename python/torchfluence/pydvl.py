@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any, Optional, Union
 
@@ -42,10 +43,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import solvers as _solvers
+from .contract import SolverOptions, option
 from .checks import check_regularization
 from .curvature import CurvatureOperator
 from .linear_head import loss_kind
-from .persist import restore
 
 __all__ = [
     "ArnoldiInfluence",
@@ -310,15 +311,18 @@ class _PydvlInterface:
     def _remember(self, model: nn.Module, loss: Any) -> None:
         self.model, self.loss = model, loss
 
-    # -- saved state (torchfluence.persist): rebuilt from pyDVL's arguments ----------------------------
-    _load_extra_options: tuple = ()
-    _pydvl_arguments: dict[str, Any]  # the constructor's arguments, as JSON, set by each __init__
+    # -- the solver contract: options are pyDVL's constructor arguments ---------------------------------
+    _arguments: SolverOptions  # the constructor's arguments, as JSON values, set by each __init__
 
-    def _constructor_options(self) -> dict[str, Any]:
+    def options(self) -> SolverOptions:
+        """The pyDVL constructor arguments this solver was built with (its class's ``Options``)."""
+        return self._arguments
+
+    def constructor_options(self) -> dict[str, Any]:
         """The pyDVL constructor arguments that rebuild this solver, with its current regularization."""
         blocks = getattr(self, "_block_solvers", None)
         regularization = self.block_regularization if blocks is not None else self.regularization
-        return {**self._pydvl_arguments, "regularization": regularization}
+        return {**self._arguments.values(), "regularization": regularization}
 
     @property
     def n_parameters(self) -> int:
@@ -396,22 +400,22 @@ class _BlockDiagonal:
     def _after_block_fit(self) -> None:  # noqa: B027 - optional hook
         pass
 
-    def _fitted_state(self) -> tuple[dict[str, Tensor], dict]:
+    def fitted_state(self) -> tuple[dict[str, Tensor], dict]:
         """The solver's own state; with blocks, each block's, keyed ``"block/<name>/<key>"``."""
         if self._block_solvers is None:
-            return super()._fitted_state()
+            return super().fitted_state()
         tensors, info = {}, {}
         for name, solver in self._block_solvers.items():
-            state, info[name] = solver._fitted_state()
+            state, info[name] = solver.fitted_state()
             tensors.update({f"block/{name}/{key}": value for key, value in state.items()})
         return tensors, {"blocks": info}
 
-    def _restore_fitted_state(self, tensors: dict[str, Tensor], info: dict) -> None:
+    def restore_fitted_state(self, tensors: dict[str, Tensor], info: dict) -> None:
         if self._block_solvers is None:
-            return super()._restore_fitted_state(tensors, info)
+            return super().restore_fitted_state(tensors, info)
         for name, solver in self._block_solvers.items():
             prefix = f"block/{name}/"
-            restore(solver, {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)},
+            solver.restore({key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)},
                     info["blocks"][name], n_train=self.n_train, classes=self._classes, train=self._train)
         self._after_block_fit()
 
@@ -477,6 +481,77 @@ class _CgBlock(_AtolSolve, _solvers.CgInfluence):
         return self
 
 
+# -- constructor arguments (the solver contract's options) --------------------------------------------
+@dataclass(frozen=True)
+class _BlockArguments(SolverOptions):
+    """The arguments of every block-diagonal solver; its fitted state depends on both."""
+
+    block_structure: Any = option(fit=True, doc="None for BlockMode.FULL, else {block name: [parameter names]}")
+    second_order_mode: Any = option(fit=True, doc="SecondOrderMode's value")
+
+
+@dataclass(frozen=True)
+class _DirectArguments(_BlockArguments):
+    """DirectInfluence's arguments."""
+
+
+@dataclass(frozen=True)
+class _CgArguments(_BlockArguments):
+    """CgInfluence's arguments."""
+
+    rtol: float = option()
+    atol: float = option()
+    maxiter: Optional[int] = option()
+    progress: bool = option()
+    precompute_grad: bool = option()
+    preconditioner: Optional[dict] = option(fit=True, doc="the preconditioner's settings")
+    solve_simultaneously: bool = option()
+    warn_on_max_iteration: bool = option()
+
+
+@dataclass(frozen=True)
+class _LissaArguments(_BlockArguments):
+    """LissaInfluence's arguments."""
+
+    maxiter: int = option()
+    dampen: float = option()
+    scale: float = option()
+    progress: bool = option()
+    rtol: float = option()
+    warn_on_max_iteration: bool = option()
+
+
+@dataclass(frozen=True)
+class _ArnoldiArguments(_BlockArguments):
+    """ArnoldiInfluence's arguments."""
+
+    rank: int = option(fit=True)
+    krylov_dimension: Optional[int] = option(fit=True)
+    tol: float = option(fit=True)
+    eigen_computation_on_gpu: bool = option()
+    use_woodbury: bool = option()
+
+
+@dataclass(frozen=True)
+class _NystroemArguments(_BlockArguments):
+    """NystroemSketchInfluence's arguments."""
+
+    rank: int = option(fit=True)
+
+
+@dataclass(frozen=True)
+class _EkfacArguments(SolverOptions):
+    """EkfacInfluence's arguments."""
+
+    update_diagonal: bool = option(fit=True)
+    progress: bool = option()
+
+
+@dataclass(frozen=True)
+class _DataInfArguments(_BlockArguments):
+    """InverseHarmonicMeanInfluence's arguments."""
+
+
 # -- solvers ------------------------------------------------------------------------------------------
 class DirectInfluence(_PydvlInterface, _BlockDiagonal, _solvers.DirectInfluence):
     """Exact influences from the explicit curvature matrix (pyDVL's ``DirectInfluence``).
@@ -497,7 +572,8 @@ class DirectInfluence(_PydvlInterface, _BlockDiagonal, _solvers.DirectInfluence)
     With blocks, :attr:`curvature` is the block-diagonal matrix (cross-block entries zero).
     """
 
-    _fit_options = ("block_structure", "second_order_mode")  # a load keeps these: the saved state depends on them
+    Options = _DirectArguments
+    traits = replace(_solvers.DirectInfluence.traits, load_only_options=())  # no cache_dir: pyDVL's classes take no head mode
 
     def __init__(self, model: nn.Module, loss, regularization: Optional[float] = _UNSET,
                  block_structure: Any = BlockMode.FULL, second_order_mode: Any = SecondOrderMode.HESSIAN, *,
@@ -514,7 +590,7 @@ class DirectInfluence(_PydvlInterface, _BlockDiagonal, _solvers.DirectInfluence)
                              **second_order)
         self._init_blocks(blocks, values, lambda params, lam: _solvers.DirectInfluence(
             model, loss, lam, params=params, head=False, **second_order))
-        self._pydvl_arguments = dict(block_structure=_saved_blocks(blocks),
+        self._arguments = _DirectArguments(block_structure=_saved_blocks(blocks),
                                      second_order_mode=_enum_value(second_order_mode))
         self._remember(model, loss)
 
@@ -546,7 +622,8 @@ class CgInfluence(_PydvlInterface, _BlockDiagonal, _SettableRegularization, _Ato
     After a solve, :attr:`last_solve_info` holds iterations and residuals per right-hand side.
     """
 
-    _fit_options = ("block_structure", "second_order_mode", "preconditioner")  # a load keeps these: the saved state depends on them
+    Options = _CgArguments
+    traits = replace(_solvers.CgInfluence.traits, load_only_options=())  # no cache_dir: pyDVL's classes take no head mode
 
     def __init__(self, model: nn.Module, loss, regularization: Optional[float] = _UNSET, rtol: float = 1e-4,
                  atol: float = 1e-6, maxiter: Optional[int] = None, progress: bool = False,
@@ -587,7 +664,7 @@ class CgInfluence(_PydvlInterface, _BlockDiagonal, _SettableRegularization, _Ato
             return block
 
         self._init_blocks(blocks, values, make_block)
-        self._pydvl_arguments = dict(
+        self._arguments = _CgArguments(
             rtol=rtol, atol=self.atol, maxiter=maxiter, progress=progress, precompute_grad=precompute_grad,
             preconditioner=_preconditioner(preconditioner) or None, solve_simultaneously=bool(solve_simultaneously),
             warn_on_max_iteration=self.warn_on_max_iteration, block_structure=_saved_blocks(blocks),
@@ -595,7 +672,7 @@ class CgInfluence(_PydvlInterface, _BlockDiagonal, _SettableRegularization, _Ato
         self._remember(model, loss)
 
     @classmethod
-    def _from_options(cls, model: nn.Module, loss: Any, options: dict[str, Any]) -> "CgInfluence":
+    def from_constructor_options(cls, model: nn.Module, loss: Any, options: dict[str, Any]) -> "CgInfluence":
         """The solver from saved constructor arguments (the preconditioner saved as its settings)."""
         saved = options.get("preconditioner")
         if isinstance(saved, Mapping):
@@ -675,7 +752,8 @@ class LissaInfluence(_PydvlInterface, _BlockDiagonal, _SettableRegularization, _
         hessian_regularization: older name of ``regularization``.
     """
 
-    _fit_options = ("block_structure", "second_order_mode")  # a load keeps these: the saved state depends on them
+    Options = _LissaArguments
+    traits = replace(_solvers.LissaInfluence.traits, load_only_options=())  # no cache_dir: pyDVL's classes take no head mode
 
     def __init__(self, model: nn.Module, loss, regularization: Optional[float] = _UNSET, maxiter: int = 1000,
                  dampen: float = 0.0, scale: float = 10.0, rtol: float = 1e-4, progress: bool = False,
@@ -699,7 +777,7 @@ class LissaInfluence(_PydvlInterface, _BlockDiagonal, _SettableRegularization, _
             self._init_blocks(blocks, values, lambda params, lam: _LissaBlock(
                 model, loss, lam, params=params, head=False, **options).stopping(**stopping))
         self.stopping(**stopping)
-        self._pydvl_arguments = dict(maxiter=maxiter, dampen=dampen, scale=scale, progress=progress, **stopping,
+        self._arguments = _LissaArguments(maxiter=maxiter, dampen=dampen, scale=scale, progress=progress, **stopping,
                                      block_structure=_saved_blocks(blocks),
                                      second_order_mode=_enum_value(second_order_mode))
         self._remember(model, loss)
@@ -732,7 +810,8 @@ class ArnoldiInfluence(_PydvlInterface, _BlockDiagonal, _solvers.ArnoldiInfluenc
         hessian_regularization, rank_estimate: older names of ``regularization``, ``rank``.
     """
 
-    _fit_options = ("block_structure", "second_order_mode", "rank", "krylov_dimension", "tol")  # a load keeps these: the saved state depends on them
+    Options = _ArnoldiArguments
+    traits = replace(_solvers.ArnoldiInfluence.traits, load_only_options=())  # no cache_dir: pyDVL's classes take no head mode
 
     def __init__(self, model: nn.Module, loss, regularization: Optional[float] = _UNSET, rank: int = _UNSET,
                  krylov_dimension: Optional[int] = None, tol: float = 1e-6, max_iter: Optional[int] = None,
@@ -766,7 +845,7 @@ class ArnoldiInfluence(_PydvlInterface, _BlockDiagonal, _solvers.ArnoldiInfluenc
                 **options))
         self.use_woodbury = bool(use_woodbury)
         self.eigen_computation_on_gpu = eigen_computation_on_gpu
-        self._pydvl_arguments = dict(rank=rank, krylov_dimension=krylov_dimension, tol=tol,
+        self._arguments = _ArnoldiArguments(rank=rank, krylov_dimension=krylov_dimension, tol=tol,
                                      eigen_computation_on_gpu=eigen_computation_on_gpu,
                                      block_structure=_saved_blocks(blocks),
                                      second_order_mode=_enum_value(second_order_mode), use_woodbury=self.use_woodbury)
@@ -782,7 +861,8 @@ class NystroemSketchInfluence(_PydvlInterface, _BlockDiagonal, _solvers.Nystroem
         rank: sketch size.
     """
 
-    _fit_options = ("block_structure", "second_order_mode", "rank")  # a load keeps these: the saved state depends on them
+    Options = _NystroemArguments
+    traits = replace(_solvers.NystroemSketchInfluence.traits, load_only_options=())  # no cache_dir: pyDVL's classes take no head mode
 
     def __init__(self, model: nn.Module, loss, regularization: float, rank: int,
                  block_structure: Any = BlockMode.FULL, second_order_mode: Any = SecondOrderMode.HESSIAN) -> None:
@@ -798,7 +878,7 @@ class NystroemSketchInfluence(_PydvlInterface, _BlockDiagonal, _solvers.Nystroem
             self._init_blocks(blocks, values, lambda params, lam: _solvers.NystroemSketchInfluence(
                 model, loss, lam, min(rank, sum(sizes[n].numel() for n in params)), params=params, head=False,
                 **second_order))
-        self._pydvl_arguments = dict(rank=rank, block_structure=_saved_blocks(blocks),
+        self._arguments = _NystroemArguments(rank=rank, block_structure=_saved_blocks(blocks),
                                      second_order_mode=_enum_value(second_order_mode))
         self._remember(model, loss)
 
@@ -820,21 +900,22 @@ class EkfacInfluence(_PydvlInterface, _solvers.KfacInfluence):
         progress: progress bars.
     """
 
-    _fit_options = ("update_diagonal",)  # a load keeps these: the saved state depends on them
+    Options = _EkfacArguments
+    traits = replace(_solvers.KfacInfluence.traits, load_only_options=())  # no cache_dir: pyDVL's classes take no head mode
 
     def __init__(self, model: nn.Module, update_diagonal: bool = False, hessian_regularization: float = 0.0,
                  progress: bool = False) -> None:
         super().__init__(model, F.cross_entropy, check_regularization(hessian_regularization, "hessian_regularization"),
                          fisher="exact", eigenvalue_correction=bool(update_diagonal), progress=progress)
         self.update_diagonal = bool(update_diagonal)
-        self._pydvl_arguments = dict(update_diagonal=self.update_diagonal, progress=progress)
+        self._arguments = _EkfacArguments(update_diagonal=self.update_diagonal, progress=progress)
         self._remember(model, F.cross_entropy)
 
-    def _constructor_options(self) -> dict[str, Any]:
-        return {**self._pydvl_arguments, "hessian_regularization": self.regularization}
+    def constructor_options(self) -> dict[str, Any]:
+        return {**self._arguments.values(), "hessian_regularization": self.regularization}
 
     @classmethod
-    def _from_options(cls, model: nn.Module, loss: Any, options: dict[str, Any]) -> "EkfacInfluence":
+    def from_constructor_options(cls, model: nn.Module, loss: Any, options: dict[str, Any]) -> "EkfacInfluence":
         """The solver from saved constructor arguments; `loss` must be the cross-entropy it always uses."""
         if loss_kind(loss) != "cross_entropy":
             raise ValueError(f"loss: EkfacInfluence is fitted with cross-entropy, got {loss!r}")
@@ -859,7 +940,8 @@ class InverseHarmonicMeanInfluence(_PydvlInterface, _solvers.InverseHarmonicMean
             empirical Fisher).
     """
 
-    _fit_options = ("block_structure", "second_order_mode")  # a load keeps these: the saved state depends on them
+    Options = _DataInfArguments
+    traits = replace(_solvers.InverseHarmonicMeanInfluence.traits, load_only_options=())  # no cache_dir: pyDVL's classes take no head mode
 
     def __init__(self, model: nn.Module, loss, regularization: Union[float, Mapping[str, float]],
                  block_structure: Any = BlockMode.FULL,
@@ -872,7 +954,7 @@ class InverseHarmonicMeanInfluence(_PydvlInterface, _solvers.InverseHarmonicMean
         if isinstance(regularization, Mapping) and blocks is None:
             regularization = {"full": regularization[""]} if set(regularization) == {""} else regularization
         super().__init__(model, loss, regularization, block_structure=structure)
-        self._pydvl_arguments = dict(block_structure=_saved_blocks(blocks),
+        self._arguments = _DataInfArguments(block_structure=_saved_blocks(blocks),
                                      second_order_mode=_enum_value(second_order_mode))
         self._remember(model, loss)
 

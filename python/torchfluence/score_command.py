@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-SOLVERS = ("ekfac", "kfac", "cg", "lissa", "arnoldi", "direct", "nystroem")
+SOLVERS = ("ekfac", "kfac", "cg", "lissa", "arnoldi", "direct", "nystroem")  # the keys of solvers.by_name.SOLVERS
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 TOP_IMAGE_PLOTS = 3  # test points that get a plot of their top training images
 HTML_ROWS = 100  # test points listed in report.html (top_k.json has all)
@@ -301,25 +301,6 @@ def load_data(path_text: str, arg: str, image_size: Optional[int] = None,
 
 # ----------------------------------------------------------------------------- solver
 
-def make_solver(name: str, model: nn.Module, regularization: float, batch_size: int, rank: Optional[int],
-                second_order: str = "gauss_newton"):
-    """The torchfluence solver ``name`` for ``model`` with cross-entropy, progress bars on."""
-    import torchfluence as tfl
-
-    if name in ("ekfac", "kfac"):
-        cls = tfl.EkfacInfluence if name == "ekfac" else tfl.KfacInfluence
-        return cls(model, F.cross_entropy, regularization, block_size=batch_size, progress=True)
-    common = dict(block_size=batch_size, progress=True, second_order=second_order)
-    if name in ("arnoldi", "nystroem"):
-        num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        if rank is None:
-            rank = min(10, num_params)
-        cls = tfl.ArnoldiInfluence if name == "arnoldi" else tfl.NystroemSketchInfluence
-        return cls(model, F.cross_entropy, regularization, rank=rank, **common)
-    classes = {"cg": tfl.CgInfluence, "lissa": tfl.LissaInfluence, "direct": tfl.DirectInfluence}
-    return classes[name](model, F.cross_entropy, regularization, **common)
-
-
 def _check_model_on(model: nn.Module, data: Dataset, arg: str, device: str) -> int:
     """Runs the model on one sample; returns its number of outputs (classes)."""
     try:
@@ -499,7 +480,10 @@ def run_score(args: argparse.Namespace) -> dict:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    im = make_solver(args.solver, model, args.regularization, args.batch_size, args.rank, args.second_order)
+    from .solvers.by_name import make_solver
+
+    im = make_solver(args.solver, model, F.cross_entropy, args.regularization, rank=args.rank,
+                     second_order=args.second_order, block_size=args.batch_size, progress=True)
 
     start = time.perf_counter()
     im.fit((train.x, train.y))

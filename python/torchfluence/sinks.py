@@ -52,12 +52,22 @@ class DenseSink(ScoreSink):
         shape: the full result's shape; ``shape[sample_dim]`` is the number of samples.
         sample_dim: the dimension that indexes samples.
         dtype, device: of the result.
+        out: optional tensor of `shape` and `dtype` to fill (default: a new one).
     """
 
     def __init__(self, shape: tuple[int, ...], *, dtype: torch.dtype, device: Union[str, torch.device],
-                 sample_dim: int = -1) -> None:
-        # Distributed: each process fills its own columns, the others stay exact zeros for the sum.
-        self.out = (torch.zeros if is_distributed() else torch.empty)(shape, dtype=dtype, device=device)
+                 sample_dim: int = -1, out: Optional[Tensor] = None) -> None:
+        if out is not None:  # the caller's tensor, filled in place
+            if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
+                name = str(dtype).removeprefix("torch.")
+                raise ValueError(f"out must be a {tuple(shape)} {name} tensor, got {out.dtype} of shape "
+                                 f"{tuple(out.shape)}")
+            if is_distributed():
+                out.zero_()
+            self.out = out
+        else:
+            # Distributed: each process fills its own columns, the others stay exact zeros for the sum.
+            self.out = (torch.zeros if is_distributed() else torch.empty)(shape, dtype=dtype, device=device)
         self.sample_dim = sample_dim % len(shape)
         self.filled = 0
 

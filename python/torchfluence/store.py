@@ -22,7 +22,7 @@ A store is a directory:
 - ``store.json``: format, version, the settings that made it (projector,
   parameters, dtypes, block size, loss, data size and, for an in-memory
   ``(x, y)`` pair, a digest of it), the model's fingerprint
-  (:func:`torchfluence.fingerprint.model_fingerprint`) and whether it is complete;
+  (:func:`torchfluence.durable.model_fingerprint`) and whether it is complete;
 - ``gradients.bin``: the (n_train, k) row-major matrix, little-endian 16-bit floats;
 - ``fisher.safetensors``: while building, the running Fisher sum and the
   build's progress record (which blocks are done) in one file, replaced
@@ -44,7 +44,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -53,18 +53,20 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import journal
+from .budget import store_chunk_rows
 from ._build_info import build_info
 from ._functional import LossFn, ModelFunctions
 from .checks import check_finite, check_positive_int, check_regularization
-from .data import DataSource, Samples
+from .data import DataSource, SampleBlock, Samples
 from .distributed import is_distributed
-from .fingerprint import model_fingerprint, settings_fingerprint
+from .durable import atomic_write, data_digest, model_fingerprint, settings_fingerprint
 from .gradients import GradientSource, gradient_source
 from .influence import TopKInfluences
 from .projected_space import (KroneckerGradients, Projection, describe_projection, projected_source,
                         projection_from_description)
-from .topk import StreamingTopK
+from .journal import SAVE_TIME_RATIO, identity_differences
+from .scoring import BlockIndex, Runtime, result_sink, run_blocks
+from .sinks import DenseSink, MemmapSink, TopKSink
 
 __all__ = ["GradientStore"]
 
@@ -75,7 +77,6 @@ GRADIENTS_FILE = "gradients.bin"
 FISHER_FILE = "fisher.safetensors"
 _RECORD_KEY = "torchfluence"
 _STORAGE = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-_CHUNK_BYTES = 32 << 20  # stored gradients read per chunk when scoring
 
 PathLike = Union[str, "os.PathLike[str]"]
 Queries = Union[Tensor, tuple]
@@ -215,7 +216,7 @@ class GradientStore:
             "block_size": block_size, "projector": description, "params": list(functions.names),
             "loss": _loss_name(loss), "output_transform": None if output_transform is None
             else _callable_name(output_transform), "fused": fused, "fisher": fisher,
-            "train_data": _data_digest(train_data),
+            "train_data": data_digest(train_data),
         }
         settings = json.loads(json.dumps(settings))  # as it reads back from the file
         metadata = {"format": FORMAT, "version": VERSION, "settings": settings,
@@ -373,10 +374,9 @@ class GradientStore:
         if k > self.n_train:
             raise ValueError(f"k must be at most the number of stored training samples ({self.n_train}), got {k}")
         s = self._scoring_vectors(queries, regularization, device, output_transform)
-        state = StreamingTopK(s.shape[0], k, device=s.device, dtype=torch.float32)
-        for start, rows in self._chunks(chunk_rows, s.device):
-            state.update(s, rows, offset=start)
-        res = state.result()
+        sink = TopKSink(s.shape[0], k, dtype=torch.float32, device=s.device)
+        self._score(s, chunk_rows, [sink], "top-k of stored gradients")
+        res = sink.result()
         return TopKInfluences(res.largest_indices, res.largest_values, res.smallest_indices, res.smallest_values)
 
     def scores(self, queries: Queries, *, regularization: Optional[float] = None,
@@ -392,25 +392,23 @@ class GradientStore:
         """
         s = self._scoring_vectors(queries, regularization, device, output_transform)
         shape = (s.shape[0], self.n_train)
-        array = None
-        if out is None:
-            result = torch.empty(shape, dtype=torch.float32, device=s.device)
-        elif isinstance(out, Tensor):
-            if tuple(out.shape) != shape or out.dtype != torch.float32:
-                raise ValueError(f"out must be a {shape} float32 tensor, got {out.dtype} of shape {tuple(out.shape)}")
-            result = out
-        elif isinstance(out, (str, os.PathLike)):
-            array = np.lib.format.open_memmap(Path(out), mode="w+", dtype=np.float32, shape=shape)
-            result = torch.from_numpy(array)
+        if isinstance(out, Tensor):
+            sink = DenseSink(shape, dtype=torch.float32, device=out.device, sample_dim=1, out=out)
+        elif out is None or isinstance(out, (str, os.PathLike)):
+            sink, _ = result_sink(shape, None if out is None else Path(out), Runtime(torch.float32, s.device),
+                                  sample_dim=1)
         else:
             raise TypeError(f"out must be None, a tensor or a .npy path, got {type(out).__name__}")
-        for start, rows in self._chunks(chunk_rows, s.device):
-            block = s @ rows.T
-            check_finite(block, "influence scores", start, sample_dim=1)
-            result[:, start:start + rows.shape[0]].copy_(block)
-        if array is not None:
-            array.flush()
-        return result
+        self._score(s, chunk_rows, [sink], "influence scores")
+        if isinstance(sink, MemmapSink):
+            sink.flush()
+        return sink.result()
+
+    def _score(self, vectors: Tensor, chunk_rows: Optional[int], sinks: list, what: str) -> None:
+        """Scores every stored row against the (n_q, k) float32 `vectors` into `sinks`, through the job runner."""
+        rows = StoredRows(self.path / GRADIENTS_FILE, self.n_train, self.k, self.dtype,
+                          store_chunk_rows(self.k) if chunk_rows is None else chunk_rows, vectors.device)
+        run_blocks(rows, lambda block: vectors @ block.x.T, sinks, what, Runtime(torch.float32, vectors.device))
 
     def _scoring_vectors(self, queries: Queries, regularization: Optional[float],
                          device: Union[None, str, torch.device],
@@ -421,18 +419,36 @@ class GradientStore:
             device = queries.device if isinstance(queries, Tensor) else vectors.device
         return vectors.to(device=device, dtype=torch.float32)
 
-    def _chunks(self, chunk_rows: Optional[int], device: torch.device):
-        """(first row, (rows, k) float32 on `device`) for consecutive chunks of the stored gradients."""
-        if chunk_rows is None:
-            chunk_rows = max(1, _CHUNK_BYTES // (2 * self.k))
-        check_positive_int(chunk_rows, "chunk_rows")
-        array = np.memmap(self.path / GRADIENTS_FILE, dtype=np.int16, mode="r", shape=(self.n_train, self.k))
+
+class StoredRows:
+    """The stored gradients as the job runner reads them: (rows, k) float32 chunks with their offsets.
+
+    Args:
+        file: the store's ``gradients.bin``.
+        n_train, k: its shape.
+        dtype: its storage dtype (float16 or bfloat16).
+        chunk_rows: rows per chunk.
+        device: where the chunks go.
+    """
+
+    def __init__(self, file: Path, n_train: int, k: int, dtype: torch.dtype, chunk_rows: int,
+                 device: torch.device) -> None:
+        self.file, self.n_train, self.k, self.dtype, self.device = file, n_train, k, dtype, device
+        self.block_size = check_positive_int(chunk_rows, "chunk_rows")
+
+    def known_count(self) -> int:
+        return self.n_train
+
+    def blocks(self, *, select: Optional[Callable[[int], bool]] = None) -> Iterator[SampleBlock]:
+        array = np.memmap(self.file, dtype=np.int16, mode="r", shape=(self.n_train, self.k))
         try:
-            for start in range(0, self.n_train, chunk_rows):
-                stop = min(self.n_train, start + chunk_rows)
+            for index, start in enumerate(range(0, self.n_train, self.block_size)):
+                if select is not None and not select(index):
+                    continue
+                stop = min(self.n_train, start + self.block_size)
                 # A copy of the pages (np.array), then an exact widening to float32.
-                rows = torch.from_numpy(np.array(array[start:stop])).view(self.dtype)
-                yield start, rows.to(device).float()
+                rows = torch.from_numpy(np.array(array[start:stop])).view(self.dtype).to(self.device).float()
+                yield SampleBlock(rows, rows[:, :0], start)  # no targets: the rows are the gradients
         finally:
             del array
 
@@ -469,7 +485,7 @@ class _Builder:
             if leftovers:
                 raise ValueError(f"path: '{self.path}' holds {leftovers} but no {METADATA_FILE}: it is not a gradient "
                                  f"store (or a damaged one); {_remedy(self.path)}")
-            journal.atomic_write(self.path / METADATA_FILE, json.dumps(self.metadata, indent=1).encode())
+            atomic_write(self.path / METADATA_FILE, json.dumps(self.metadata, indent=1).encode())
             with open(self.path / GRADIENTS_FILE, "wb") as f:
                 f.truncate(2 * self.n * self.k)
         device = self.source.functions.device
@@ -513,7 +529,7 @@ class _Builder:
         # Blocks split the data's own batches, so their number is known only for an (x, y) pair.
         total = -(-self.n // self.samples.block_size) if self.pair else None
         bar = tqdm(total=total, initial=self.blocks_done, desc="gradient store", disable=not self.progress)
-        index = journal.BlockIndex(lambda i: i >= self.blocks_done)
+        index = BlockIndex(lambda i: i >= self.blocks_done)
         consistent = True
         try:
             for block in self.samples.blocks(select=index.select):
@@ -533,7 +549,7 @@ class _Builder:
                 self.blocks_done, self.samples_done = index.last + 1, block.offset + block.size
                 consistent = True
                 bar.update(1)
-                if time.monotonic() - self._save_end >= journal.SAVE_TIME_RATIO * self._save_cost:
+                if time.monotonic() - self._save_end >= SAVE_TIME_RATIO * self._save_cost:
                     self._save()
         except BaseException:
             if consistent and self.blocks_done:
@@ -556,7 +572,7 @@ class _Builder:
         fisher_sum = self.fisher_sum.detach().to("cpu").contiguous()
         tensors = {"fisher": fisher_sum / self.n} if complete and self.with_fisher else {"fisher_sum": fisher_sum}
         data = safetensors_bytes(tensors, metadata={_RECORD_KEY: json.dumps(record)})
-        journal.atomic_write(self.path / FISHER_FILE, data)
+        atomic_write(self.path / FISHER_FILE, data)
         self._save_end = time.monotonic()
         self._save_cost = self._save_end - start
 
@@ -566,7 +582,7 @@ class _Builder:
 
     def _write_complete_metadata(self) -> None:
         self.metadata["complete"] = True
-        journal.atomic_write(self.path / METADATA_FILE, json.dumps(self.metadata, indent=1).encode())
+        atomic_write(self.path / METADATA_FILE, json.dumps(self.metadata, indent=1).encode())
 
 
 # -- files ---------------------------------------------------------------------------------------------
@@ -622,7 +638,7 @@ def _read_fisher(path: Path) -> tuple[Optional[dict[str, Any]], dict[str, Tensor
 
 def _check_same(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
     """Refuses to go on with a store of another model, other settings or other data."""
-    found = journal.identity_differences(saved, now, where="the store")
+    found = identity_differences(saved, now, where="the store")
     if not found and saved["settings_fingerprint"] != now["settings_fingerprint"]:
         found.append("the settings fingerprint")
     if found:
@@ -653,9 +669,3 @@ def _loss_name(loss: Callable) -> str:
                    if not key.startswith("_") and isinstance(value, (bool, int, float, str, type(None)))}
         name += json.dumps(options, sort_keys=True)
     return name
-
-
-def _data_digest(data: DataSource) -> Optional[str]:
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
-        return journal.digest([("x", data[0]), ("y", data[1])])
-    return None

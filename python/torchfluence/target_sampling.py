@@ -14,64 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .counter_random import SampleDraws
+
 TargetSampler = Callable[[Tensor], Tensor]
-
-
-class SampleDraws:
-    """Uniform random numbers in [0, 1) addressed by (seed, stage, draw, sample index, element).
-
-    A counter-based generator: each number is a SplitMix64 hash of its address, so a
-    sample's targets depend only on the seed and the sample's global index, never on
-    how the data is cut into blocks, on the order blocks are read, or on how many
-    processes share the job.
-
-    Args:
-        seed: the solver's seed.
-    """
-
-    def __init__(self, seed: int) -> None:
-        self.seed = int(seed)
-        self._key = 0
-        self._offset = 0
-
-    def at(self, stage: int, draw: int, offset: int) -> None:
-        """Addresses the next block: fitting stage, repeated draw number, global index of its first sample."""
-        self._key = _mix64_int(_mix64_int(self.seed) + stage * 0x632BE59BD9B4E019 + draw * 0x9E3779B97F4A7C15)
-        self._offset = int(offset)
-
-    def uniforms(self, n: int, m: int, device: torch.device) -> Tensor:
-        """(n, m) float64 uniforms in [0, 1): element j of sample ``offset + i``."""
-        index = (self._offset + torch.arange(n, device=device, dtype=torch.int64)).unsqueeze(1) * m \
-            + torch.arange(m, device=device, dtype=torch.int64)
-        bits = _mix64_tensor(index + _signed(self._key))
-        return _logical_shift(bits, 11).double() * 2.0 ** -53  # the top 53 bits as a fraction
-
-
-def _mix64_int(z: int) -> int:
-    mask = (1 << 64) - 1
-    z = (z + 0x9E3779B97F4A7C15) & mask
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-    return z ^ (z >> 31)
-
-
-def _signed(z: int) -> int:
-    """A 64-bit pattern as the int64 with the same bits."""
-    z &= (1 << 64) - 1
-    return z - (1 << 64) if z >= 1 << 63 else z
-
-
-def _logical_shift(z: Tensor, bits: int) -> Tensor:
-    """z >> bits on the 64-bit patterns of int64 z (torch's >> is arithmetic)."""
-    return (z >> bits) & ((1 << (64 - bits)) - 1)
-
-
-def _mix64_tensor(z: Tensor) -> Tensor:
-    """SplitMix64's finaliser on int64 tensors (two's-complement wrap-around = arithmetic mod 2^64)."""
-    z = z + _signed(0x9E3779B97F4A7C15)
-    z = (z ^ _logical_shift(z, 30)) * _signed(0xBF58476D1CE4E5B9)
-    z = (z ^ _logical_shift(z, 27)) * _signed(0x94D049BB133111EB)
-    return z ^ _logical_shift(z, 31)
 
 
 def default_sampler(loss: Callable, draws: SampleDraws) -> Optional[TargetSampler]:

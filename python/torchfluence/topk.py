@@ -14,7 +14,8 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from . import _ops
+from . import ops
+from .budget import score_chunk_columns
 from .checks import check_finite
 from .precision import mm_float32
 
@@ -61,7 +62,7 @@ class StreamingTopK:
             raise ValueError(f"StreamingTopK: n_query must be an int >= 0, got {n_query!r}")
         self.n_query, self.k, self.fused = n_query, k, fused
         self.input_dtype = dtype
-        acc = _ops.accumulation_dtype(dtype)
+        acc = ops.accumulation_dtype(dtype)
         self.largest_values = torch.full((n_query, k), -torch.inf, dtype=acc, device=device)
         self.smallest_values = torch.full((n_query, k), torch.inf, dtype=acc, device=device)
         self.largest_indices = torch.full((n_query, k), -1, dtype=torch.int64, device=device)
@@ -84,17 +85,17 @@ class StreamingTopK:
         Returns:
             ``out`` (filled) or None.
         """
-        _ops.check_block_inputs(S, G)
+        ops.check_block_inputs(S, G)
         if S.shape[0] != self.n_query or S.device != self.device or S.dtype != self.input_dtype:
             raise ValueError(f"StreamingTopK.update: S must be ({self.n_query}, p) {self.input_dtype} on "
                              f"{self.device}, got {tuple(S.shape)} {S.dtype} on {S.device}")
         offset = self._offset(offset)
         if out is not None:
             _check_out(out, (S.shape[0], G.shape[0]), self.largest_values.dtype, self.device)
-        limit = _ops.max_fused_topk(S.device, S.dtype)
+        limit = ops.max_fused_topk(S.device, S.dtype)
         if self.fused and (limit is None or self.k <= limit):
-            _ops.influence_block_update(S, G, offset, self.largest_values, self.largest_indices,
-                                        self.smallest_values, self.smallest_indices, self.status, out)
+            ops.influence_block_update(S, G, offset, self.largest_values, self.largest_indices,
+                                       self.smallest_values, self.smallest_indices, self.status, out)
         else:
             # Column chunks whose scores fit in half the L2 cache: the merge reads each chunk
             # from L2 right after the GEMM wrote it, instead of the whole block back from memory.
@@ -159,8 +160,8 @@ class StreamingTopK:
         return offset
 
     def _merge(self, scores: Tensor, offset: int) -> None:
-        _ops.topk_merge(scores, offset, self.largest_values, self.largest_indices, self.smallest_values,
-                        self.smallest_indices, self.status)
+        ops.topk_merge(scores, offset, self.largest_values, self.largest_indices, self.smallest_values,
+                       self.smallest_indices, self.status)
 
     def result(self) -> TopKResult:
         """Returns the top-k so far, trimmed to the rows seen.
@@ -169,40 +170,10 @@ class StreamingTopK:
             ValueError: if any merged score was NaN or inf (a NaN gradient would
                 otherwise silently fall out of the ranking).
         """
-        _ops.raise_if_nonfinite(self.status, "influence scores")
+        ops.raise_if_nonfinite(self.status, "influence scores")
         keep = min(self.k, self.n_seen)
         return TopKResult(self.largest_values[:, :keep], self.largest_indices[:, :keep],
                           self.smallest_values[:, :keep], self.smallest_indices[:, :keep])
-
-
-# Columns of a score chunk are a multiple of this (whole GEMM tiles), and never fewer.
-_CHUNK_ALIGN = 256
-_l2_bytes: dict[int, int] = {}
-
-
-def score_chunk_columns(n_query: int, device: torch.device) -> Optional[int]:
-    """Training columns per chunk of :meth:`StreamingTopK.update` on `device` (None: one chunk).
-
-    On a GPU, a chunk's float32 scores take at most half of the L2 cache, so that
-    ``topk_merge`` reads them from L2 right after the GEMM wrote them. The size
-    depends on the device model only (never on timing or free memory); the top-k
-    does not depend on it at all, since the merge order is total. CPUs keep one
-    product per block, the route measured there (``benchmarks/RESULTS.md``).
-    """
-    if device.type != "cuda":
-        return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _l2_bytes:
-        _l2_bytes[index] = int(getattr(torch.cuda.get_device_properties(index), "L2_cache_size", 0))
-    return chunk_columns(n_query, _l2_bytes[index])
-
-
-def chunk_columns(n_query: int, l2_bytes: int) -> Optional[int]:
-    """Columns whose (n_query, columns) float32 scores fill at most half of `l2_bytes` (None: unknown L2)."""
-    if l2_bytes <= 0:
-        return None
-    columns = l2_bytes // 2 // (4 * max(1, n_query))
-    return max(_CHUNK_ALIGN, columns // _CHUNK_ALIGN * _CHUNK_ALIGN)
 
 
 def top_k_of_scores(scores: Tensor, k: int, offset: int = 0) -> TopKResult:
@@ -287,7 +258,7 @@ def influence_block(S: Tensor, G: Tensor, *, offset: int = 0, topk: Union[None, 
     if isinstance(topk, bool) or not isinstance(topk, (int, StreamingTopK)):
         raise TypeError(f"influence_block: topk must be None, an int or a StreamingTopK, got {type(topk).__name__}")
     if isinstance(topk, int):
-        _ops.check_block_inputs(S, G)
+        ops.check_block_inputs(S, G)
         topk = StreamingTopK(S.shape[0], topk, device=S.device, dtype=S.dtype)
     topk.update(S, G, offset=offset, out=out)
     return InfluenceBlock(out, topk)
@@ -295,7 +266,7 @@ def influence_block(S: Tensor, G: Tensor, *, offset: int = 0, topk: Union[None, 
 
 def influence_scores(S: Tensor, G: Tensor, offset: int = 0) -> Tensor:
     """The full score block ``S @ G.T``, (n_query, b), rejecting NaN/inf with an error naming the sample."""
-    _ops.check_block_inputs(S, G)
+    ops.check_block_inputs(S, G)
     scores = block_scores(S, G)
     check_finite(scores, "influence scores", offset, sample_dim=1)
     return scores

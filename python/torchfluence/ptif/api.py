@@ -23,10 +23,8 @@ from .compute import (
     influence_rows,
     label_value,
     make_solver,
-    model_fingerprint,
     ranking,
-    scored_batches,
-    scored_gradients,
+    scores_of_saved_gradients,
     seed_everything,
     select_test_indices,
 )
@@ -81,7 +79,7 @@ def calc_img_wise(config: dict[str, Any], model: nn.Module, train_loader: DataLo
     for group in _groups(indices, settings.test_batch_size):
         began = time.perf_counter()
         x, y = collate(test_loader, group)
-        rows = influence_rows(scored_batches(solver, solver.influence_factors(x, y), ordered), n_train)
+        rows = influence_rows(solver.scores_from_factors(solver.influence_factors(x, y), ordered))
         share = (time.perf_counter() - began) / len(group) + fit_share
         _record(results, test_loader, group, indices, rows, share, settings)
         total += rows.sum(dim=0)
@@ -136,7 +134,8 @@ def calc_all_grad_then_test(config: dict[str, Any], model: nn.Module, train_load
     for group in _groups(indices, settings.test_batch_size):
         began = time.perf_counter()
         factors = torch.stack([_load_flat(factor_files[i], solver) for i in group])
-        rows = influence_rows(scored_gradients(solver, factors, _load_blocks(blocks, solver)), n_train)
+        scores = scores_of_saved_gradients(solver, factors, blocks, lambda entry: _load_block(entry, solver))
+        rows = influence_rows(scores)
         _record(results, test_loader, group, indices, rows, share + (time.perf_counter() - began) / len(group),
                 settings)
         total += rows.sum(dim=0)
@@ -189,7 +188,7 @@ def _log_summary(results: dict, harmful: list[int], helpful: list[int], path: Pa
 def _check_manifest(store: Path, solver: InfluenceFunctionModel, settings: Settings, n_train: int) -> None:
     """Refuses to mix saved files of another model or other settings with this run's."""
     manifest = {
-        "model": model_fingerprint(solver), "num_params": solver.num_params, "n_train": n_train,
+        "model": solver.model_fingerprint(), "num_params": solver.num_params, "n_train": n_train,
         "batch_size": settings.batch_size, "dtype": str(solver.dtype), "solver": settings.solver,
         "damp": settings.damp, "scale": settings.scale, "recursion_depth": settings.recursion_depth,
         "r": settings.repetitions, "rank": settings.rank, "seed": settings.seed,
@@ -208,8 +207,8 @@ def _check_manifest(store: Path, solver: InfluenceFunctionModel, settings: Setti
 
 
 def _save_grad_z(solver: InfluenceFunctionModel, train_loader: DataLoader, folder: Path, size: int,
-                 n_train: int) -> list[Path]:
-    """Writes each missing training-gradient block (b, p); returns all block files in index order."""
+                 n_train: int) -> list[tuple[Path, int, int]]:
+    """Writes each missing training-gradient block (b, p); returns (file, first index, count) in index order."""
     paths = []
     for begin in tqdm(range(0, n_train, size), desc="grad_z"):
         stop = min(begin + size, n_train)
@@ -217,7 +216,7 @@ def _save_grad_z(solver: InfluenceFunctionModel, train_loader: DataLoader, folde
         if not path.exists():
             x, y = collate(train_loader, range(begin, stop))
             save_tensor(solver.grads(x, y).cpu(), path)
-        paths.append(path)
+        paths.append((path, begin, stop - begin))
     return paths
 
 
@@ -240,9 +239,10 @@ def _load_flat(path: Path, solver: InfluenceFunctionModel) -> Tensor:
     return torch.cat([t.reshape(-1) for t in parts]).to(solver.device, solver.dtype)
 
 
-def _load_blocks(paths: list[Path], solver: InfluenceFunctionModel) -> Iterator[Tensor]:
-    for path in paths:
-        grads = torch.load(path, map_location="cpu")
-        if grads.dim() != 2 or grads.shape[1] != solver.num_params:
-            raise ValueError(f"{path}: expected a (b, {solver.num_params}) gradient block, got {tuple(grads.shape)}")
-        yield grads.to(solver.device, solver.dtype)
+def _load_block(entry: tuple[Path, int, int], solver: InfluenceFunctionModel) -> Tensor:
+    """One saved (b, p) training-gradient block, checked, on the solver's device."""
+    path, _, count = entry
+    grads = torch.load(path, map_location="cpu")
+    if grads.dim() != 2 or grads.shape != (count, solver.num_params):
+        raise ValueError(f"{path}: expected a ({count}, {solver.num_params}) gradient block, got {tuple(grads.shape)}")
+    return grads.to(solver.device, solver.dtype)

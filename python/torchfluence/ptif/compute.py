@@ -1,10 +1,9 @@
-"""Shared machinery: the solver for a config, test-sample selection, and batched influence rows."""
+"""Shared machinery: the solver for a config, test-sample selection, and influence rows."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -14,15 +13,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from ..influence import InfluenceFunctionModel
-from ..solvers import (
-    ArnoldiInfluence,
-    CgInfluence,
-    DirectInfluence,
-    EkfacInfluence,
-    KfacInfluence,
-    LissaInfluence,
-    NystroemSketchInfluence,
-)
+from ..solvers.by_name import make_solver as solver_by_name
+from ..data import SampleBlock
+from ..scoring import run_blocks
+from ..sinks import DenseSink
 from ..topk import influence_scores
 from .config import Settings
 
@@ -52,21 +46,10 @@ def make_solver(model: nn.Module, settings: Settings) -> InfluenceFunctionModel:
     """The solver `settings.solver` for the training loss, with lambda = damp (not fitted)."""
     model.eval()  # as the original: gradients of the deterministic network
     dtype = settings.dtype or model_dtype(model)
-    common: dict[str, Any] = dict(dtype=dtype, block_size=settings.batch_size, progress=True)
-    reg = settings.damp
-    if settings.solver == "lissa":
-        return LissaInfluence(model, loss, reg, maxiter=settings.recursion_depth, scale=settings.scale,
-                              repetitions=settings.repetitions, seed=settings.seed, **common)
-    if settings.solver == "cg":
-        return CgInfluence(model, loss, reg, **common)
-    if settings.solver == "direct":
-        return DirectInfluence(model, loss, reg, **common)
-    if settings.solver == "arnoldi":
-        return ArnoldiInfluence(model, loss, reg, settings.rank, seed=settings.seed, **common)
-    if settings.solver == "nystroem":
-        return NystroemSketchInfluence(model, loss, reg, settings.rank, seed=settings.seed, **common)
-    cls = EkfacInfluence if settings.solver == "ekfac" else KfacInfluence
-    return cls(model, loss, reg, seed=settings.seed, **common)
+    lissa = (dict(maxiter=settings.recursion_depth, scale=settings.scale, repetitions=settings.repetitions)
+             if settings.solver == "lissa" else {})
+    return solver_by_name(settings.solver, model, loss, settings.damp, rank=settings.rank, seed=settings.seed,
+                          dtype=dtype, block_size=settings.batch_size, progress=True, **lissa)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -157,44 +140,50 @@ def collate(loader: DataLoader, indices: Sequence[int]) -> tuple[Tensor, Tensor]
     return batch[0], batch[1]
 
 
-def model_fingerprint(solver: InfluenceFunctionModel) -> str:
-    """A hash of the parameters, so saved gradients are never reused for another model."""
-    theta = solver.functions.theta.detach().to("cpu", torch.float64).contiguous()
-    return hashlib.sha256(theta.numpy().tobytes()).hexdigest()[:16]
-
-
-def influence_rows(score_blocks, n_train: int) -> Tensor:
-    """``-(1/n) grad L(z_test)^T (H + damp I)^-1 grad L(z_j)`` for every training sample.
+def influence_rows(scores: Tensor) -> Tensor:
+    """``-(1/n) grad L(z_test)^T (H + damp I)^-1 grad L(z_j)`` from the (k, n_train) scores.
 
     Args:
-        score_blocks: yields ``factors @ grads.T`` blocks (k, b) of the training data in index
-            order, with factors (k, p) = ``(H + damp I)^-1 grad L(z_test)``.
-        n_train: the training set's size n.
+        scores: ``factors @ grads.T`` over the whole training set in index order, with
+            factors (k, p) = ``(H + damp I)^-1 grad L(z_test)``.
 
     Returns:
-        (k, n_train) float64, Koh & Liang's I_up,loss divided by n.
+        (k, n_train) float64 on the CPU, Koh & Liang's I_up,loss divided by n.
     """
-    rows, filled = None, 0
-    for block in score_blocks:
-        if rows is None:
-            rows = torch.empty(block.shape[0], n_train, dtype=torch.float64)
-        rows[:, filled:filled + block.shape[1]] = block.double().cpu()
-        filled += block.shape[1]
-    if filled != n_train:
-        raise ValueError(f"the training gradients cover {filled} samples, but the training set has {n_train}")
-    return rows.mul_(-1.0 / n_train)
+    return scores.double().cpu().mul_(-1.0 / scores.shape[1])
 
 
-def scored_batches(solver: InfluenceFunctionModel, factors: Tensor, ordered: DataLoader):
-    """Yields (k, b) score blocks of the ordered training data (fused kernels where the layers allow)."""
-    for x, y in tqdm(ordered, desc="training gradients", total=len(ordered)):
-        yield solver.influences_from_factors(factors, x, y)
+def scores_of_saved_gradients(solver: InfluenceFunctionModel, factors: Tensor, gradient_files: Sequence,
+                              load: Callable[[Any], Tensor]) -> Tensor:
+    """(k, n_train) scores of saved (b, p) gradient blocks, by the assembly kernel, through the job runner."""
+    blocks = SavedGradientBlocks(gradient_files, load)
+    sink = DenseSink((factors.shape[0], blocks.count), dtype=solver.dtype, device=solver.device)
+    run_blocks(blocks, lambda block: influence_scores(factors, block.x), [sink], "saved training gradients",
+               solver.runtime)
+    return sink.result()
 
 
-def scored_gradients(solver: InfluenceFunctionModel, factors: Tensor, gradient_blocks):
-    """Yields (k, b) score blocks of saved gradient blocks (b, p), by the assembly kernel."""
-    for grads in gradient_blocks:
-        yield influence_scores(factors, grads)
+class SavedGradientBlocks:
+    """Saved gradient blocks as the job runner reads them: (b, p) rows with their global offsets.
+
+    Args:
+        files: the saved blocks in training-index order, each ``(path, first index, count)``.
+        load: reads one block's (b, p) gradients.
+    """
+
+    def __init__(self, files: Sequence, load: Callable[[Any], Tensor]) -> None:
+        self.files, self.load = list(files), load
+        self.count = sum(int(count) for _, _, count in self.files)
+        self.block_size = max((int(count) for _, _, count in self.files), default=1)
+
+    def known_count(self) -> int:
+        return self.count
+
+    def blocks(self, *, select: Optional[Callable[[int], bool]] = None) -> Iterator[SampleBlock]:
+        for index, entry in enumerate(self.files):
+            if select is None or select(index):
+                grads = self.load(entry)
+                yield SampleBlock(grads, grads[:, :0], int(entry[1]))
 
 
 def ranking(influence: Tensor) -> tuple[list[int], list[int]]:

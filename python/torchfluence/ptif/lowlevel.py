@@ -26,7 +26,6 @@ from .compute import (
     loss,
     make_solver,
     ranking,
-    scored_batches,
 )
 from .config import Settings, read_config
 from .files import save_tensor
@@ -122,7 +121,7 @@ def calc_influence_single(model: nn.Module, train_loader: DataLoader, test_loade
         solver = make_solver(model, settings)
         factors = _flatten(solver, s_test_vec)[None]
     began = time.perf_counter()
-    row = influence_rows(scored_batches(solver, factors, in_order(train_loader, _BLOCK)), n_train)[0]
+    row = influence_rows(solver.scores_from_factors(factors, in_order(train_loader, _BLOCK)))[0]
     if time_logging:
         log.info(f"Time for all grad_z and the influence: {1000 * (time.perf_counter() - began):.1f} ms")
     harmful, helpful = ranking(row)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -11,9 +12,22 @@ from tqdm.auto import tqdm
 
 from ..data import Samples
 from ..checks import check_regularization
+from ..contract import SolverOptions, SolverTraits, option
 from ..influence import InfluenceFunctionModel
 from ..persist import state_tensor
 from ._lowrank import Complement, LowRankCurvature, check_complement, check_rank
+
+
+@dataclass(frozen=True)
+class ArnoldiOptions(SolverOptions):
+    """ArnoldiInfluence's own options."""
+
+    rank: int = option(fit=True, doc="eigenpairs kept")
+    krylov_dimension: Optional[int] = option(fit=True, doc="Krylov space size")
+    krylov_block: int = option(fit=True, doc="vectors per block Lanczos step")
+    tol: float = option(fit=True, doc="Ritz residual tolerance")
+    seed: int = option(fit=True, doc="seed of the start block")
+    complement: str = option(doc="what the solve does off the kept subspace")
 
 
 class ArnoldiInfluence(InfluenceFunctionModel):
@@ -46,7 +60,8 @@ class ArnoldiInfluence(InfluenceFunctionModel):
         (others as in :class:`~torchfluence.InfluenceFunctionModel`)
     """
 
-    _solves_rows_independently = True  # a fixed linear map: factors can be made in blocks of rows
+    Options = ArnoldiOptions
+    traits = SolverTraits(solves_rows_independently=True)  # a fixed linear map per row
 
     def __init__(self, model, loss, regularization: float = 0.0, rank: int = 10, *,
                  krylov_dimension: Optional[int] = None, krylov_block: int = 8, tol: float = 1e-4,
@@ -126,19 +141,13 @@ class ArnoldiInfluence(InfluenceFunctionModel):
         vectors = vectors.to(device=self.device, dtype=self.dtype)
         return self._typed.inverse_apply(vectors, self.regularization, self.complement)
 
-    # -- saved state (torchfluence.persist) ---------------------------------------------------------
-    _fit_options = ("rank", "krylov_dimension", "krylov_block", "tol", "seed")
-
-    def _saved_options(self) -> dict:
-        return {"rank": self.rank, "krylov_dimension": self.krylov_dimension, "krylov_block": self.krylov_block,
-                "tol": self.tol, "complement": self.complement, "seed": self.seed}
-
-    def _fitted_state(self) -> tuple[dict[str, Tensor], dict]:
+    # -- the solver contract: options and fitted state (torchfluence.contract) -----------------------
+    def fitted_state(self) -> tuple[dict[str, Tensor], dict]:
         """The kept Ritz pairs (float64) and their residual."""
         return ({"eigenvectors": self.low_rank.eigenvectors, "eigenvalues": self.low_rank.eigenvalues},
                 {"ritz_residual": self.ritz_residual})
 
-    def _restore_fitted_state(self, tensors: dict[str, Tensor], info: dict) -> None:
+    def restore_fitted_state(self, tensors: dict[str, Tensor], info: dict) -> None:
         vectors = state_tensor(tensors, "eigenvectors", (self.rank, self.num_params), torch.float64)
         values = state_tensor(tensors, "eigenvalues", (self.rank,), torch.float64)
         self.ritz_residual = info["ritz_residual"]

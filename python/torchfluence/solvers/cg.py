@@ -14,8 +14,9 @@ from ..target_sampling import exact_output_grads
 from ..curvature import AutogradHessian
 from ..data import Samples
 from ..distributed import all_reduce_sum, local_blocks
+from ..contract import SolverOptions, SolverTraits, option
 from ..influence import InfluenceFunctionModel
-from ..persist import restore, state_tensor
+from ..persist import state_tensor
 from ._lowrank import LowRankCurvature, check_rank
 from .kfac import EkfacInfluence, KfacInfluence
 from .nystroem import nystroem_sketch
@@ -41,6 +42,18 @@ class SolveInfo:
     iterations: Tensor
     relative_residuals: Tensor
     converged: Tensor
+
+
+@dataclass(frozen=True)
+class CgOptions(SolverOptions):
+    """CgInfluence's own options."""
+
+    rtol: float = option(doc="relative residual at which a right-hand side has converged")
+    maxiter: int = option(doc="iteration cap")
+    preconditioner: Optional[str] = option(fit=True, doc="None, jacobi, nystroem, kfac or ekfac")
+    preconditioner_samples: int = option(fit=True, doc="Hutchinson probes of the Jacobi diagonal")
+    preconditioner_rank: int = option(fit=True, doc="rank of the Nystroem preconditioner")
+    block: bool = option(doc="block CG (one Krylov space for all queries) or one CG per query")
 
 
 class CgInfluence(InfluenceFunctionModel):
@@ -78,6 +91,9 @@ class CgInfluence(InfluenceFunctionModel):
         block: one shared Krylov space (block CG) rather than one per column.
         (others as in :class:`~torchfluence.InfluenceFunctionModel`)
     """
+
+    Options = CgOptions
+    traits = SolverTraits(solve_reads_train_data=True)  # every iteration is a pass over the training data
 
     def __init__(self, *args, rtol: float = 1e-6, maxiter: Optional[int] = None,
                  preconditioner: Optional[Preconditioner] = None, preconditioner_samples: int = 64,
@@ -271,28 +287,20 @@ class CgInfluence(InfluenceFunctionModel):
         self._record(iterations, residual, k, maxiter)
         return x
 
-    # -- saved state (torchfluence.persist) ---------------------------------------------------------
-    _load_needs_train_data = True  # every iteration is a pass over the training data
-    _fit_options = ("preconditioner", "preconditioner_samples", "preconditioner_rank")
-
-    def _saved_options(self) -> dict:
-        return {"rtol": self.rtol, "maxiter": self.maxiter, "preconditioner": self.preconditioner,
-                "preconditioner_samples": self.preconditioner_samples,
-                "preconditioner_rank": self.preconditioner_rank, "block": self.block}
-
-    def _fitted_state(self) -> tuple[dict[str, Tensor], dict]:
+    # -- the solver contract: options and fitted state (torchfluence.contract) -----------------------
+    def fitted_state(self) -> tuple[dict[str, Tensor], dict]:
         """The preconditioner's state: the Jacobi diagonal, the Nystrom sketch, or the (E)K-FAC factors."""
         if self.diagonal is not None:
             return {"diagonal": self.diagonal}, {}
         if self._sketch is not None:
             return {"sketch/eigenvectors": self._sketch.eigenvectors, "sketch/eigenvalues": self._sketch.eigenvalues}, {}
         if self.preconditioner in ("kfac", "ekfac"):
-            tensors, info = self._kfac._fitted_state()
+            tensors, info = self._kfac.fitted_state()
             return ({f"preconditioner/{key}": value for key, value in tensors.items()},
                     {"fisher": self._kfac.fisher, "preconditioner": info})
         return {}, {}
 
-    def _restore_fitted_state(self, tensors: dict[str, Tensor], info: dict) -> None:
+    def restore_fitted_state(self, tensors: dict[str, Tensor], info: dict) -> None:
         p = self.num_params
         if self.preconditioner == "jacobi":
             self.diagonal = state_tensor(tensors, "diagonal", (p,), self.dtype)
@@ -303,7 +311,7 @@ class CgInfluence(InfluenceFunctionModel):
         elif self.preconditioner in ("kfac", "ekfac"):
             self._kfac = self._make_kfac(info["fisher"])
             prefix = "preconditioner/"
-            restore(self._kfac, {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)},
+            self._kfac.restore({key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)},
                     info["preconditioner"], n_train=self.n_train, classes=self._classes, train=self._train)
 
 

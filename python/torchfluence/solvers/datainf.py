@@ -21,18 +21,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Literal, Union
+from dataclasses import dataclass
+from typing import Any, Literal, Union
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..budget import query_rows
 from ..checks import check_finite
 from ..distributed import all_reduce_count, all_reduce_sum, local_blocks
+from ..contract import SolverOptions, SolverTraits, option
 from ..influence import InfluenceFunctionModel
 
 BlockStructure = Union[Literal["layer", "full"], Mapping[str, Sequence[str]]]
 Regularization = Union[float, Mapping[str, float]]
+
+
+@dataclass(frozen=True)
+class DataInfOptions(SolverOptions):
+    """InverseHarmonicMeanInfluence's own options."""
+
+    block_structure: Any = option(fit=True, doc="layer, full, or {block name: [parameter names]}")
 
 
 class InverseHarmonicMeanInfluence(InfluenceFunctionModel):
@@ -65,7 +75,14 @@ class InverseHarmonicMeanInfluence(InfluenceFunctionModel):
         and ``curvature`` are not taken: the curvature is the empirical Fisher)
     """
 
-    _solves_rows_independently = True  # a fixed linear map: factors can be made in blocks of rows
+    Options = DataInfOptions
+    # A fixed linear map per row, whose every solve streams the training gradients; the curvature is
+    # the empirical Fisher, so second_order and curvature are set by the class.
+    traits = SolverTraits(accepts_projector=False,
+                          projector_refusal="DataInf's blocks are groups of parameters, which a projection mixes; use "
+                                            "DirectInfluence or CgInfluence with the projector instead",
+                          solve_reads_train_data=True, solves_rows_independently=True,
+                          fixed_options=("second_order", "curvature"))
 
     def __init__(self, model, loss, regularization: Regularization, *,
                  block_structure: BlockStructure = "layer", **kwargs) -> None:
@@ -128,28 +145,14 @@ class InverseHarmonicMeanInfluence(InfluenceFunctionModel):
 
     def _factor_rows(self) -> int:
         """Test rows per solve: as many as the memory budget allows, each solve being a pass over the data."""
-        if self.device.type == "cuda":
-            budget = torch.cuda.get_device_properties(self.device).total_memory // 16
-        else:
-            budget = 1 << 30
-        per_row = 3 * self.num_params * torch.empty((), dtype=self.dtype).element_size()  # V, V_B, out
-        return max(1, budget // per_row)
+        return query_rows(self.num_params, self.dtype, self.device, copies=3)  # V, V_B, out
 
-    # -- saved state (torchfluence.persist) ---------------------------------------------------------
-    _load_needs_train_data = True  # every solve streams the training gradients
-    _implied_options = ("second_order", "curvature")  # the empirical Fisher; both are refused as arguments
-    _fit_options = ("block_structure",)
-
-    def _saved_options(self) -> dict:
-        structure = self.block_structure
-        return {"block_structure": structure if isinstance(structure, str)
-                else {str(name): list(params) for name, params in structure.items()}}
-
-    def _fitted_state(self) -> tuple[dict[str, Tensor], dict]:
+    # -- the solver contract: options and fitted state (torchfluence.contract) -----------------------
+    def fitted_state(self) -> tuple[dict[str, Tensor], dict]:
         """Nothing: there is no fit beyond recording the training data, which a load is given again."""
         return {}, {}
 
-    def _restore_fitted_state(self, tensors: dict[str, Tensor], info: dict) -> None:
+    def restore_fitted_state(self, tensors: dict[str, Tensor], info: dict) -> None:
         pass
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -11,8 +12,16 @@ from tqdm.auto import tqdm
 from ..checks import check_regularization
 from ..data import Samples
 from ..distributed import all_reduce_sum, local_blocks
+from ..contract import SolverOptions, SolverTraits, option
 from ..influence import InfluenceFunctionModel
 from ..persist import state_tensor
+
+
+@dataclass(frozen=True)
+class DirectOptions(SolverOptions):
+    """DirectInfluence's own options."""
+
+    column_block: Optional[int] = option(doc="columns of H built per pass over the data")
 
 
 class DirectInfluence(InfluenceFunctionModel):
@@ -37,7 +46,8 @@ class DirectInfluence(InfluenceFunctionModel):
         (others as in :class:`~torchfluence.InfluenceFunctionModel`)
     """
 
-    _solves_rows_independently = True  # a fixed linear map: factors can be made in blocks of rows
+    Options = DirectOptions
+    traits = SolverTraits(solves_rows_independently=True)  # a fixed linear map per row
 
     def __init__(self, *args, column_block: Optional[int] = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -140,16 +150,13 @@ class DirectInfluence(InfluenceFunctionModel):
             out = self.functions.outputs(self.functions.theta, self.functions.cast_input(x[:1]))
         return out[0].numel()
 
-    # -- saved state (torchfluence.persist) ---------------------------------------------------------
-    def _saved_options(self) -> dict:
-        return {"column_block": self.column_block}
-
-    def _fitted_state(self) -> tuple[dict[str, Tensor], dict]:
+    # -- the solver contract: options and fitted state (torchfluence.contract) -----------------------
+    def fitted_state(self) -> tuple[dict[str, Tensor], dict]:
         """H and the Cholesky factor of H + lambda I, with the lambda of that factor."""
         return ({"curvature": self._matrix, "cholesky": self._factor},
                 {"largest": self._largest, "regularization": self.regularization})
 
-    def _restore_fitted_state(self, tensors: dict[str, Tensor], info: dict) -> None:
+    def restore_fitted_state(self, tensors: dict[str, Tensor], info: dict) -> None:
         p = self.num_params
         self._matrix = state_tensor(tensors, "curvature", (p, p), torch.float64)
         self._eigen = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ..contract import SolverTraits
 from ..influence import InfluenceFunctionModel
 
 
@@ -28,8 +29,9 @@ class GradientSimilarity(InfluenceFunctionModel):
         ``second_order`` and ``curvature`` are not taken: there is no curvature)
     """
 
-    _solves_rows_independently = True  # the identity: factors can be made in blocks of rows
-    _implied_options = ("regularization", "second_order", "curvature")  # none of them applies
+    # The identity solves each row on its own; regularization, second_order and curvature do not apply.
+    traits = SolverTraits(solves_rows_independently=True,
+                          fixed_options=("regularization", "second_order", "curvature"))
 
     def __init__(self, model, loss, **kwargs) -> None:
         for name in ("regularization", "second_order", "curvature"):
@@ -42,11 +44,11 @@ class GradientSimilarity(InfluenceFunctionModel):
         self._require_fitted()
         return vectors.to(device=self.device, dtype=self.dtype)
 
-    # -- saved state (torchfluence.persist) ---------------------------------------------------------
-    def _fitted_state(self) -> tuple[dict[str, Tensor], dict]:
+    # -- the solver contract: options and fitted state (torchfluence.contract) -----------------------
+    def fitted_state(self) -> tuple[dict[str, Tensor], dict]:
         """Nothing: the fit records only the training data's size."""
         return {}, {}
 
-    def _restore_fitted_state(self, tensors: dict[str, Tensor], info: dict) -> None:
+    def restore_fitted_state(self, tensors: dict[str, Tensor], info: dict) -> None:
         pass
 

@@ -30,17 +30,21 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..target_sampling import SampleDraws, TargetSampler, default_sampler, exact_output_grads
+from ..counter_random import SampleDraws
+from ..target_sampling import TargetSampler, default_sampler, exact_output_grads
+from ..budget import temporary_rows
 from ..capture import Captured, Layer, capture, describe_missing, find_layers, shared_weights
 from ..checks import check_finite, check_mode, check_regularization
 from ..data import SampleBlock, Samples
 from ..distributed import all_reduce_count, all_reduce_sum, is_main_process, local_blocks
 from ..captured_scores import index_pair_sums, index_sum, psg_self_dot
 from ..gradients import CapturedGradients, PreparedQueries
+from ..contract import SolverOptions, SolverTraits, option
 from ..influence import InfluenceFunctionModel
 from ..persist import state_tensor
 from ..precision import matmul_precision
 from ..projected_space import kronecker_layers
+from ..scoring import run_blocks
 from ..sinks import DenseSink
 
 
@@ -58,6 +62,22 @@ class KroneckerFactors:
     activation_eigenvectors: Optional[Tensor]
     gradient_eigenvectors: Tensor
     eigenvalues: Tensor
+
+
+@dataclass(frozen=True)
+class EkfacOptions(SolverOptions):
+    """EkfacInfluence's own options (K-FAC's but the eigenvalue correction, which the class sets)."""
+
+    fisher: str = option(fit=True, doc="true (sampled labels), exact or empirical")
+    fisher_samples: int = option(fit=True, doc="label draws per sample for the true Fisher")
+    seed: int = option(fit=True, doc="seed of the label draws")
+
+
+@dataclass(frozen=True)
+class KfacOptions(EkfacOptions):
+    """KfacInfluence's own options."""
+
+    eigenvalue_correction: bool = option(fit=True, doc="refit the eigenvalues in the Kronecker eigenbasis")
 
 
 class KfacInfluence(InfluenceFunctionModel):
@@ -87,7 +107,9 @@ class KfacInfluence(InfluenceFunctionModel):
         (others as in :class:`~torchfluence.InfluenceFunctionModel`; ``second_order`` is not taken)
     """
 
-    _solves_rows_independently = True  # a fixed linear map: factors can be made in blocks of rows
+    Options = KfacOptions
+    # A fixed linear map per row; the curvature is always the Fisher / Gauss-Newton matrix.
+    traits = SolverTraits(solves_rows_independently=True, fixed_options=("second_order",))
 
     def __init__(self, model, loss, regularization: float = 0.0, *,
                  fisher: Literal["true", "exact", "empirical"] = "true",
@@ -122,7 +144,7 @@ class KfacInfluence(InfluenceFunctionModel):
         # With a KroneckerProjection (LoGra) the factors are those of the projected inputs
         # P_in a and output gradients P_out g: self.layers become the (k_out, k_in) layers
         # of the projected space, and the model's layers are still the ones captured.
-        self._captured_layers, self._projection = self.layers, kronecker_layers(self)
+        self._captured_layers, self._projection = self.layers, kronecker_layers(type(self).__name__, self.source, self.projector)
         if self._projection is not None:
             self.layers = self._projection.projected_layers
 
@@ -146,7 +168,7 @@ class KfacInfluence(InfluenceFunctionModel):
         """Captures of this process's training blocks (all of them without a process group).
 
         The default samplers' targets are addressed by (seed, stage, draw, global sample
-        index) (:class:`~torchfluence.target_sampling.SampleDraws`): a sample gets the same
+        index) (:class:`~torchfluence.counter_random.SampleDraws`): a sample gets the same
         targets whatever the block size, the loader's batches or the number of processes.
         """
         exact = self.fisher == "exact"
@@ -252,8 +274,8 @@ class KfacInfluence(InfluenceFunctionModel):
         vectors = vectors.to(device=self.device, dtype=self.dtype)
         out = torch.empty_like(vectors)
         for layer, (q_a, q_s, lam) in zip(self.layers, self._solve_factors):
-            # Rows in chunks whose (chunk, d_out, d_in) temporaries stay small on a CPU (_chunk_rows).
-            step = _chunk_rows(layer.d_out * layer.d_in_total, vectors.device)
+            # Rows in chunks whose (chunk, d_out, d_in) temporaries stay small on a CPU (temporary_rows).
+            step = temporary_rows(layer.d_out * layer.d_in_total, vectors.device)
             for start in range(0, vectors.shape[0], step):
                 rows, target = vectors[start:start + step], out[start:start + step]
                 if q_a is None:  # an embedding: its eigenbasis on the input side is the token basis
@@ -267,8 +289,8 @@ class KfacInfluence(InfluenceFunctionModel):
         """``Q_S (R / (eigenvalues + lambda)) Q_A^T``: the solve of gradients R given in the eigenbasis."""
         return q_s @ (rotated / (lam + self.regularization)) @ q_a.T
 
-    def _prepared_factors(self, x_test: Tensor, y_test: Tensor) -> PreparedQueries:
-        """Test factors from each query block's capture, rotated into the eigenbasis in the cheaper order.
+    def _write_factor_block(self, prepared: PreparedQueries, block: SampleBlock) -> None:
+        """Test factors from the block's capture, rotated into the eigenbasis in the cheaper order.
 
         ``Q_S^T G Q_A`` of a query's gradient ``G = sum_t g_t a_t^T`` costs
         ``d_out d_in (d_out + d_in)`` once G is formed, but only ``T (d_in^2 + d_out^2 +
@@ -278,26 +300,19 @@ class KfacInfluence(InfluenceFunctionModel):
         into its part of the prepared queries: no (n_test, p) gradient or factor matrix.
         """
         if not self._queries_from_captures():
-            return super()._prepared_factors(x_test, y_test)
-        self._require_fitted()
-        samples = Samples((x_test, y_test), "x_test, y_test", self._factor_rows(), check=self._check_targets,
-                          transform=self.features)
-        prepared = self.source.allocate_queries(samples.count(), self.score_dtype or self.dtype)
-        with matmul_precision(self.allow_tf32):
-            for block in samples.blocks():
-                cap = self._capture(block.x, block.y)
-                for i, (layer, (q_a, q_s, lam)) in enumerate(zip(self.layers, self._solve_factors)):
-                    part = prepared.parts[i].view(-1, layer.d_out, layer.d_in_total)
-                    T = cap.output_grads[i].shape[-2]
-                    step = _chunk_rows(layer.d_out * max(layer.d_in_total, T), self.device)
-                    for start in range(0, block.size, step):
-                        stop = min(start + step, block.size)
-                        rotated = _rotated_gradients(cap, i, start, stop, q_s, q_a)
-                        check_finite(rotated, "per-sample gradients", block.offset + start)
-                        factors = self._solve_rotated(rotated, q_s, q_a, lam)
-                        check_finite(factors, "influence factors", block.offset + start)
-                        part[block.offset + start:block.offset + stop] = factors
-        return prepared
+            return super()._write_factor_block(prepared, block)
+        cap = self._capture(block.x, block.y)
+        for i, (layer, (q_a, q_s, lam)) in enumerate(zip(self.layers, self._solve_factors)):
+            part = prepared.parts[i].view(-1, layer.d_out, layer.d_in_total)
+            T = cap.output_grads[i].shape[-2]
+            step = temporary_rows(layer.d_out * max(layer.d_in_total, T), self.device)
+            for start in range(0, block.size, step):
+                stop = min(start + step, block.size)
+                rotated = _rotated_gradients(cap, i, start, stop, q_s, q_a)
+                check_finite(rotated, "per-sample gradients", block.offset + start)
+                factors = self._solve_rotated(rotated, q_s, q_a, lam)
+                check_finite(factors, "influence factors", block.offset + start)
+                part[block.offset + start:block.offset + stop] = factors
 
     def _queries_from_captures(self) -> bool:
         """Whether the prepared queries are exactly this solver's dense captured layers, in order."""
@@ -329,12 +344,13 @@ class KfacInfluence(InfluenceFunctionModel):
         factors = self._check_factors(factors)
         samples = self._inputs(x, y, "x, y")
         sink = DenseSink((len(self.layers), factors.shape[0], samples.count()), dtype=self.dtype, device=self.device)
-        self._stream(samples, lambda b: self._scores_by_layer(factors, b), [sink], "influence scores by layer")
+        run_blocks(samples, lambda b: self._scores_by_layer(factors, b), [sink], "influence scores by layer",
+                   self.runtime)
         return {layer.name: scores for layer, scores in zip(self.layers, sink.result())}
 
     def _scores_by_layer(self, factors: Tensor, block: SampleBlock) -> Tensor:
         """(n_layers, n_test, b) scores of one block, through psg_dot when fused."""
-        by_layer = self.source.scores_by_layer(factors, block.x, block.y)
+        by_layer = self.source.score_block_by_layer(factors, block.x, block.y)
         if by_layer is not None:
             return torch.stack([by_layer[layer.name] for layer in self.layers])
         g = self.source.grads(block.x, block.y)  # fused=False: from dense per-sample gradients
@@ -354,15 +370,8 @@ class KfacInfluence(InfluenceFunctionModel):
             x, y = x_test, y_test
         return self.influences_from_factors_by_layer(factors, x, y)
 
-    # -- saved state (torchfluence.persist) ---------------------------------------------------------
-    _implied_options = ("second_order",)  # always the Fisher / Gauss-Newton matrix
-    _fit_options = ("fisher", "fisher_samples", "seed", "eigenvalue_correction")
-
-    def _saved_options(self) -> dict:
-        return {"fisher": self.fisher, "fisher_samples": self.fisher_samples, "seed": self.seed,
-                "eigenvalue_correction": self.eigenvalue_correction}
-
-    def _fitted_state(self) -> tuple[dict[str, Tensor], dict]:
+    # -- the solver contract: options and fitted state (torchfluence.contract) -----------------------
+    def fitted_state(self) -> tuple[dict[str, Tensor], dict]:
         """Each layer's float64 Q_A, Q_S and (corrected) eigenvalues, keyed ``"<layer>/<what>"``."""
         tensors = {}
         for name, f in self.factors.items():
@@ -372,7 +381,7 @@ class KfacInfluence(InfluenceFunctionModel):
             tensors[f"{name}/eigenvalues"] = f.eigenvalues
         return tensors, {"layers": list(self.factors)}
 
-    def _restore_fitted_state(self, tensors: dict[str, Tensor], info: dict) -> None:
+    def restore_fitted_state(self, tensors: dict[str, Tensor], info: dict) -> None:
         names = [layer.name for layer in self.layers]
         if info["layers"] != names:
             raise ValueError(f"saved state: the factors are for layers {info['layers']}, the model's selected "
@@ -399,15 +408,13 @@ class EkfacInfluence(KfacInfluence):
     Arguments as in :class:`KfacInfluence`.
     """
 
+    Options = EkfacOptions
+
     def __init__(self, model, loss, regularization: float = 0.0, **kwargs) -> None:
         if "eigenvalue_correction" in kwargs:
             raise TypeError("EkfacInfluence always corrects the eigenvalues; use KfacInfluence for plain K-FAC")
         super().__init__(model, loss, regularization, eigenvalue_correction=True, **kwargs)
 
-    def _saved_options(self) -> dict:
-        options = super()._saved_options()
-        del options["eigenvalue_correction"]  # set by the class, refused as an argument
-        return options
 
 
 def _rotated_squares(cap: Captured, i: int, g: Tensor, q_s: Tensor, q_a: Tensor) -> Tensor:
@@ -423,7 +430,7 @@ def _rotated_squares(cap: Captured, i: int, g: Tensor, q_s: Tensor, q_a: Tensor)
     # Samples go through in chunks whose (chunk, d_out, d_in) temporaries stay below the
     # allocator's mmap threshold (32 MiB): larger ones are returned to the OS when freed and
     # page-faulted in again by the next chunk, which measured 3x slower than the product itself.
-    chunk = _chunk_rows(d_out * max(d_in, T), g.device)
+    chunk = temporary_rows(d_out * max(d_in, T), g.device)
     total = torch.zeros(d_out, d_in, dtype=g.dtype, device=g.device)
     for k in range(K):
         for start in range(0, b, chunk):
@@ -452,20 +459,6 @@ def _rotated_gradients(cap: Captured, i: int, start: int, stop: int, q_s: Tensor
     if form_first < rotate_first:
         return q_s.T @ cap.layer_grads(i, start, stop, output_grads) @ q_a
     return torch.einsum("nto,nti->noi", g[start:stop] @ q_s, cap.activation(i)[start:stop] @ q_a)
-
-
-_CHUNK_ELEMENTS = 1 << 22  # 16 MiB of float32 per temporary
-
-
-def _chunk_rows(per_row: int, device: torch.device) -> int:
-    """Rows per chunk of a product whose temporaries hold `per_row` values per row.
-
-    On a CPU, temporaries under :data:`_CHUNK_ELEMENTS` (see :func:`_rotated_squares`);
-    CUDA's caching allocator reuses its blocks, so there a product takes every row at once.
-    """
-    if device.type != "cpu":
-        return 1 << 62
-    return max(1, _CHUNK_ELEMENTS // per_row)
 
 
 def _to(q: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..distributed import all_reduce_sum, is_distributed, local_rows
+from ..contract import SolverOptions, SolverTraits, option
 from ..influence import InfluenceFunctionModel
+
+
+@dataclass(frozen=True)
+class LissaOptions(SolverOptions):
+    """LissaInfluence's own options."""
+
+    maxiter: int = option(doc="recursion steps")
+    dampen: float = option(doc="damping of the recursion")
+    scale: float = option(doc="scale of the recursion")
+    repetitions: int = option(doc="independent recursions averaged")
+    seed: Optional[int] = option(doc="seed of the minibatch order")
 
 
 class LissaInfluence(InfluenceFunctionModel):
@@ -36,6 +49,9 @@ class LissaInfluence(InfluenceFunctionModel):
         seed: seeds the minibatch order when the loader does not shuffle.
         (others as in :class:`~torchfluence.InfluenceFunctionModel`)
     """
+
+    Options = LissaOptions
+    traits = SolverTraits(solve_reads_train_data=True)  # every step reads a training minibatch
 
     def __init__(self, *args, maxiter: int = 1000, dampen: float = 0.0, scale: float = 10.0,
                  repetitions: int = 1, seed: int = 0, **kwargs) -> None:
@@ -84,16 +100,10 @@ class LissaInfluence(InfluenceFunctionModel):
         bar.close()
         return total / self.repetitions
 
-    # -- saved state (torchfluence.persist) ---------------------------------------------------------
-    _load_needs_train_data = True  # every step reads a training minibatch
-
-    def _saved_options(self) -> dict:
-        return {"maxiter": self.maxiter, "dampen": self.dampen, "scale": self.scale,
-                "repetitions": self.repetitions, "seed": self.seed}
-
-    def _fitted_state(self) -> tuple[dict[str, Tensor], dict]:
+    # -- the solver contract: options and fitted state (torchfluence.contract) -----------------------
+    def fitted_state(self) -> tuple[dict[str, Tensor], dict]:
         """Nothing: the fit only records the training data, which a load is given again."""
         return {}, {}
 
-    def _restore_fitted_state(self, tensors: dict[str, Tensor], info: dict) -> None:
+    def restore_fitted_state(self, tensors: dict[str, Tensor], info: dict) -> None:
         pass

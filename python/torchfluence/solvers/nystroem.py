@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -9,9 +10,18 @@ from torch import Tensor
 
 from ..data import Samples
 from ..checks import check_regularization
+from ..contract import SolverOptions, SolverTraits, option
 from ..influence import InfluenceFunctionModel
 from ..persist import state_tensor
 from ._lowrank import LowRankCurvature, check_rank
+
+
+@dataclass(frozen=True)
+class NystroemOptions(SolverOptions):
+    """NystroemSketchInfluence's own options."""
+
+    rank: int = option(fit=True, doc="sketch rank")
+    seed: int = option(fit=True, doc="seed of the sketch")
 
 
 class NystroemSketchInfluence(InfluenceFunctionModel):
@@ -33,7 +43,8 @@ class NystroemSketchInfluence(InfluenceFunctionModel):
         (others as in :class:`~torchfluence.InfluenceFunctionModel`; ``regularization`` must be > 0)
     """
 
-    _solves_rows_independently = True  # a fixed linear map: factors can be made in blocks of rows
+    Options = NystroemOptions
+    traits = SolverTraits(solves_rows_independently=True)  # a fixed linear map per row
 
     def __init__(self, model, loss, regularization: float, rank: int = 10, *, seed: int = 0, **kwargs) -> None:
         super().__init__(model, loss, regularization, **kwargs)
@@ -62,17 +73,12 @@ class NystroemSketchInfluence(InfluenceFunctionModel):
         vectors = vectors.to(device=self.device, dtype=self.dtype)
         return self._typed.inverse_apply(vectors, self.regularization, "regularization")
 
-    # -- saved state (torchfluence.persist) ---------------------------------------------------------
-    _fit_options = ("rank", "seed")
-
-    def _saved_options(self) -> dict:
-        return {"rank": self.rank, "seed": self.seed}
-
-    def _fitted_state(self) -> tuple[dict[str, Tensor], dict]:
+    # -- the solver contract: options and fitted state (torchfluence.contract) -----------------------
+    def fitted_state(self) -> tuple[dict[str, Tensor], dict]:
         """The sketch's eigenpairs (float64)."""
         return {"eigenvectors": self.low_rank.eigenvectors, "eigenvalues": self.low_rank.eigenvalues}, {}
 
-    def _restore_fitted_state(self, tensors: dict[str, Tensor], info: dict) -> None:
+    def restore_fitted_state(self, tensors: dict[str, Tensor], info: dict) -> None:
         vectors = state_tensor(tensors, "eigenvectors", (self.rank, self.num_params), torch.float64)
         values = state_tensor(tensors, "eigenvalues", (self.rank,), torch.float64)
         self.low_rank = LowRankCurvature(vectors, values)
