@@ -192,7 +192,7 @@ def test_resume_after_an_exception_recomputes_nothing_finished(tmp_path, data, m
         build(tmp_path / "resumed", fail_at=100)
     assert sum(rows) == 96  # blocks 0..2; block 3 failed while loading
     record, _ = store_module._read_fisher(tmp_path / "resumed")
-    assert (record["blocks_done"], record["samples_done"], record["complete"]) == (3, 96, False)
+    assert (record["blocks"], record["complete"]) == ([[0, 3, 0, 96]], False)  # blocks 0..2, samples 0..95
     with pytest.raises(ValueError, match="incomplete"):
         tfl.GradientStore.open(tmp_path / "resumed")
     rows.clear()
@@ -250,7 +250,8 @@ def test_resume_after_sigkill(tmp_path, data):
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
     record, _ = store_module._read_fisher(tmp_path / "killed")
-    assert record is not None and 1 <= record["blocks_done"] <= 10 and not record["complete"]
+    done = sum(stop - start for start, stop, _, _ in record["blocks"]) if record is not None else 0
+    assert 1 <= done <= 10 and not record["complete"]
     projector = tfl.SparseJLProjector(num_params(model), 48, seed=2)
     whole = tfl.GradientStore.build(model, LOSS, DataLoader(Flaky(x, y), batch_size=20), projector,
                                     tmp_path / "whole", block_size=20, progress=False)

@@ -136,12 +136,13 @@ def _differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
 
 
 # -- records --------------------------------------------------------------------------------------------
-def _new_record(identity: dict[str, Any]) -> dict[str, Any]:
+def new_record(identity: dict[str, Any]) -> dict[str, Any]:
+    """A record of a job with nothing done yet."""
     return {"format": FORMAT, "version": VERSION, "identity": identity, "factors": None, "blocks": [],
             "score_chunk": None, "complete": False}
 
 
-def _parse_record(text: Union[str, bytes], where: Path, remedy: str) -> dict[str, Any]:
+def parse_record(text: Union[str, bytes], where: Path, remedy: str) -> dict[str, Any]:
     """A record read from `where`, after checking its structure; a clear error when it is corrupt."""
     try:
         record = json.loads(text)
@@ -221,6 +222,10 @@ class Journal(ABC):
         self.path, self.record = path, record
         self._starts = [b[0] for b in record["blocks"]]
         self._throttle = _Throttle()
+
+    def throttle_from(self, seconds: float) -> None:
+        """Assumes a save takes `seconds` until one has been timed (a large record is then not saved at once)."""
+        self._throttle.cost = seconds
 
     @property
     def complete(self) -> bool:
@@ -369,7 +374,7 @@ class ScoreFile(Journal):
         identity = job_identity(solver, spec, shape, shape[sample_dim])
         sidecar = sidecar_path(path)
         if sidecar.exists():
-            job = cls(path, _parse_record(_read(sidecar), sidecar, _remedy_for([path, sidecar])), None)
+            job = cls(path, parse_record(_read(sidecar), sidecar, _remedy_for([path, sidecar])), None)
             job._check_identity(identity)
             job._check_count(shape[sample_dim], sidecar)
             if job.record["blocks"]:
@@ -383,7 +388,7 @@ class ScoreFile(Journal):
                     raise ValueError(f"{e}. {job._remedy()}") from None
                 return job
         sink = MemmapSink(path, shape, dtype=solver.dtype, sample_dim=sample_dim)
-        job = cls(path, _new_record(identity), sink)
+        job = cls(path, new_record(identity), sink)
         job.save()
         return job
 
@@ -443,7 +448,7 @@ class TopKCheckpoint(Journal):
                 raise ValueError(f"{path} is corrupt ({e}); {remedy}") from None
             return job
         path.parent.mkdir(parents=True, exist_ok=True)
-        job = cls(path, _new_record(identity), sink)
+        job = cls(path, new_record(identity), sink)
         job.save()
         return job
 
@@ -489,4 +494,4 @@ def _read_safetensors(path: Path, remedy: str) -> tuple[dict[str, Any], dict[str
     if METADATA_KEY not in metadata:
         raise ValueError(f"{path} is not a torchfluence top-k checkpoint (no {METADATA_KEY!r} entry in its "
                          f"metadata); {remedy}")
-    return _parse_record(metadata[METADATA_KEY], path, remedy), tensors
+    return parse_record(metadata[METADATA_KEY], path, remedy), tensors

@@ -10,8 +10,9 @@ what each of them needs:
 - out-of-memory splitting (:class:`~torchfluence.oom.SplitOnOOM`);
 - NaN/inf checks that name the sample (:class:`~torchfluence.checks.FiniteChecks`);
 - the resumable record (:class:`~torchfluence.journal.Journal`): finished blocks
-  are skipped, and a block is recorded as done only once its scores are in the
-  sinks and known to be finite;
+  are skipped, a block is recorded as done only once its scores are in the sinks
+  and known to be finite, and an interrupted job (an exception, Ctrl-C) saves
+  what it finished before the error propagates;
 - progress bars and the float32 matmul precision of the products.
 
 Each scored block is written to every sink, so one pass can fill several
@@ -117,18 +118,40 @@ def run_blocks(blocks: BlockStream, score: Score, sinks: Sequence[ScoreSink], wh
                initial=0 if journal is None else journal.blocks_done,
                disable=not runtime.progress or total == 1 or rank != 0)
     checks = FiniteChecks(what, sample_dim=sample_dim)
-    with matmul_precision(runtime.allow_tf32):
-        for block in bar:
-            values = scorer(block)
-            checks.add(values, block.offset)
-            for sink in sinks:
-                sink.write(values, block.offset)
-            if journal is not None and journal.done(index.last, block, scorer.chunk):
-                checks.flush()  # a block is recorded as done only once its scores are known finite
-                journal.save()
-    checks.finish()
+    # False while a block is partly in the sinks but not yet in the journal: an interruption
+    # then must not save, or the record would vouch for sinks that hold part of a block.
+    consistent = True
+    try:
+        with matmul_precision(runtime.allow_tf32):
+            for block in bar:
+                values = scorer(block)
+                checks.add(values, block.offset)
+                consistent = False
+                for sink in sinks:
+                    sink.write(values, block.offset)
+                due = journal is not None and journal.done(index.last, block, scorer.chunk)
+                consistent = True
+                if due:
+                    checks.flush()  # a block is recorded as done only once its scores are known finite
+                    journal.save()
+        checks.finish()
+    except BaseException:
+        if journal is not None and consistent:
+            _keep_finished(journal, checks)
+        raise
+    finally:
+        bar.close()
     for sink in sinks:
         sink.gather()
+
+
+def _keep_finished(journal: Journal, checks: FiniteChecks) -> None:
+    """Saves the finished blocks of an interrupted job (an exception, Ctrl-C); a kill keeps the last save."""
+    try:
+        checks.flush()
+    except ValueError:
+        return  # a finished block holds NaN/inf: that error propagates, and nothing new is saved
+    journal.save()
 
 
 def result_sink(shape: tuple[int, ...], out: Output, runtime: Runtime, *, sample_dim: int = -1,

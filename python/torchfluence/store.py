@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
@@ -51,7 +50,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .budget import store_chunk_rows
 from ._build_info import build_info
@@ -64,14 +62,15 @@ from .gradients import GradientSource, gradient_source
 from .influence import TopKInfluences
 from .projected_space import (KroneckerGradients, Projection, describe_projection, projected_source,
                         projection_from_description)
-from .journal import SAVE_TIME_RATIO, identity_differences
-from .scoring import BlockIndex, Runtime, result_sink, run_blocks
-from .sinks import DenseSink, MemmapSink, TopKSink
+from .journal import FORMAT as JOB_FORMAT
+from .journal import Journal, identity_differences, new_record, parse_record
+from .scoring import Runtime, result_sink, run_blocks
+from .sinks import DenseSink, MemmapSink, ScoreSink, TopKSink
 
 __all__ = ["GradientStore"]
 
 FORMAT = "torchfluence.gradient-store"
-VERSION = 1
+VERSION = 2  # 2: the build record is a job record of torchfluence.journal
 METADATA_FILE = "store.json"
 GRADIENTS_FILE = "gradients.bin"
 FISHER_FILE = "fisher.safetensors"
@@ -223,9 +222,7 @@ class GradientStore:
                     "settings_fingerprint": settings_fingerprint(settings), "model": model_fingerprint(model),
                     "complete": False, "torch_version": torch.__version__,
                     "torchfluence_version": build_info()["version"]}
-        builder = _Builder(path, metadata, source, samples, progress,
-                           pair=isinstance(train_data, (tuple, list)) and len(train_data) == 2)
-        builder.run()
+        _run_build(path, metadata, source, samples, progress)
         return cls.open(path)
 
     # -- opening ------------------------------------------------------------------------------------
@@ -257,8 +254,9 @@ class GradientStore:
             raise ValueError(f"path: '{path / GRADIENTS_FILE}' must hold {n} x {k} 16-bit values ({2 * n * k} "
                              f"bytes), got {'no file' if size is None else f'{size} bytes'}; the store is corrupt")
         record, tensors = _read_fisher(path)
-        if record is None or not record["complete"] or record["store"] != metadata["settings_fingerprint"] \
-                or record["model"] != metadata["model"]:
+        if record is None or not record["complete"] \
+                or record["identity"]["settings_fingerprint"] != metadata["settings_fingerprint"] \
+                or record["identity"]["model"] != metadata["model"]:
             raise ValueError(f"path: '{path / FISHER_FILE}' does not belong to the finished store in '{path}' "
                              "(missing, incomplete or of other settings); the store is corrupt")
         fisher = None
@@ -453,136 +451,124 @@ class StoredRows:
             del array
 
 
-# -- the build loop ------------------------------------------------------------------------------------
-class _Builder:
-    """One build of a store: resumes from the record, writes blocks, saves the record now and then."""
+# -- the build: a resumable job of the job runner ------------------------------------------------------
+class _GradientRows(ScoreSink):
+    """The build's sink: each block's projected gradients (b, k) go to their rows of ``gradients.bin``
+    (rounded to the storage dtype) and, unrounded, into the Fisher sum."""
 
-    def __init__(self, path: Path, metadata: dict[str, Any], source: GradientSource, samples: Samples,
-                 progress: bool, pair: bool) -> None:
-        self.path, self.metadata, self.source, self.samples = path, metadata, source, samples
-        self.progress, self.pair = progress, pair
-        settings = metadata["settings"]
-        self.n, self.k = settings["n_train"], settings["k"]
-        self.dtype = _STORAGE[settings["dtype"]]
-        self.with_fisher = settings["fisher"]
-        self.blocks_done = self.samples_done = 0
-        self.fisher_sum: Optional[Tensor] = None
-        self.finished = False  # the record says complete (stopped before store.json said so)
-        self._save_end = time.monotonic()
+    def __init__(self, file: Path, n: int, k: int, dtype: torch.dtype, fisher_sum: Tensor) -> None:
+        self.array = np.memmap(file, dtype=np.int16, mode="r+", shape=(n, k))
+        self.dtype, self.fisher_sum = dtype, fisher_sum
 
-    def run(self) -> None:
-        existing = _read_metadata(self.path)
-        if existing is not None:
-            _check_same(existing, self.metadata, self.path)
-            if existing["complete"]:
-                return
-            self._resume()
-            if self.finished:
-                self._write_complete_metadata()
-                return
-        else:
-            leftovers = [p.name for p in (self.path / GRADIENTS_FILE, self.path / FISHER_FILE) if p.exists()]
-            if leftovers:
-                raise ValueError(f"path: '{self.path}' holds {leftovers} but no {METADATA_FILE}: it is not a gradient "
-                                 f"store (or a damaged one); {_remedy(self.path)}")
-            atomic_write(self.path / METADATA_FILE, json.dumps(self.metadata, indent=1).encode())
-            with open(self.path / GRADIENTS_FILE, "wb") as f:
-                f.truncate(2 * self.n * self.k)
-        device = self.source.functions.device
-        if self.fisher_sum is None:
-            self.fisher_sum = torch.zeros((self.k, self.k) if self.with_fisher else (0,), dtype=torch.float64,
-                                          device=device)
-        else:
-            self.fisher_sum = self.fisher_sum.to(device)
-        # Until a save has been timed, its cost is guessed from its size (1 GB/s): a large
-        # Fisher sum is then not written after the very first block of a short build.
-        self._save_cost = self.fisher_sum.numel() * 8 / 1e9
-        self.array = np.memmap(self.path / GRADIENTS_FILE, dtype=np.int16, mode="r+", shape=(self.n, self.k))
-        try:
-            self._blocks()
-        finally:
-            del self.array
-        self._finish()
+    def write(self, block: Tensor, offset: int) -> None:
+        rows = block.to(self.dtype).cpu().view(torch.int16).numpy()
+        self.array[offset:offset + block.shape[0]] = rows
+        if self.fisher_sum.numel():
+            self.fisher_sum += (block.T @ block).double()
 
-    def _resume(self) -> None:
-        size = (self.path / GRADIENTS_FILE).stat().st_size if (self.path / GRADIENTS_FILE).exists() else None
-        if size != 2 * self.n * self.k:
-            raise ValueError(f"path: '{self.path / GRADIENTS_FILE}' must hold {2 * self.n * self.k} bytes, got "
-                             f"{'no file' if size is None else size}; {_remedy(self.path)}")
-        record, tensors = _read_fisher(self.path)
-        if record is None:  # stopped before its first record: nothing is done
+    def flush(self) -> None:
+        self.array.flush()
+
+    def result(self) -> None:
+        return None
+
+
+class _BuildJournal(Journal):
+    """The build's record in ``fisher.safetensors``: the finished blocks with the running Fisher sum.
+
+    The rows' pages are flushed before each record that calls their block done. A finished
+    record keeps the Fisher's mean (the sum is needed only to go on with a build).
+    """
+
+    def __init__(self, directory: Path, record: dict[str, Any], sink: Optional[_GradientRows], n: int) -> None:
+        super().__init__(directory / FISHER_FILE, record)
+        self.directory, self.sink, self.n = directory, sink, n
+
+    def _write(self) -> None:
+        self.sink.flush()
+        fisher_sum = self.sink.fisher_sum.detach().to("cpu").contiguous()
+        complete = self.record["complete"]
+        tensors = {"fisher": fisher_sum / self.n} if complete and fisher_sum.numel() else {"fisher_sum": fisher_sum}
+        atomic_write(self.path, safetensors_bytes(tensors, metadata={_RECORD_KEY: json.dumps(self.record)}))
+
+    def _files(self) -> list[Path]:
+        return [self.directory]
+
+    def _remedy(self) -> str:
+        return _remedy(self.directory)
+
+
+def _run_build(path: Path, metadata: dict[str, Any], source: GradientSource, samples: Samples,
+               progress: bool) -> None:
+    """Builds (or goes on with) the store at `path`: every block's projected gradients, through the job runner."""
+    existing = _read_metadata(path)
+    if existing is not None:
+        _check_same(existing, metadata, path)
+        if existing["complete"]:
             return
-        if record["store"] != self.metadata["settings_fingerprint"] or record["model"] != self.metadata["model"]:
-            raise ValueError(f"path: '{self.path / FISHER_FILE}' belongs to another build; {_remedy(self.path)}")
-        if record["complete"]:
-            self.finished = True
-            return
-        expected = (self.k, self.k) if self.with_fisher else (0,)
-        fisher_sum = tensors.get("fisher_sum")
-        if fisher_sum is None or tuple(fisher_sum.shape) != expected or fisher_sum.dtype != torch.float64:
-            raise ValueError(f"path: '{self.path / FISHER_FILE}' must hold a {expected} float64 'fisher_sum'; "
-                             f"{_remedy(self.path)}")
-        self.blocks_done, self.samples_done = record["blocks_done"], record["samples_done"]
-        self.fisher_sum = fisher_sum
-
-    def _blocks(self) -> None:
-        # Blocks split the data's own batches, so their number is known only for an (x, y) pair.
-        total = -(-self.n // self.samples.block_size) if self.pair else None
-        bar = tqdm(total=total, initial=self.blocks_done, desc="gradient store", disable=not self.progress)
-        index = BlockIndex(lambda i: i >= self.blocks_done)
-        consistent = True
-        try:
-            for block in self.samples.blocks(select=index.select):
-                if block.offset != self.samples_done:
-                    raise ValueError(f"train_data: block {index.last} starts at sample {block.offset}, but the "
-                                     f"record has {self.samples_done} samples done in {self.blocks_done} blocks: "
-                                     "the data must yield the same samples in the same batches as when the build "
-                                     f"started; {_remedy(self.path)}")
-                phi = self.source.grads(block.x, block.y)  # (b, k) in the computation dtype
-                check_finite(phi, "projected per-sample gradients", block.offset)
-                rows = phi.to(self.dtype).cpu().view(torch.int16).numpy()
-                contribution = (phi.T @ phi).double() if self.with_fisher else None
-                consistent = False  # the rows, the sum and the counters change together
-                self.array[block.offset:block.offset + block.size] = rows
-                if contribution is not None:
-                    self.fisher_sum += contribution
-                self.blocks_done, self.samples_done = index.last + 1, block.offset + block.size
-                consistent = True
-                bar.update(1)
-                if time.monotonic() - self._save_end >= SAVE_TIME_RATIO * self._save_cost:
-                    self._save()
-        except BaseException:
-            if consistent and self.blocks_done:
-                self._save()  # keep what is finished (an exception, Ctrl-C); a kill keeps the last record
-            raise
-        finally:
-            bar.close()
-        if self.samples_done != self.n:
-            raise ValueError(f"train_data yielded {self.samples_done} samples, but {self.n} were counted; the data "
+    else:
+        leftovers = [p.name for p in (path / GRADIENTS_FILE, path / FISHER_FILE) if p.exists()]
+        if leftovers:
+            raise ValueError(f"path: '{path}' holds {leftovers} but no {METADATA_FILE}: it is not a gradient "
+                             f"store (or a damaged one); {_remedy(path)}")
+        atomic_write(path / METADATA_FILE, json.dumps(metadata, indent=1).encode())
+    settings = metadata["settings"]
+    n, k = settings["n_train"], settings["k"]
+    device = source.functions.device
+    identity = {"model": metadata["model"], "settings": settings,
+                "settings_fingerprint": metadata["settings_fingerprint"], "test_data": None,
+                "train_data": settings["train_data"]}
+    record, fisher_sum = _read_build_record(path, identity, k, settings["fisher"])
+    if record is not None and record["complete"]:  # stopped after the final record, before store.json said so
+        _write_complete_metadata(path, metadata)
+        return
+    if record is None:
+        with open(path / GRADIENTS_FILE, "wb") as f:
+            f.truncate(2 * n * k)
+        record = new_record(identity)
+    size = (path / GRADIENTS_FILE).stat().st_size if (path / GRADIENTS_FILE).exists() else None
+    if size != 2 * n * k:
+        raise ValueError(f"path: '{path / GRADIENTS_FILE}' must hold {2 * n * k} bytes, got "
+                         f"{'no file' if size is None else size}; {_remedy(path)}")
+    sink = _GradientRows(path / GRADIENTS_FILE, n, k, _STORAGE[settings["dtype"]], fisher_sum.to(device))
+    job = _BuildJournal(path, record, sink, n)
+    # Until a save has been timed, its cost is guessed from its size (1 GB/s): a large Fisher
+    # sum is then not written after the very first block of a short build.
+    job.throttle_from(fisher_sum.numel() * 8 / 1e9)
+    try:
+        run_blocks(samples, lambda block: source.grads(block.x, block.y), [sink], "gradient store",
+                   Runtime(source.functions.dtype, device, progress), sample_dim=0, journal=job)
+        if job.samples_done != n:
+            raise ValueError(f"train_data yielded {job.samples_done} samples, but {n} were counted; the data "
                              "must yield the same samples on every pass")
+        job.finish()
+    finally:
+        del sink.array
+    _write_complete_metadata(path, metadata)
 
-    def _save(self, complete: bool = False) -> None:
-        start = time.monotonic()
-        if hasattr(self, "array"):
-            self.array.flush()  # the rows reach the file before the record calls their block done
-        record = {"format": FORMAT, "version": VERSION, "store": self.metadata["settings_fingerprint"],
-                  "model": self.metadata["model"], "blocks_done": self.blocks_done,
-                  "samples_done": self.samples_done, "complete": complete}
-        # A finished store keeps the mean (the sum is needed only to go on with a build).
-        fisher_sum = self.fisher_sum.detach().to("cpu").contiguous()
-        tensors = {"fisher": fisher_sum / self.n} if complete and self.with_fisher else {"fisher_sum": fisher_sum}
-        data = safetensors_bytes(tensors, metadata={_RECORD_KEY: json.dumps(record)})
-        atomic_write(self.path / FISHER_FILE, data)
-        self._save_end = time.monotonic()
-        self._save_cost = self._save_end - start
 
-    def _finish(self) -> None:
-        self._save(complete=True)
-        self._write_complete_metadata()
+def _read_build_record(path: Path, identity: dict[str, Any], k: int,
+                       with_fisher: bool) -> tuple[Optional[dict[str, Any]], Tensor]:
+    """(record, running Fisher sum) of an earlier run of this build; (None, zeros) when there is none."""
+    expected = (k, k) if with_fisher else (0,)
+    record, tensors = _read_fisher(path)
+    if record is None:  # stopped before its first record: nothing is done
+        return None, torch.zeros(expected, dtype=torch.float64)
+    saved = record["identity"]
+    if saved["settings_fingerprint"] != identity["settings_fingerprint"] or saved["model"] != identity["model"]:
+        raise ValueError(f"path: '{path / FISHER_FILE}' belongs to another build; {_remedy(path)}")
+    if record["complete"]:
+        return record, torch.zeros(expected, dtype=torch.float64)
+    fisher_sum = tensors.get("fisher_sum")
+    if fisher_sum is None or tuple(fisher_sum.shape) != expected or fisher_sum.dtype != torch.float64:
+        raise ValueError(f"path: '{path / FISHER_FILE}' must hold a {expected} float64 'fisher_sum'; "
+                         f"{_remedy(path)}")
+    return record, fisher_sum
 
-    def _write_complete_metadata(self) -> None:
-        self.metadata["complete"] = True
-        atomic_write(self.path / METADATA_FILE, json.dumps(self.metadata, indent=1).encode())
+
+def _write_complete_metadata(path: Path, metadata: dict[str, Any]) -> None:
+    metadata["complete"] = True
+    atomic_write(path / METADATA_FILE, json.dumps(metadata, indent=1).encode())
 
 
 # -- files ---------------------------------------------------------------------------------------------
@@ -630,9 +616,9 @@ def _read_fisher(path: Path) -> tuple[Optional[dict[str, Any]], dict[str, Tensor
     except (SafetensorError, OSError, ValueError, KeyError) as e:
         raise ValueError(f"path: '{file}' is not a readable store record (truncated or corrupt: {e}); "
                          f"{_remedy(path)}") from None
-    keys = ("store", "model", "blocks_done", "samples_done", "complete")
-    if not isinstance(record, dict) or record.get("format") != FORMAT or any(key not in record for key in keys):
-        raise ValueError(f"path: '{file}' is corrupt (its record must hold {list(keys)}); {_remedy(path)}")
+    if not isinstance(record, dict) or record.get("format") != JOB_FORMAT:
+        raise ValueError(f"path: '{file}' is corrupt (not a build record); {_remedy(path)}")
+    record = parse_record(metadata[_RECORD_KEY], file, _remedy(path))
     return record, tensors
 
 
