@@ -527,10 +527,11 @@ def run_score(args: argparse.Namespace) -> dict:
         "settings": {"model": args.model, "weights": args.weights, "train": args.train, "test": args.test,
                      "regularization": args.regularization, "batch_size": args.batch_size,
                      "device": args.device, "image_size": args.image_size, "top_k": args.top_k,
-                     "rank": getattr(im, "rank", None),
-                     "second_order": ("gauss_newton" if args.solver in ("ekfac", "kfac")
+                     "rank": im.options().to_dict().get("rank"),
+                     "second_order": ("gauss_newton" if "second_order" in im.traits.fixed_options
                                       else args.second_order),
                      "plots": not args.no_plots},
+        "solver_options": im.options().to_dict(),
         "n_train": n_train,
         "n_test": n_test,
         "num_params": im.num_params,
