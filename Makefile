@@ -22,7 +22,8 @@ $(BIN)/python:
 
 $(VENV)/.deps-$(subst =,_,$(subst /,_,$(TORCH_SPEC))): | $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet numpy pybind11 "scikit-build-core>=0.10" ninja tqdm safetensors pytest scikit-learn matplotlib
+	# The torch pin again on this line: without it pip may replace torch with transformers' choice.
+	$(BIN)/pip install --quiet numpy pybind11 "scikit-build-core>=0.10" ninja tqdm safetensors pytest scikit-learn matplotlib "transformers==5.23.0" "$(TORCH_SPEC)"
 	touch $@
 
 $(STAMP): $(VENV)/.deps-$(subst =,_,$(subst /,_,$(TORCH_SPEC))) $(SOURCES)

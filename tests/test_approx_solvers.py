@@ -215,12 +215,18 @@ class NoLayers(nn.Module):
         return self.norm(x)[:, :10]
 
 
-def test_kfac_rejects_unsupported_modules():
+def test_kfac_leaves_out_unsupported_modules_by_default_and_rejects_them_when_selected():
+    with pytest.warns(UserWarning, match=r"covers 1 captured layers \(Embedding; 40 values\) and leaves out 128 "
+                                         r"values: LayerNorm \(not a captured layer type\): 2 parameter"):
+        im = tfl.EkfacInfluence(NoLayers(), LOSS, REG)
+    assert im.functions.names == ["embed.weight"]
     with pytest.raises(ValueError, match=r"LayerNorm.*type not registered"):
-        tfl.EkfacInfluence(NoLayers(), LOSS, REG)
+        tfl.EkfacInfluence(NoLayers(), LOSS, REG, params=["norm.weight", "embed.weight"])
     model = nn.Sequential(nn.Conv2d(2, 2, 1, groups=2), nn.Flatten(), nn.Linear(2, 2))
+    with pytest.warns(UserWarning, match=r"Conv2d \(groups=2 \(only 1 is supported\)\)"):
+        assert tfl.KfacInfluence(model, LOSS, REG).functions.names == ["2.weight", "2.bias"]
     with pytest.raises(ValueError, match=r"0.weight \(Conv2d: groups=2"):
-        tfl.KfacInfluence(model, LOSS, REG)
+        tfl.KfacInfluence(model, LOSS, REG, params=["0.weight", "2.weight"])
     tfl.KfacInfluence(model, LOSS, REG, params=["2.weight", "2.bias"])  # restricting params works
 
 
@@ -239,8 +245,10 @@ def test_bad_arguments_are_named(problem):
         tfl.CgInfluence(model, LOSS, REG, preconditioner="ilu")
     with pytest.raises(ValueError, match="fisher must be 'true', 'exact' or 'empirical', got 'sampled'"):
         tfl.EkfacInfluence(model, LOSS, REG, fisher="sampled")
+    # Label smoothing is not a likelihood: no targets to draw (a plain cross-entropy lambda is recognised).
     with pytest.raises(ValueError, match="not one torchfluence knows how to sample"):
-        tfl.EkfacInfluence(model, lambda o, t: F.cross_entropy(o, t), REG).fit(loader(*problem[1:3]))
+        tfl.EkfacInfluence(model, lambda o, t: F.cross_entropy(o, t, label_smoothing=0.1), REG).fit(
+            loader(*problem[1:3]))
 
 
 def test_non_finite_inputs_name_the_sample_and_overflow_names_the_layer(problem):

@@ -423,7 +423,13 @@ def test_multihead_attention_out_proj_goes_through_torch_func():
     assert [layer.name for layer in im.source.layers] == ["tok", "head"]
     torch.testing.assert_close(im.grads(x, y), reference_grads(model, x, y), rtol=1e-10, atol=1e-13)
     with pytest.raises(ValueError, match=r"att.out_proj.weight \(NonDynamicallyQuantizableLinear: its parent"):
-        tfl.KfacInfluence(model, lm_loss, REG, fisher="empirical")
+        tfl.KfacInfluence(model, lm_loss, REG, fisher="empirical", params=["att.out_proj.weight", "head.weight"])
+    # By default the layers K-FAC cannot capture are left out, with one line saying so.
+    with pytest.warns(UserWarning, match=r"covers 2 captured layers \(Embedding, Linear; 475 values\) and leaves "
+                                         r"out 624 values: MultiheadAttention \(not a captured layer type\): 2 .*; "
+                                         r"NonDynamicallyQuantizableLinear \(its parent calls"):
+        kfac = tfl.KfacInfluence(model, lm_loss, REG, fisher="empirical")
+    assert kfac.functions.names == ["tok.weight", "head.weight", "head.bias"]
 
 
 # -- K-FAC and EK-FAC ---------------------------------------------------------------------------------
@@ -468,10 +474,11 @@ def test_kfac_on_an_embedding_equals_its_formula(solver):
     torch.testing.assert_close(im.self_influences(x, y), expected_self, rtol=1e-9, atol=1e-12)
 
 
-def _layer_blocks(model: nn.Module, g: Tensor, names: list) -> dict:
+def _layer_blocks(model: nn.Module, g: Tensor, names: list, transposed: tuple = (nn.Embedding,)) -> dict:
     """Per-sample gradients (n, p) over `names` -> {module: (n, d_out, d_in [+ 1])}, bias as the last column.
 
     An embedding's (vocab, width) gradient is transposed to (width, vocab): its input is the one-hot token.
+    So is the weight of any module of the `transposed` types (stored (d_in, d_out)).
     """
     sizes = [dict(model.named_parameters())[k].numel() for k in names]
     parts = dict(zip(names, g.split(sizes, dim=1)))
@@ -482,10 +489,9 @@ def _layer_blocks(model: nn.Module, g: Tensor, names: list) -> dict:
         if kind != "weight":
             continue
         module, n = modules[owner], g.shape[0]
-        if isinstance(module, nn.Embedding):
-            blocks[owner] = parts[name].view(n, *module.weight.shape).transpose(1, 2)
-            continue
         w = parts[name].view(n, *module.weight.shape)
+        if isinstance(module, transposed):
+            w = w.transpose(1, 2)
         bias = parts.get(owner + ".bias")
         blocks[owner] = w if bias is None else torch.cat([w, bias.unsqueeze(-1)], dim=-1)
     return blocks

@@ -18,6 +18,7 @@ once, whatever its length).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, Optional, Sequence
@@ -73,6 +74,24 @@ def default_output_transform(output: Any) -> Tensor:
         raise TypeError(f"model output: {where} is a {type(value).__name__}, not a Tensor; pass "
                         "output_transform= a callable raw_output -> Tensor that picks the tensor the loss takes")
     return value
+
+def second_derivatives() -> contextlib.AbstractContextManager:
+    """Runs ``scaled_dot_product_attention`` on its math backend, whose backward is differentiable.
+
+    The fused CPU and GPU attention kernels have no derivative of their backward, so
+    Hessian- and Gauss-Newton-vector products through attention (Hugging Face models
+    call ``F.scaled_dot_product_attention``) need the math route. Models without
+    attention run the same operations either way: their results do not change.
+    Per-sample gradients by ``vmap`` use it too (the fused kernels have no batching
+    rule, and run there one sample at a time); the captured first-order passes keep
+    the fused kernels.
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: the context manager of that time
+        return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_mem_efficient=False, enable_math=True)
+    return sdpa_kernel(SDPBackend.MATH)
+
 
 _STOCHASTIC_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                        nn.modules.batchnorm._BatchNorm)
@@ -210,7 +229,9 @@ class ModelFunctions:
     def per_sample_grads(self, x: Tensor, y: Tensor) -> Tensor:
         """Gradients of each sample's loss, (n, p)."""
         x, y = self.cast_input(x), y.to(self.device)
-        return vmap(grad(self._sample_loss), in_dims=(None, 0, 0))(self.theta, x, y).detach()
+        # The fused attention kernels have no batching rule: under vmap they run sample by sample.
+        with second_derivatives():
+            return vmap(grad(self._sample_loss), in_dims=(None, 0, 0))(self.theta, x, y).detach()
 
     def check_loss(self, x: Tensor, y: Tensor) -> Tensor:
         """Fails early, with a clear message, on a loss that is not the mean of per-sample losses.
@@ -257,6 +278,17 @@ class ModelFunctions:
         chunks = plan(num_vectors, b, self._footprint(x), self.num_params, self.device)
         gradient = grad(self.batch_loss)
         parts = []
+        with second_derivatives():
+            self._build_products(x, y, b, chunks, gradient, parts)
+
+        def apply(vectors: Tensor) -> Tensor:
+            with second_derivatives():
+                return self._apply_products(vectors, chunks, parts)
+
+        return apply
+
+    def _build_products(self, x: Tensor, y: Tensor, b: int, chunks, gradient: Callable, parts: list) -> None:
+        """Appends (weight, vmapped H_chunk v) for each sample chunk of (x, y) to `parts`."""
         for start in range(0, b, chunks.samples):
             xs, ys = x[start:start + chunks.samples], y[start:start + chunks.samples]
             weight = xs.shape[0] / b
@@ -270,20 +302,20 @@ class ModelFunctions:
                     return pullback(v)[0]
             parts.append((weight, vmap(product)))
 
-        def apply(vectors: Tensor) -> Tensor:
-            out = torch.empty_like(vectors)
-            for start in range(0, vectors.shape[0], chunks.vectors):
-                rows = vectors[start:start + chunks.vectors]
-                total = None
-                for weight, product in parts:
-                    part = product(rows).detach()
-                    if weight != 1:
-                        part.mul_(weight)
-                    total = part if total is None else total.add_(part)
-                out[start:start + rows.shape[0]] = total
-            return out
-
-        return apply
+    @staticmethod
+    def _apply_products(vectors: Tensor, chunks, parts: list) -> Tensor:
+        """The weighted sum over sample chunks of H_chunk v for each row of `vectors`, in vector chunks."""
+        out = torch.empty_like(vectors)
+        for start in range(0, vectors.shape[0], chunks.vectors):
+            rows = vectors[start:start + chunks.vectors]
+            total = None
+            for weight, product in parts:
+                part = product(rows).detach()
+                if weight != 1:
+                    part.mul_(weight)
+                total = part if total is None else total.add_(part)
+            out[start:start + rows.shape[0]] = total
+        return out
 
     def _footprint(self, x: Tensor) -> int:
         """Elements of one sample's intermediate values for inputs shaped like `x` (cached per shape)."""
@@ -294,6 +326,10 @@ class ModelFunctions:
 
     def ggn_vp(self, vectors: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """Generalised Gauss-Newton J^T H_out J times each row of `vectors` (k, p) -> (k, p)."""
+        with second_derivatives():
+            return self._ggn_vp(vectors, x, y)
+
+    def _ggn_vp(self, vectors: Tensor, x: Tensor, y: Tensor) -> Tensor:
         x, y = self.cast_input(x), y.to(self.device)
         out, pullback = vjp(lambda t: self.outputs(t, x), self.theta)
         out = out.detach()
@@ -313,7 +349,8 @@ class ModelFunctions:
         def one(xi: Tensor) -> Tensor:
             return jacrev(lambda t: self.outputs(t, xi.unsqueeze(0)).reshape(-1))(self.theta)
 
-        return vmap(one)(x).detach()
+        with second_derivatives():
+            return vmap(one)(x).detach()
 
     def output_loss_hessians(self, x: Tensor, y: Tensor) -> Tensor:
         """Hessian of each sample's own loss w.r.t. its flattened outputs, (n, c, c)."""
@@ -345,4 +382,5 @@ class ModelFunctions:
 
             return jacrev(projected)(xj)  # (n_f, *x_shape)
 
-        return vmap(one, out_dims=1)(x, y).detach()
+        with second_derivatives():
+            return vmap(one, out_dims=1)(x, y).detach()

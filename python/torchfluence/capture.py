@@ -13,8 +13,14 @@ input 1 (``d_in + 1`` columns).
 
 ``nn.Linear`` and ``nn.Conv1d``/``nn.Conv2d``/``nn.Conv3d`` (groups=1, zero padding)
 are built in (convolutions through their patches: patches are positions, Grosse &
-Martens 2016). Other layers of
-the form ``out = W a`` are added with :func:`register_layer`.
+Martens 2016), and so is Hugging Face's ``Conv1D`` (GPT-2's projections: ``x @ W + b``
+with W stored (d_in, d_out), a transposed Linear) once ``transformers`` is imported.
+Other layers of the form ``out = W a`` are added with :func:`register_layer`.
+
+Parameters of other modules (``nn.LayerNorm``, ``nn.BatchNorm*``, RMSNorm-style
+modules, bare ``nn.Parameter`` tensors such as ViT's class token) are not captured:
+the fused scoring path differentiates them with ``torch.func`` beside the captured
+layers, and K-FAC / EK-FAC leave them out of the curvature (:func:`describe_coverage`).
 
 ``nn.Embedding`` is an *index layer*: its input at position t is the one-hot
 vector of the token id, never formed. Its activations are the (n, T) integer ids
@@ -27,16 +33,24 @@ activations), and K-FAC's activation covariance is diagonal (the token
 frequencies), so memory never scales with vocabulary x positions.
 
 A weight shared by several modules (an embedding tied to the output layer)
-is captured once per module, and the modules' gradients add up. Where a weight
-is also used outside its module's forward, or a layer is applied to a tensor
-without the batch dimension, captured gradients would be wrong: the first
-capture of a set of layers checks the first sample's captured gradients against
-autograd and raises if they differ.
+is captured once per module, and the modules' gradients add up.
+
+A layer applied to an input shared by the whole batch, with a leading dimension
+of 1 (GPT-2's and BERT's position embeddings on ``(1, T)`` position ids), gets
+its exact per-sample gradient ``sum_t g_it a_t^T``: during a capture its output
+is expanded to the batch's n samples (a view, which every broadcasting use of it
+reads the same), so each sample's output gradient ``g_it`` is recorded apart.
+
+Where a weight is also used outside its module's forward, or a layer is applied
+to a tensor without the batch dimension, captured gradients would be wrong: the
+first capture of a set of layers checks the first sample's captured gradients
+against autograd and raises if they differ.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -63,6 +77,8 @@ class LayerRule:
             position order.
         index: an index layer (``nn.Embedding``): activations are (n, T) integer
             indices into the d_in rows of a weight stored (d_in, d_out).
+        transposed: a dense layer whose weight is stored (d_in, d_out) (Hugging Face's
+            ``Conv1D``: ``x @ W + b``).
     Otherwise the module's ``weight`` must reshape row-major to (d_out, d_in) and
     its optional ``bias`` have d_out entries.
     """
@@ -70,6 +86,7 @@ class LayerRule:
     activations: ActivationsFn
     output_grads: OutputGradsFn
     index: bool = False
+    transposed: bool = False
 
 
 _RULES: dict[type, LayerRule] = {}
@@ -200,6 +217,19 @@ register_layer(nn.Conv3d, _conv_nd_activations, _conv2d_output_grads)
 _RULES[nn.Embedding] = LayerRule(_embedding_indices, _linear_output_grads, index=True)
 
 
+def _register_installed_types() -> None:
+    """Registers layer types of libraries the model may come from, once they are imported.
+
+    Hugging Face's ``Conv1D`` is ``x @ W + b`` with W (d_in, d_out): a Linear with its
+    weight stored transposed. transformers is never imported here: a model holding one
+    has imported it already.
+    """
+    utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(utils, "Conv1D", None)
+    if isinstance(conv1d, type) and conv1d not in _RULES:
+        _RULES[conv1d] = LayerRule(_linear_activations, _linear_output_grads, transposed=True)
+
+
 def _unsupported_reason(module: nn.Module) -> Optional[str]:
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if module.groups != 1:
@@ -225,6 +255,8 @@ class Layer:
             index layer d_in is the number of rows (the vocabulary).
         index: an index layer (``nn.Embedding``): activations are (n, T) integer ids
             and the weight is stored (d_in, d_out).
+        transposed: the weight is stored (d_in, d_out) (an index layer's always is;
+            Hugging Face's ``Conv1D``'s too).
         verified: whether a capture already checked this layer against autograd.
     """
 
@@ -237,6 +269,10 @@ class Layer:
     d_in: int
     index: bool = False
     verified: bool = False
+    transposed: bool = False
+
+    def __post_init__(self) -> None:
+        self.transposed = self.transposed or self.index
 
     @property
     def d_in_total(self) -> int:
@@ -250,11 +286,12 @@ class Layer:
     def matrices(self, flat: Tensor) -> Tensor:
         """(k, p) flat vectors -> (k, d_out, d_in_total) matrices of this layer (bias last column).
 
-        For an index layer this is a transposed view of its (d_in, d_out) rows.
+        For a layer stored transposed (an index layer) this is a transposed view of its (d_in, d_out) rows.
         """
-        if self.index:
-            return flat[:, self.weight_slice].view(flat.shape[0], self.d_in, self.d_out).transpose(1, 2)
-        w = flat[:, self.weight_slice].reshape(flat.shape[0], self.d_out, self.d_in)
+        if self.transposed:
+            w = flat[:, self.weight_slice].view(flat.shape[0], self.d_in, self.d_out).transpose(1, 2)
+        else:
+            w = flat[:, self.weight_slice].reshape(flat.shape[0], self.d_out, self.d_in)
         if self.bias_slice is None:
             return w
         return torch.cat([w, flat[:, self.bias_slice].unsqueeze(-1)], dim=-1)
@@ -262,10 +299,8 @@ class Layer:
     def write(self, matrices: Tensor, flat: Tensor) -> None:
         """Inverse of :meth:`matrices`: writes (k, d_out, d_in_total) into the rows of `flat` (k, p)."""
         k = matrices.shape[0]
-        if self.index:
-            flat[:, self.weight_slice] = matrices.transpose(1, 2).reshape(k, -1)
-            return
-        flat[:, self.weight_slice] = matrices[..., :self.d_in].reshape(k, -1)
+        weight = matrices[..., :self.d_in]
+        flat[:, self.weight_slice] = (weight.transpose(1, 2) if self.transposed else weight).reshape(k, -1)
         if self.bias_slice is not None:
             flat[:, self.bias_slice] = matrices[..., self.d_in]
 
@@ -297,7 +332,9 @@ class Layer:
     def add_matrices(self, grads: Tensor, flat: Tensor) -> None:
         """Adds per-sample gradients given as (n, d_out, d_in_total) matrices to the rows of `flat` (n, p)."""
         n = grads.shape[0]
-        flat[:, self.weight_slice] += grads[..., :self.d_in].reshape(n, -1).to(flat.dtype)
+        weight = grads[..., :self.d_in]
+        flat[:, self.weight_slice] += (weight.transpose(1, 2) if self.transposed else weight).reshape(n, -1).to(
+            flat.dtype)
         if self.bias_slice is not None:
             flat[:, self.bias_slice] += grads[..., self.d_in].to(flat.dtype)
 
@@ -322,6 +359,7 @@ def find_layers(functions: ModelFunctions) -> tuple[list[Layer], list[str]]:
     # named_parameters() names a shared parameter once, after its first owner.
     name_of = {id(p): n for n, p in functions.model.named_parameters()}
     functional = _functional_submodules(functions.model)
+    _register_installed_types()
     layers, covered = [], set()
     for module_name, module in functions.model.named_modules():
         if id(module) in functional:
@@ -336,9 +374,10 @@ def find_layers(functions: ModelFunctions) -> tuple[list[Layer], list[str]]:
         bias = getattr(module, "bias", None)
         bias_name = name_of.get(id(bias)) if isinstance(bias, nn.Parameter) else None
         bias_slice = offsets.get(bias_name) if bias_name is not None else None
-        d_out, d_in = (weight.shape[1], weight.shape[0]) if rule.index else (weight.shape[0], weight[0].numel())
+        transposed = rule.index or rule.transposed
+        d_out, d_in = (weight.shape[1], weight.shape[0]) if transposed else (weight.shape[0], weight[0].numel())
         layers.append(Layer(module_name or "<root>", module, rule, offsets[weight_name], bias_slice,
-                            d_out, d_in, index=rule.index))
+                            d_out, d_in, index=rule.index, transposed=transposed))
         covered.update([weight_name] + ([bias_name] if bias_slice is not None else []))
     missing = [n for n in functions.names if n not in covered]
     return layers, missing
@@ -363,11 +402,11 @@ def shared_weights(layers: Sequence[Layer]) -> list[list[str]]:
     return groups
 
 
-def describe_missing(functions: ModelFunctions, missing: Sequence[str]) -> str:
-    """Names the modules (and their types) that own uncaptured parameters, for error messages."""
+def _missing_reasons(functions: ModelFunctions, missing: Sequence[str]) -> list[tuple[str, str, str]]:
+    """(name, owner type, why it is not captured) of each uncaptured parameter."""
     modules = dict(functions.model.named_modules())
     functional = _functional_submodules(functions.model)
-    owners = []
+    reasons = []
     for name in missing:
         module_name = name.rpartition(".")[0]
         module = modules.get(module_name)
@@ -379,8 +418,46 @@ def describe_missing(functions: ModelFunctions, missing: Sequence[str]) -> str:
             reason = "type not registered"
         elif reason is None:
             reason = "its weight is not among the selected parameters"
-        owners.append(f"{name} ({kind}: {reason})")
-    return ", ".join(owners)
+        reasons.append((name, kind, reason))
+    return reasons
+
+
+def describe_missing(functions: ModelFunctions, missing: Sequence[str]) -> str:
+    """Names the modules (and their types) that own uncaptured parameters, for error messages."""
+    return ", ".join(f"{name} ({kind}: {reason})" for name, kind, reason in _missing_reasons(functions, missing))
+
+
+def tied_parameters(functions: ModelFunctions, layers: Sequence[Layer]) -> list[str]:
+    """Names of the selected parameters used by several captured layers (a tied embedding and output layer)."""
+    users: dict[int, int] = {}
+    for layer in layers:
+        for s in layer.columns():
+            users[s.start] = users.get(s.start, 0) + 1
+    starts = torch.tensor([0, *functions.sizes]).cumsum(0).tolist()
+    return [name for name, start in zip(functions.names, starts) if users.get(start, 0) > 1]
+
+
+def describe_coverage(functions: ModelFunctions, layers: Sequence[Layer], left_out: Sequence[str]) -> str:
+    """One line: which parameters the captured layers cover, and which are left out and why.
+
+    Args:
+        layers: the captured layers kept; left_out: names of the selected parameters left out
+            (uncaptured, or tied between layers).
+    """
+    sizes = dict(zip(functions.names, functions.sizes))
+    tied = set(tied_parameters(functions, find_layers(functions)[0]))
+    groups: dict[str, list[str]] = {}
+    for name, kind, reason in _missing_reasons(functions, [n for n in left_out if n not in tied]):
+        why = "not a captured layer type" if reason == "type not registered" else reason
+        groups.setdefault(f"{kind} ({why})", []).append(name)
+    for name in left_out:
+        if name in tied:
+            groups.setdefault("tied weights (shared by several layers)", []).append(name)
+    kept = sum(sizes[n] for n in functions.names if n not in set(left_out))
+    types = sorted({type(layer.module).__name__ for layer in layers})
+    parts = [f"{what}: {len(names)} parameter(s) such as {names[0]}" for what, names in groups.items()]
+    return (f"covers {len(layers)} captured layers ({', '.join(types)}; {kept:,} values) and leaves out "
+            f"{sum(sizes[n] for n in left_out):,} values: {'; '.join(parts)}")
 
 
 class ConvInput:
@@ -525,17 +602,30 @@ def capture(functions: ModelFunctions, layers: Sequence[Layer], x: Tensor, y: Op
         (an index layer's activations are its (n, T) integer ids; its output gradients
         at ``padding_idx`` positions are 0).
 
+    A layer applied to an input of leading dimension 1 while n > 1 (shared by the
+    batch) has its input and output expanded to the n samples (views).
+
     Raises:
-        ValueError: a layer applied to an input whose first dimension is not the
-            batch's samples, or (first capture of these layers only) captured
+        ValueError: a layer applied to an input whose first dimension is neither the
+            batch's samples nor 1, or (first capture of these layers only) captured
             gradients of the first sample that differ from autograd's.
     """
     x = functions.cast_input(x)
     n = x.shape[0]
     records: dict[int, list[tuple[Tensor, Tensor]]] = {id(layer.module): [] for layer in layers}
 
-    def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-        records[id(module)].append((inputs[0].detach(), output))
+    def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Optional[Tensor]:
+        inp = inputs[0]
+        if n > 1 and inp.dim() > 0 and inp.shape[0] == 1 and isinstance(output, Tensor) and output.dim() > 0 \
+                and output.shape[0] == 1:
+            # An input shared by the batch ((1, T) position ids): the output, expanded to the n
+            # samples, is what the rest of the model broadcasts anyway, and its gradient then
+            # holds each sample's own g_it instead of their sum.
+            inp, output = inp.expand(n, *inp.shape[1:]), output.expand(n, *output.shape[1:])
+            records[id(module)].append((inp.detach(), output))
+            return output
+        records[id(module)].append((inp.detach(), output))
+        return None
 
     handles = [layer.module.register_forward_hook(hook) for layer in layers]
     try:
@@ -569,8 +659,9 @@ def capture(functions: ModelFunctions, layers: Sequence[Layer], x: Tensor, y: Op
                 raise ValueError(
                     f"layer {layer.name!r} ({type(layer.module).__name__}) was applied to an input of shape "
                     f"{tuple(inp.shape)}, whose first dimension is not the block's {n} samples, so its per-sample "
-                    "gradients cannot be captured; apply it to per-sample inputs (e.g. position ids expanded to "
-                    "(n, T)), leave its parameters out with params=, or pass fused=False")
+                    "gradients cannot be captured; apply it to per-sample inputs, or to an input shared by the "
+                    "batch with a leading dimension of 1 (e.g. position ids of shape (1, T)), leave its parameters "
+                    "out with params=, or pass fused=False")
             if len(calls) == 1 and layer.rule is _RULES[nn.Conv2d]:
                 a = ConvInput(layer.module, inp, layer.bias_slice is not None)
             else:

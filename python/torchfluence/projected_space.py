@@ -203,6 +203,15 @@ class ProjectedGradients(GradientSource):
                 self.projector.accumulate(piece, phi, layer.weight_slice.start + r0 * layer.d_out)
             return
         d_in = layer.d_in
+        if layer.transposed:  # weight stored (d_in, d_out) (Hugging Face's Conv1D): pieces of input rows
+            rows = max(1, _PIECE_VALUES // max(1, b * layer.d_out))
+            for i0 in range(0, d_in, rows):
+                i1 = min(d_in, i0 + rows)
+                piece = torch.einsum("nti,nto->nio", a[..., i0:i1], g)  # (b, rows, d_out)
+                self.projector.accumulate(piece.reshape(b, -1), phi, layer.weight_slice.start + i0 * layer.d_out)
+            if layer.bias_slice is not None:
+                self.projector.accumulate(g.sum(dim=1), phi, layer.bias_slice.start)
+            return
         rows = max(1, _PIECE_VALUES // max(1, b * layer.d_in_total))
         for o0 in range(0, layer.d_out, rows):
             o1 = min(layer.d_out, o0 + rows)

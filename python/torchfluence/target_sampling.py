@@ -52,6 +52,48 @@ def default_sampler(loss: Callable, draws: SampleDraws) -> Optional[TargetSample
     return None
 
 
+def token_cross_entropy_sampler(loss: Callable, outputs: Tensor, targets: Tensor,
+                                draws: SampleDraws) -> Optional[Callable[[Tensor, Tensor], Tensor]]:
+    """A sampler for a loss written as cross-entropy over the last dimension, or None.
+
+    The language-model loss ``F.cross_entropy(logits.flatten(0, 1), y.flatten(),
+    ignore_index=-100)`` is a lambda that :func:`default_sampler` cannot recognise by
+    identity; here it is recognised by its values: on the given outputs, and on a
+    rescaled copy of them, it must equal that cross-entropy. The sampler draws every
+    position's class from the model's softmax and keeps the -100 of the positions the
+    data's targets mask, so each sequence's loss averages over the same tokens.
+
+    Args:
+        outputs: (b, ..., C) a few samples' outputs; targets: (b, ...) their class indices.
+
+    Returns:
+        ``(outputs, targets) -> drawn targets`` (marked ``needs_targets``), or None.
+    """
+    if targets.is_floating_point() or outputs.dim() != targets.dim() + 1 or outputs.shape[:-1] != targets.shape:
+        return None
+
+    def reference(o: Tensor) -> Tensor:
+        return F.cross_entropy(o.reshape(-1, o.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+    try:
+        for o in (outputs, 0.5 * outputs + 1):
+            got = loss(o, targets)
+            if not (isinstance(got, Tensor) and got.dim() == 0 and torch.allclose(got, reference(o), rtol=1e-6)):
+                return None
+    except Exception:  # noqa: BLE001 - a loss that cannot take these is not this loss
+        return None
+
+    def categorical(outputs: Tensor, targets: Tensor) -> Tensor:
+        probs = torch.softmax(outputs.double(), dim=-1)
+        n, c = probs.shape[0], probs.shape[-1]
+        u = draws.uniforms(n, probs[0].numel() // c, probs.device).reshape(probs.shape[:-1])
+        drawn = (probs.cumsum(dim=-1) <= u.unsqueeze(-1)).sum(dim=-1).clamp_max(c - 1)
+        return drawn.masked_fill(targets.to(drawn.device) == -100, -100)
+
+    categorical.needs_targets = True  # type: ignore[attr-defined]
+    return categorical
+
+
 def exact_output_grads(loss: Callable, outputs: Tensor) -> Optional[Tensor]:
     """Vectors whose outer products sum to each sample's output Hessian, or None if unknown.
 

@@ -23,27 +23,30 @@ EK-FAC's per-sample second moments are summed from each sample's nonzero rows.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..counter_random import SampleDraws
-from ..target_sampling import TargetSampler, default_sampler, exact_output_grads
+from ..target_sampling import TargetSampler, default_sampler, exact_output_grads, token_cross_entropy_sampler
 from ..budget import temporary_rows
-from ..capture import Captured, Layer, capture, describe_missing, find_layers, shared_weights
+from ..capture import (Captured, Layer, capture, describe_coverage, describe_missing, find_layers,
+                       shared_weights, tied_parameters)
 from ..checks import check_finite, check_mode, check_regularization
 from ..data import SampleBlock, Samples
 from ..distributed import all_reduce_count, all_reduce_sum, is_main_process, local_blocks
 from ..captured_scores import index_pair_sums, index_sum, psg_self_dot
-from ..gradients import CapturedGradients, PreparedQueries
+from ..curvature import curvature_operator
+from ..gradients import CapturedGradients, PreparedQueries, gradient_source
 from ..contract import SolverOptions, SolverTraits, option
 from ..influence import InfluenceFunctionModel
 from ..persist import state_tensor
 from ..precision import matmul_precision
-from ..projected_space import kronecker_layers
+from ..projected_space import kronecker_layers, projected_engine
 from ..scoring import run_blocks
 from ..sinks import DenseSink
 
@@ -85,9 +88,14 @@ class KfacInfluence(InfluenceFunctionModel):
 
     Scales to models with millions of parameters: fitting is two passes of
     forward + backward over the training data (one for EK-FAC's correction),
-    and memory is d_in^2 + d_out^2 per layer. Every selected parameter must
-    belong to an ``nn.Linear`` or ``nn.Conv1d``/``Conv2d``/``Conv3d`` (or a type added with
-    :func:`torchfluence.capture.register_layer`); restrict ``params`` otherwise.
+    and memory is d_in^2 + d_out^2 per layer. The curvature is that of the
+    captured layers (``nn.Linear``, ``nn.Conv1d``/``Conv2d``/``Conv3d``, ``nn.Embedding``,
+    Hugging Face's ``Conv1D``, types added with :func:`torchfluence.capture.register_layer`).
+    With ``params`` left out, the other parameters (normalisation layers, bare
+    parameters, a weight tied between an embedding and the output layer) are left
+    out of the influences, and a warning says in one line which parameters are
+    covered and which are not (as kronfluence does); passing ``params`` with such
+    parameters is an error.
 
     The curvature approximated is the Fisher, equal to the Gauss-Newton matrix
     for negative-log-likelihood losses (cross-entropy, Gaussian MSE, BCE).
@@ -114,11 +122,11 @@ class KfacInfluence(InfluenceFunctionModel):
     def __init__(self, model, loss, regularization: float = 0.0, *,
                  fisher: Literal["true", "exact", "empirical"] = "true",
                  sample_targets: Optional[Callable] = None, fisher_samples: int = 1, seed: int = 0,
-                 eigenvalue_correction: bool = False, **kwargs) -> None:
+                 eigenvalue_correction: bool = False, params: Optional[Sequence[str]] = None, **kwargs) -> None:
         if "second_order" in kwargs:
             raise TypeError(f"{type(self).__name__} approximates the Fisher / Gauss-Newton matrix and takes no "
                             "second_order argument")
-        super().__init__(model, loss, regularization, second_order="gauss_newton", **kwargs)
+        super().__init__(model, loss, regularization, second_order="gauss_newton", params=params, **kwargs)
         if fisher not in ("true", "exact", "empirical"):
             raise ValueError(f"fisher must be 'true', 'exact' or 'empirical', got {fisher!r}")
         if not isinstance(fisher_samples, int) or fisher_samples < 1:
@@ -128,6 +136,9 @@ class KfacInfluence(InfluenceFunctionModel):
         self._sample_targets = sample_targets
         self._draws: Optional[SampleDraws] = None  # the default samplers' random numbers
         self.layers, missing = find_layers(self.functions)
+        if params is None and self.layers and (missing or tied_parameters(self.functions, self.layers)):
+            self._leave_out(missing + tied_parameters(self.functions, self.layers))
+            self.layers, missing = find_layers(self.functions)
         if missing:
             raise ValueError(
                 f"{type(self).__name__} needs every selected parameter in a supported layer (nn.Linear, "
@@ -148,8 +159,22 @@ class KfacInfluence(InfluenceFunctionModel):
         if self._projection is not None:
             self.layers = self._projection.projected_layers
 
+    def _leave_out(self, names: list[str]) -> None:
+        """Narrows the selected parameters to the captured layers', warning once with what is left out."""
+        before = self.functions
+        kept = [n for n in before.names if n not in set(names)]
+        if kept:  # else the caller's error names what is not covered
+            functions = self.functions = before.subset(kept)
+            self.source = gradient_source(functions, self.fused)
+            self.curvature_operator = curvature_operator(functions, self.second_order)
+            if self.projector is not None:
+                self.source, self.curvature_operator = projected_engine(functions, self.source, self.projector)
+        layers = find_layers(self.functions)[0] if kept else []
+        warnings.warn(f"{type(self).__name__} {describe_coverage(before, layers, names)}; pass params= to choose "
+                      "the parameters yourself", stacklevel=4)
+
     # -- fitting --------------------------------------------------------------------------------
-    def _sampler(self) -> Optional[TargetSampler]:
+    def _sampler(self, train: Samples) -> Optional[TargetSampler]:
         self._draws = None
         if self.fisher in ("empirical", "exact"):
             return None
@@ -157,6 +182,12 @@ class KfacInfluence(InfluenceFunctionModel):
             return self._sample_targets
         self._draws = SampleDraws(self.seed)  # addressed per block by _captures
         sampler = default_sampler(self.functions.loss, self._draws)
+        if sampler is None:  # a lambda may still be a (per-token) cross-entropy: judged by its values
+            first = train.first_block()
+            with torch.no_grad():
+                outputs = self.functions.outputs(self.functions.theta, self.functions.cast_input(first.x[:2]))
+            sampler = token_cross_entropy_sampler(self.functions.loss, outputs, first.y[:2].to(outputs.device),
+                                                  self._draws)
         if sampler is None:
             raise ValueError(
                 f"fisher='true' needs targets drawn from the model, but the loss {self.functions.loss!r} is "
@@ -181,7 +212,10 @@ class KfacInfluence(InfluenceFunctionModel):
             for draw in range(self.fisher_samples if sampler is not None else 1):
                 if self._draws is not None:
                     self._draws.at(stage, draw, block.offset)
-                cap = self._capture(block.x, block.y, sampler, out_grads)
+                drawn = sampler
+                if getattr(sampler, "needs_targets", False):  # keeps the data's masked positions
+                    drawn = lambda o, y=block.y: sampler(o, y)  # noqa: E731
+                cap = self._capture(block.x, block.y, drawn, out_grads)
                 if exact and any(g.dim() != 4 for g in cap.output_grads):
                     raise ValueError("fisher='exact' supports outputs of shape (n, classes) only; use fisher='true'")
                 yield cap
@@ -193,7 +227,7 @@ class KfacInfluence(InfluenceFunctionModel):
         return cap if self._projection is None else self._projection.project_capture(cap)
 
     def _fit(self, train: Samples) -> None:
-        sampler = self._sampler()
+        sampler = self._sampler(train)
         dev = self.device
         # An embedding's A is diagonal (token counts): a vector.
         a_sums = [torch.zeros((layer.d_in,) if layer.index else (layer.d_in_total,) * 2, dtype=torch.float64,
