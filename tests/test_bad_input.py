@@ -76,10 +76,11 @@ CASES = [
      r"class indices in \[0, 10\).* got -1 at sample 3"),
     ("empty data", lambda: _cg().fit(loader(X[:0], Y[:0])), ValueError, r"train_data is empty"),
     ("empty pair", lambda: _cg().fit((X[:0], Y[:0])), ValueError, r"train_data is empty"),
+    # Dicts and longer tuples are batches (model inputs plus targets): these do not fit the model.
     ("loader yielding dicts", lambda: _cg().fit(DictLoader()), TypeError,
-     r"train_data must yield \(inputs, targets\) pairs, got a dict with keys \['x', 'y'\]"),
+     r"the model was called with a dict batch's entries \['x', 'y'\] as keyword arguments .*unexpected keyword"),
     ("loader yielding 3-tuples", lambda: _cg().fit(TripleLoader()), TypeError,
-     r"pairs of 2 items, got a tuple of 3 items"),
+     r"called with a tuple batch's first 2 elements as positional arguments \(its last held back"),
     ("one-shot generator to fit", lambda: _cg().fit(_generator()), TypeError,
      r"train_data is a one-shot iterator \(generator\), but CgInfluence.fit reads the data several times"),
     ("a bare tensor as data", lambda: _cg().fit(X), TypeError,

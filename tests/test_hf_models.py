@@ -19,6 +19,8 @@ import torchfluence as tfl
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import DataLoader
+from torch.utils.data._utils.collate import default_collate
 
 from tests.test_transformers import _layer_blocks as layer_blocks
 
@@ -295,3 +297,71 @@ def test_direct_hessian_through_attention_equals_a_dense_inverse(family):
     g, gt = reference_grads(model, loss, x, y, subset), reference_grads(model, loss, xt, yt, subset)
     expected = torch.linalg.solve(h + reg * torch.eye(h.shape[0], dtype=torch.float64), gt.T).T @ g.T
     torch.testing.assert_close(im.influences(xt, yt, x, y), expected, rtol=1e-7, atol=1e-10)
+
+
+# -- batches and losses as users have them -------------------------------------------------------------
+
+def output_loss(output, batch):
+    """A loss of the model's raw output and the batch, as kronfluence's task computes it."""
+    return lm_loss(output.logits, batch["labels"])
+
+
+@pytest.mark.parametrize("loss_of", ["logits", "output"])
+@pytest.mark.parametrize("solver", ["gradient_similarity", "ekfac", "direct"])
+def test_dict_batches_give_the_results_of_the_pair_form(solver, loss_of):
+    """A DataLoader of {"input_ids", "attention_mask", "labels"} dicts (inputs passed as keyword arguments),
+    queries given as a dict too, with loss(logits, targets) or loss(output, batch)."""
+    model, loss, data = build("gpt2")
+    x, y = data(12, seed=11)
+    xt, yt = data(3, seed=12)
+    rows = [{"input_ids": x[i], "attention_mask": torch.ones(LENGTH, dtype=torch.long), "labels": y[i]}
+            for i in range(12)]
+    queries = {"input_ids": xt, "attention_mask": torch.ones_like(xt), "labels": yt}
+    make = {"gradient_similarity": lambda f: tfl.GradientSimilarity(model, f),
+            "ekfac": lambda f: quiet(tfl.EkfacInfluence, model, f, REG),
+            "direct": lambda f: tfl.DirectInfluence(model, f, REG, second_order="gauss_newton",
+                                                    params=["transformer.h.1.mlp.c_fc.bias", "transformer.ln_f.weight"])}
+    expected = make[solver](loss).fit((x, y)).influences(xt, yt, x, y)
+    im = make[solver](loss if loss_of == "logits" else output_loss).fit(DataLoader(rows, batch_size=5))
+    assert im.functions.loss_style == ("targets" if loss_of == "logits" else "batch")
+    # The same float64 products over blocks of other sizes.
+    torch.testing.assert_close(im.influences(queries, None), im.influences(queries, None))
+    torch.testing.assert_close(im.influences(queries, None, *tfl.split_batch(default_collate(rows))), expected,
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_tuple_batches_pass_positional_inputs():
+    model, loss, data = build("bert")
+    x, y = data(10, seed=13)
+    mask = torch.ones_like(x)
+    mask[::2, -2:] = 0  # padded ends: BERT's mask branches on its values, so torch.func goes sample by sample
+    im = tfl.GradientSimilarity(model, loss)
+    got = im.grads(*tfl.split_batch((x, mask, y)))
+    assert im.functions.loss_style == "targets" and im.source.rest.loop_samples
+    names = im.functions.names
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def one(p, ids, m, t):
+        return loss(functional_call(model, {**params, **p}, (ids[None], m[None])).logits, t[None])
+
+    reference = []
+    for i in range(10):  # one autograd gradient per sample: the mask's branches need no vmap here
+        selected = {k: params[k].clone().requires_grad_(True) for k in names}
+        reference.append(torch.cat([g.flatten() for g in torch.autograd.grad(
+            one(selected, x[i], mask[i], y[i]), list(selected.values()))]))
+    reference = torch.stack(reference)
+    torch.testing.assert_close(got, reference, rtol=1e-9, atol=1e-12)
+
+
+def test_a_loss_that_fails_both_ways_says_which_styles_were_tried():
+    model, _, data = build("gpt2")
+    x, y = data(4, seed=14)
+
+    def broken(output, batch):
+        return output.logits.sum() + batch["missing"].sum()
+
+    with pytest.raises(TypeError, match=r"loss failed on a dict batch .*called as loss\(logits, targets\) with the "
+                                        r"batch's 'labels'.*: AttributeError.*; as loss\(output, batch\) with the "
+                                        r"model's output and the batch as given: KeyError: 'missing'"):
+        tfl.GradientSimilarity(model, broken).fit(DataLoader(
+            [{"input_ids": x[i], "labels": y[i]} for i in range(4)], batch_size=2))

@@ -10,7 +10,7 @@ from . import evaluation as evaluation
 from ._build_info import build_info
 from .capture import register_layer
 from .curvature import AutogradHessian, CurvatureOperator, GaussNewton, LinearHeadCurvature
-from .data import SampleBlock, Samples
+from .data import Batch, SampleBlock, Samples, split_batch
 from .captured_scores import psg_dot
 from .head import HeadInfluence
 from .influence import InfluenceFunctionModel, TopKInfluences
@@ -47,8 +47,10 @@ __all__ = [
     "SparseJLProjector",
     "GaussNewton",
     "LinearHeadCurvature",
+    "Batch",
     "SampleBlock",
     "Samples",
+    "split_batch",
     "CgInfluence",
     "DirectInfluence",
     "EkfacInfluence",

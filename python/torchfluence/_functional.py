@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
 from .chunking import footprint, plan
+from .data import Batch
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 OutputTransform = Callable[[Any], Tensor]
@@ -175,24 +176,50 @@ class ModelFunctions:
                        for n, t in list(model.named_parameters()) + list(model.named_buffers()) if n not in names}
         self.theta = torch.cat([named[n].detach().reshape(-1).to(dtype) for n in names])
         self.hvp_route = "reverse"  # see hvp
+        self.loss_style: Optional[str] = None  # with Batch targets: "targets" or "batch" (see sample_loss)
+        self.loop_samples = False  # per-sample gradients one sample at a time (see per_sample_grads)
         self._footprints: dict = {}  # input shape -> elements of a sample's intermediate values
 
     # -- plumbing -------------------------------------------------------------------------------
     def subset(self, names: Sequence[str]) -> "ModelFunctions":
         """The same model, loss, dtype and output transform over the parameters `names`."""
-        return ModelFunctions(self.model, self.loss, names, self.dtype, self.output_transform)
+        functions = ModelFunctions(self.model, self.loss, names, self.dtype, self.output_transform)
+        functions.loss_style, functions.loop_samples = self.loss_style, self.loop_samples
+        return functions
 
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         return {n: t.view(s) for n, t, s in zip(self.names, flat.split(self.sizes), self.shapes)}
 
     def cast_input(self, x: Tensor) -> Tensor:
-        """`x` on the device; floating inputs in the computation dtype, integer ones (token ids) as they are."""
+        """`x` on the device; floating inputs in the computation dtype, integer ones (token ids) as they are.
+
+        A :class:`~torchfluence.data.Batch` has each of its tensors cast so.
+        """
+        if isinstance(x, Batch):
+            return x.map(self.cast_input)
         x = x.to(self.device)
         return x.to(self.dtype) if x.is_floating_point() else x
 
     def outputs(self, theta: Tensor, x: Tensor) -> Tensor:
-        """The model's outputs at parameters `theta` (p,) for inputs (b, ...), after the output transform."""
-        raw = functional_call(self.model, {**self.frozen, **self.unflatten(theta)}, (x,))
+        """The model's outputs at parameters `theta` (p,) for inputs (b, ...), after the output transform.
+
+        A :class:`~torchfluence.data.Batch` of inputs is passed as keyword (a dict's) or
+        positional (a tuple's) arguments.
+        """
+        params = {**self.frozen, **self.unflatten(theta)}
+        if isinstance(x, Batch):
+            try:
+                raw = x.call(lambda *args, **kwargs: functional_call(self.model, params, args, kwargs))
+            except TypeError as error:  # the arguments do not fit the model's forward
+                how = (f"a dict batch's entries {list(x.parts)} as keyword arguments (its 'labels' held back as "
+                       "the targets)" if x.keyword else f"a tuple batch's first {len(x.parts)} elements as "
+                       "positional arguments (its last held back as the targets)")
+                raise TypeError(f"the model was called with {how} and failed: {error}. Batches of (inputs, "
+                                "targets) pairs, dicts of the model's keyword inputs plus 'labels', and tuples of "
+                                "positional inputs plus targets are taken") from error
+            self._raw_type = type(raw)
+        else:
+            raw = functional_call(self.model, params, (x,))
         out = self.output_transform(raw)
         if not isinstance(out, Tensor):
             raise TypeError(f"output_transform must return a Tensor (the outputs the loss takes), got "
@@ -200,12 +227,59 @@ class ModelFunctions:
         return out
 
     def sample_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """The loss of one sample, from its (1, ...) outputs and (1, ...) targets; a scalar."""
+        """The loss of one sample, from its (1, ...) outputs and (1, ...) targets; a scalar.
+
+        With a :class:`~torchfluence.data.Batch` of targets (dict or tuple batches) the
+        loss is called in one of two styles, found on the first call that succeeds:
+        ``loss(logits, targets)`` with the batch's ``"labels"`` (a tuple's last element),
+        else ``loss(output, batch)`` with the model's output rebuilt around the logits
+        (a ``ModelOutput`` of the model's own type, a tuple, or the tensor) and the batch
+        as the data gave it (a dict or a tuple), as kronfluence's task receives them.
+        """
+        if isinstance(targets, Batch):
+            return self._batch_loss_value(outputs, targets)
         value = self.loss(outputs, targets)
         if not isinstance(value, Tensor) or value.dim() != 0:
             got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(f"loss must return a scalar (the mean over the batch), got {got}; use reduction='mean'")
         return value
+
+    def _batch_loss_value(self, outputs: Tensor, batch: Batch) -> Tensor:
+        """The loss on a Batch of targets, in the style found on the first call (see :meth:`sample_loss`)."""
+        styles = [self.loss_style] if self.loss_style is not None else ["targets", "batch"]
+        errors = []
+        for style in styles:
+            try:
+                if style == "targets":
+                    value = self.loss(outputs, batch.targets())
+                else:
+                    value = self.loss(self._rebuilt_output(outputs), batch.parts)
+                if not isinstance(value, Tensor) or value.dim() != 0:
+                    got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+                    raise ValueError(f"loss must return a scalar (the mean over the batch), got {got}; use "
+                                     "reduction='mean'")
+            except Exception as error:  # noqa: BLE001 - reported below with the style tried
+                errors.append((style, error))
+                continue
+            self.loss_style = style
+            return value
+        said = {"targets": "loss(logits, targets) with the batch's 'labels' (a tuple's last element) as targets",
+                "batch": "loss(output, batch) with the model's output and the batch as given"}
+        detail = "; ".join(f"as {said[style]}: {type(e).__name__}: {e}" for style, e in errors)
+        kind = "dict" if batch.keyword else "tuple"
+        raise TypeError(f"loss failed on a {kind} batch {batch.describe()}, called {detail}") from errors[-1][1]
+
+    def _rebuilt_output(self, outputs: Tensor) -> Any:
+        """The model's output as its own type around `outputs` (the tensor the output transform took)."""
+        kind = getattr(self, "_raw_type", Tensor)
+        if kind is tuple or kind is list:
+            return kind([outputs])
+        if isinstance(kind, type) and issubclass(kind, Mapping):
+            try:
+                return kind(logits=outputs)  # a ModelOutput: other fields None
+            except TypeError:
+                return {"logits": outputs}
+        return outputs
 
     def sample_losses(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Each sample's own loss, (b,), from outputs (b, ...) and targets (b, ...).
@@ -229,9 +303,19 @@ class ModelFunctions:
     def per_sample_grads(self, x: Tensor, y: Tensor) -> Tensor:
         """Gradients of each sample's loss, (n, p)."""
         x, y = self.cast_input(x), y.to(self.device)
-        # The fused attention kernels have no batching rule: under vmap they run sample by sample.
-        with second_derivatives():
-            return vmap(grad(self._sample_loss), in_dims=(None, 0, 0))(self.theta, x, y).detach()
+        if not self.loop_samples:
+            try:
+                # The fused attention kernels have no batching rule: under vmap they run sample by sample.
+                with second_derivatives():
+                    return vmap(grad(self._sample_loss), in_dims=(None, 0, 0))(self.theta, x, y).detach()
+            except RuntimeError as error:
+                if "data-dependent control flow" not in str(error):
+                    raise
+                # The model branches on its inputs' values (Hugging Face's attention masks check
+                # whether any position is padded), which vmap cannot: one grad per sample instead.
+                self.loop_samples = True
+        gradient = grad(lambda t, xi, yi: self.sample_loss(self.outputs(t, xi), yi))
+        return torch.stack([gradient(self.theta, x[i:i + 1], y[i:i + 1]) for i in range(x.shape[0])]).detach()
 
     def check_loss(self, x: Tensor, y: Tensor) -> Tensor:
         """Fails early, with a clear message, on a loss that is not the mean of per-sample losses.
@@ -244,7 +328,10 @@ class ModelFunctions:
             x1, y1 = self.cast_input(x[:1]), y[:1].to(self.device)
             out = self.outputs(self.theta, x1)
             one = self.sample_loss(out, y1)
-            two = self.loss(torch.cat([out, out]), torch.cat([y1, y1]))
+            if isinstance(y1, Batch):
+                two = self.sample_loss(torch.cat([out, out]), y1.map(lambda t: torch.cat([t, t])))
+            else:
+                two = self.loss(torch.cat([out, out]), torch.cat([y1, y1]))
         if not bool(torch.isfinite(one)):
             raise ValueError(f"loss: the loss of the first sample is {float(one)}; check the model and the targets")
         if not torch.allclose(two, one, rtol=1e-4, atol=1e-12 * float(one.abs()) + 1e-30):

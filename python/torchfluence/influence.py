@@ -38,7 +38,7 @@ from .backbone import BackboneFeatures, HeadSpec, split_trainable_tail
 from .checks import check_finite, check_mode, check_positive_int, check_regularization
 from .contract import COMMON_FIT_OPTIONS, SolverOptions, SolverTraits, plain
 from .curvature import CurvatureOperator, curvature_operator
-from .data import DataSource, SampleBlock, Samples
+from .data import Batch, DataSource, SampleBlock, Samples
 from .distributed import all_reduce_sum, local_blocks
 from .durable import model_fingerprint
 from .gradients import GradientSource, PreparedQueries, gradient_source
@@ -229,6 +229,8 @@ class InfluenceFunctionModel(ABC):
 
     def _check_targets(self, x: Tensor, y: Tensor, offset: int) -> None:
         """Class-index targets of a cross-entropy loss: integer and in range."""
+        if isinstance(y, Batch):  # dict and tuple batches: the loss finds its targets (ModelFunctions.sample_loss)
+            return
         if self._loss_kind != "cross_entropy" or y.is_floating_point() and y.dim() > 1:
             return  # other losses check their own targets; (n, C) float targets are probabilities
         if y.dtype != torch.long:

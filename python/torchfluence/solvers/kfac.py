@@ -37,7 +37,7 @@ from ..budget import temporary_rows
 from ..capture import (Captured, Layer, capture, describe_coverage, describe_missing, find_layers,
                        shared_weights, tied_parameters)
 from ..checks import check_finite, check_mode, check_regularization
-from ..data import SampleBlock, Samples
+from ..data import LABELS, Batch, SampleBlock, Samples
 from ..distributed import all_reduce_count, all_reduce_sum, is_main_process, local_blocks
 from ..captured_scores import index_pair_sums, index_sum, psg_self_dot
 from ..curvature import curvature_operator
@@ -182,12 +182,16 @@ class KfacInfluence(InfluenceFunctionModel):
             return self._sample_targets
         self._draws = SampleDraws(self.seed)  # addressed per block by _captures
         sampler = default_sampler(self.functions.loss, self._draws)
-        if sampler is None:  # a lambda may still be a (per-token) cross-entropy: judged by its values
+        if sampler is None:
+            # A lambda may still be a (per-token) cross-entropy: judged by its values. A loss of the
+            # output and the batch is judged with drawn labels in the batch's "labels".
             first = train.first_block()
+            f, y2 = self.functions, first.y[:2].to(self.device)
             with torch.no_grad():
-                outputs = self.functions.outputs(self.functions.theta, self.functions.cast_input(first.x[:2]))
-            sampler = token_cross_entropy_sampler(self.functions.loss, outputs, first.y[:2].to(outputs.device),
-                                                  self._draws)
+                outputs = f.outputs(f.theta, f.cast_input(first.x[:2]))
+            loss = f.loss if f.loss_style != "batch" else (
+                lambda o, t: f.loss(f._rebuilt_output(o), _with_labels(y2, t).parts))
+            sampler = token_cross_entropy_sampler(loss, outputs, _labels(y2), self._draws)
         if sampler is None:
             raise ValueError(
                 f"fisher='true' needs targets drawn from the model, but the loss {self.functions.loss!r} is "
@@ -214,7 +218,8 @@ class KfacInfluence(InfluenceFunctionModel):
                     self._draws.at(stage, draw, block.offset)
                 drawn = sampler
                 if getattr(sampler, "needs_targets", False):  # keeps the data's masked positions
-                    drawn = lambda o, y=block.y: sampler(o, y)  # noqa: E731
+                    y = block.y.to(self.device)
+                    drawn = lambda o, y=y: _with_labels(y, sampler(o, _labels(y)))  # noqa: E731
                 cap = self._capture(block.x, block.y, drawn, out_grads)
                 if exact and any(g.dim() != 4 for g in cap.output_grads):
                     raise ValueError("fisher='exact' supports outputs of shape (n, classes) only; use fisher='true'")
@@ -493,6 +498,20 @@ def _rotated_gradients(cap: Captured, i: int, start: int, stop: int, q_s: Tensor
     if form_first < rotate_first:
         return q_s.T @ cap.layer_grads(i, start, stop, output_grads) @ q_a
     return torch.einsum("nto,nti->noi", g[start:stop] @ q_s, cap.activation(i)[start:stop] @ q_a)
+
+
+def _labels(y):
+    """The targets a loss(logits, targets) takes: y itself, or a dict or tuple batch's labels."""
+    return y.targets() if isinstance(y, Batch) else y
+
+
+def _with_labels(y, labels: Tensor):
+    """`labels` in place of y's: the tensor itself, or a dict or tuple batch with its labels replaced."""
+    if not isinstance(y, Batch):
+        return labels
+    if y.keyword:
+        return Batch({**y.parts, LABELS: labels})
+    return Batch((*y.parts[:-1], labels))
 
 
 def _to(q: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
