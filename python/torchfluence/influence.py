@@ -35,6 +35,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from ._functional import LossFn, ModelFunctions, resolve_dtype
 from .backbone import BackboneFeatures, HeadSpec, split_trainable_tail
+from .budget import query_rows
 from .checks import check_finite, check_mode, check_positive_int, check_regularization
 from .contract import COMMON_FIT_OPTIONS, SolverOptions, SolverTraits, plain
 from .curvature import CurvatureOperator, curvature_operator
@@ -44,13 +45,14 @@ from .durable import model_fingerprint
 from .gradients import GradientSource, PreparedQueries, gradient_source
 from .journal import JobSpec, ScoreFile, TopKCheckpoint
 from .linear_head import loss_kind
+from .parameter_blocks import BlockStructure
 from .persist import MissingTrainData, load_solver, save_solver
 from .precision import check_score_dtype, matmul_precision
 from .projected_space import Projection, describe_projection, projected_engine, resolve_second_order
 from .scoring import Output, Runtime, finished, result_sink, run_blocks, score_into
 from .sinks import DenseSink, TopKSink
 
-SecondOrder = Literal["hessian", "gauss_newton"]
+SecondOrder = Literal["hessian", "gauss_newton", "empirical_fisher"]
 Mode = Literal["up", "perturbation"]
 
 
@@ -79,11 +81,15 @@ class InfluenceFunctionModel(ABC):
     Args:
         model: a trained ``nn.Module`` (call ``model.eval()`` first).
         loss: ``loss(outputs, targets)`` returning the mean loss of the batch.
-        regularization: lambda >= 0 added to the curvature's diagonal.
+        regularization: lambda >= 0 added to the curvature's diagonal; with `block_structure`, one
+            number for every block or ``{block name: lambda}`` with one entry per block.
         params: names of the parameters to use (default: all with ``requires_grad``);
             in head mode, names inside the head.
-        second_order: ``"hessian"`` or ``"gauss_newton"`` (the generalised
-            Gauss-Newton matrix J^T H_out J, positive semi-definite for convex losses).
+        second_order: ``"hessian"``, ``"gauss_newton"`` (the generalised
+            Gauss-Newton matrix J^T H_out J, positive semi-definite for convex losses) or
+            ``"empirical_fisher"`` (the mean of per-sample gradient outer products
+            (1/n) sum_i g_i g_i^T, positive semi-definite for any loss:
+            :class:`~torchfluence.curvature.EmpiricalFisher`).
             None (default): ``"hessian"``; with a `projector` always ``"fisher"``, the Fisher
             of the projected gradients (``"hessian"`` is refused there: :mod:`torchfluence.projected_space`).
         dtype: computation dtype, float32 or float64; None (default): the model's.
@@ -125,6 +131,12 @@ class InfluenceFunctionModel(ABC):
             Fisher ``(1/n) sum_i (P g_i)(P g_i)^T`` (K-FAC / EK-FAC: Kronecker factors
             of the projected inputs and output gradients), and factors and scores live
             in the k-space. None (default): no projection.
+        block_structure: a block-diagonal curvature (the solvers whose ``traits.accepts_block_structure``
+            is set): ``"layer"``, ``"parameter"``, ``"full"`` or ``{block name: [parameter names]}``
+            (:mod:`torchfluence.parameter_blocks`). The curvature of each block of parameters
+            is solved on its own, with its own regularization, and the terms between blocks
+            are dropped; factors stay flat in the parameter order. None (default): the
+            full curvature. Not with `projector` (a projection mixes the parameters).
 
     Language models: inputs may be integer token ids (n, T); they are never cast.
     With per-token targets (n, T) padded with -100, a loss such as
@@ -147,8 +159,11 @@ class InfluenceFunctionModel(ABC):
                  curvature: Optional[type[CurvatureOperator]] = None,
                  score_dtype: Optional[torch.dtype] = None, allow_tf32: bool = False,
                  output_transform: Optional[Callable[..., Tensor]] = None,
-                 projector: Optional[Projection] = None) -> None:
+                 projector: Optional[Projection] = None,
+                 block_structure: Optional[BlockStructure] = None) -> None:
         second_order = resolve_second_order(second_order, projector, curvature)
+        if block_structure is not None:
+            self.traits.check_block_structure(type(self).__name__, projector)
         self.regularization = check_regularization(regularization)
         if not isinstance(allow_tf32, bool):
             raise TypeError(f"allow_tf32 must be a bool, got {type(allow_tf32).__name__}")
@@ -342,12 +357,7 @@ class InfluenceFunctionModel(ABC):
         At most ``block_size``, and within :func:`torchfluence.budget.query_rows`: with millions
         of parameters a full block of test gradients would not fit beside the scoring layout.
         """
-        if self.device.type == "cuda":
-            budget = torch.cuda.get_device_properties(self.device).total_memory // 16
-        else:
-            budget = 1 << 30
-        per_row = 2 * self.num_params * torch.empty((), dtype=self.dtype).element_size()
-        return max(1, min(self.block_size, budget // per_row))
+        return query_rows(self.num_params, self.dtype, self.device, copies=2, most=self.block_size)
 
     def _prepared_factors(self, x_test: Tensor, y_test: Tensor) -> PreparedQueries:
         """The test factors laid out for scoring, in the scoring dtype.

@@ -43,7 +43,7 @@ from .contract import plain
 from .data import SampleBlock, check_pair
 from .distributed import is_distributed
 from .durable import atomic_write, digest, settings_fingerprint
-from .durable import data_digest as _data_digest
+from .durable import data_digest
 from .sinks import MemmapSink, TopKSink
 
 PathLike = Union[str, Path]
@@ -100,7 +100,7 @@ def job_identity(solver, spec: JobSpec, shape: Sequence[int], n_train: Optional[
         "settings": settings,
         "settings_fingerprint": settings_fingerprint(settings),
         "test_data": digest(list(zip(names, spec.queries))),
-        "train_data": _data_digest(spec.data),
+        "train_data": data_digest(spec.data),
     }
 
 
