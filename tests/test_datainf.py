@@ -153,7 +153,7 @@ def test_bad_block_regularization_and_structure_are_named():
         tfl.InverseHarmonicMeanInfluence(mlp(), LOSS, {"0": 1.0, "2": 0.0})
     with pytest.raises(ValueError, match="missing: \\['2'\\]"):
         tfl.InverseHarmonicMeanInfluence(mlp(), LOSS, {"0": 1.0})
-    with pytest.raises(ValueError, match="unknown: \\['3'\\]"):
+    with pytest.raises(ValueError, match="unknown block names \\['3'\\]"):
         tfl.InverseHarmonicMeanInfluence(mlp(), LOSS, {"0": 1.0, "2": 1.0, "3": 1.0})
     with pytest.raises(ValueError, match="block_structure"):
         tfl.InverseHarmonicMeanInfluence(mlp(), LOSS, 1.0, block_structure="diagonal")

@@ -446,6 +446,17 @@ def test_custom_block_dict_and_per_block_regularization(mlp):
     _close(influence.influences(x[:3], y[:3], x, y), expected_factors @ g.T, 1e-10)
 
 
+def test_woodbury_arnoldi_with_blocks(mlp):
+    """use_woodbury=True keeps each block's complement / lambda_B; at full rank per block it is exact."""
+    model, x, y, loader = mlp
+    arnoldi = ArnoldiInfluence(model, F.cross_entropy, LAYER_LAMBDAS, rank=16, use_woodbury=True,
+                               block_structure=BlockMode.LAYER_WISE).fit(loader)
+    assert {name: solver.complement for name, solver in arnoldi.block_solvers.items()} == dict.fromkeys(
+        LAYERS, "regularization")
+    expected, _ = _block_diagonal_influences(model, x, y, x[:3], y[:3], LAYERS, LAYER_LAMBDAS)
+    _close(arnoldi.influences(x[:3], y[:3], x, y), expected, 1e-8)  # Lanczos over every pair: float64 rounding
+
+
 def test_block_with_regularization_refactors_the_right_block(mlp):
     model, x, y, loader = mlp
     influence = DirectInfluence(model, F.cross_entropy, 1.0, block_structure=BlockMode.LAYER_WISE).fit(loader)

@@ -9,7 +9,7 @@ from . import capture
 from . import evaluation as evaluation
 from ._build_info import build_info
 from .capture import register_layer
-from .curvature import AutogradHessian, CurvatureOperator, GaussNewton, LinearHeadCurvature
+from .curvature import AutogradHessian, CurvatureOperator, EmpiricalFisher, GaussNewton, LinearHeadCurvature
 from .data import Batch, SampleBlock, Samples, split_batch
 from .captured_scores import psg_dot
 from .head import HeadInfluence
@@ -39,6 +39,7 @@ __all__ = [
     "AutogradHessian",
     "CurvatureOperator",
     "DenseProjector",
+    "EmpiricalFisher",
     "GradientSimilarity",
     "GradientStore",
     "KroneckerProjection",

@@ -37,6 +37,9 @@ class SolverTraits:
     Attributes:
         accepts_projector: whether ``projector=`` (a projected gradient space) is taken.
         projector_refusal: why not, when it is not (said in the error).
+        accepts_block_structure: whether ``block_structure=`` (a block-diagonal curvature over
+            groups of parameters, :mod:`torchfluence.parameter_blocks`) is taken.
+        block_structure_refusal: why not, when it is not (said in the error).
         solve_reads_train_data: every solve reads the training data (CG, LiSSA, DataInf),
             so a load needs ``train_data=``.
         solves_rows_independently: the solve is one fixed linear map applied to each row,
@@ -49,10 +52,26 @@ class SolverTraits:
 
     accepts_projector: bool = True
     projector_refusal: str = ""
+    accepts_block_structure: bool = False
+    block_structure_refusal: str = ""
     solve_reads_train_data: bool = False
     solves_rows_independently: bool = False
     fixed_options: tuple[str, ...] = ()
     load_only_options: tuple[str, ...] = ("cache_dir",)
+
+    def check_block_structure(self, solver: str, projector: Any) -> None:
+        """Refuses ``block_structure=`` for a class that does not take it, or together with a projector.
+
+        Args:
+            solver: the class's name, for the message.
+            projector: the ``projector=`` given with it (None: none).
+        """
+        if not self.accepts_block_structure:
+            raise ValueError(f"{solver} does not take block_structure=: {self.block_structure_refusal}")
+        if projector is not None:
+            raise ValueError("block_structure= cannot be combined with projector=: a projection mixes the "
+                             "parameters of every block into each of its k coordinates, so no block of "
+                             "parameters is left to solve apart; pass one or the other")
 
 
 def option(*, fit: bool = False, doc: str = "") -> Any:

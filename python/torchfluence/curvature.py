@@ -4,6 +4,7 @@ A solver is handed one operator at construction and never asks how it works:
 
 - :class:`AutogradHessian`: the Hessian of the batch's mean loss (double backward);
 - :class:`GaussNewton`: the generalised Gauss-Newton matrix ``J^T H_out J``;
+- :class:`EmpiricalFisher`: the mean of per-sample gradient outer products ``(1/n) sum_i g_i g_i^T``;
 - :class:`LinearHeadCurvature`: the closed form for an ``nn.Linear`` model with
   cross-entropy, MSE or BCE-with-logits loss (its Hessian equals its
   Gauss-Newton matrix), with no autograd at all.
@@ -59,6 +60,22 @@ class GaussNewton(CurvatureOperator):
         return self.functions.ggn_vp(vectors, x, y)
 
 
+class EmpiricalFisher(CurvatureOperator):
+    """The mean of per-sample gradient outer products, ``second_order="empirical_fisher"``.
+
+    For a batch with per-sample loss gradients G (b, p), the product with each row
+    of V (k, p) is ``(V G^T) G / b``; over the training data this is
+    ``(1/n) sum_i g_i g_i^T``, positive semi-definite for any loss. It differs from
+    the generalised Gauss-Newton matrix J^T H_out J (``"gauss_newton"``) except where
+    the two coincide (e.g. where the loss's output Hessian equals its output-gradient
+    outer product). pyDVL calls it ``SecondOrderMode.GAUSS_NEWTON``.
+    """
+
+    def batch_vp(self, vectors: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        grads = self.functions.per_sample_grads(x, y).to(vectors.dtype)  # (b, p)
+        return (vectors @ grads.T) @ grads / grads.shape[0]
+
+
 class LinearHeadCurvature(CurvatureOperator):
     """Closed-form products for a linear model ``logits = X W^T + b`` (see :mod:`torchfluence.linear_head`).
 
@@ -100,7 +117,10 @@ class LinearHeadCurvature(CurvatureOperator):
 
 
 def curvature_operator(functions: ModelFunctions, second_order: str) -> CurvatureOperator:
-    """The operator for `functions`: the linear-head closed form where it applies, else by `second_order`."""
+    """The operator for `functions`: the empirical Fisher when asked, else the linear-head closed form where
+    it applies (its Hessian and Gauss-Newton matrix agree), else by `second_order`."""
+    if second_order == "empirical_fisher":
+        return EmpiricalFisher(functions)
     model = functions.model
     if (isinstance(model, nn.Linear) and type(model).forward is nn.Linear.forward
             and loss_kind(functions.loss) is not None):

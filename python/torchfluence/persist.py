@@ -54,6 +54,9 @@ whether ``train_data`` is required):
   The minibatches come from the data and ``seed``: the same data, read with the
   same batch size (a DataLoader's, else ``block_size``), gives the same ones.
 - InverseHarmonicMeanInfluence (DataInf): nothing; ``block_structure``; required.
+- With ``block_structure=`` (Direct, CG, LiSSA, Arnoldi, Nystroem): each block's
+  state as above, under ``block/<block name>/``; ``block_structure`` is kept, and
+  ``regularization`` is saved as ``{block name: lambda}``.
 - The pyDVL-compatible classes (:mod:`torchfluence.pydvl`) are rebuilt from
   their own constructor arguments; ``block_structure`` and
   ``second_order_mode`` are kept (and ``rank``, ``preconditioner``,

@@ -347,11 +347,12 @@ class ProjectedFisher(CurvatureOperator):
 
 # -- the solver's engine ----------------------------------------------------------------------------------
 def resolve_second_order(second_order: Optional[str], projector: Optional[Projection], curvature: Any) -> str:
-    """A solver's curvature choice, checked: ``"hessian"`` or ``"gauss_newton"``, or ``"fisher"`` with a projector.
+    """A solver's curvature choice, checked: ``"hessian"``, ``"gauss_newton"`` or ``"empirical_fisher"``, or
+    ``"fisher"`` with a projector.
 
     Without a projector None means ``"hessian"``. With one the curvature is always
-    the Fisher of the projected gradients (``"fisher"``): None and ``"gauss_newton"``
-    (which the Fisher estimates) give it.
+    the Fisher of the projected gradients (``"fisher"``): None, ``"gauss_newton"``
+    (which the Fisher estimates) and ``"empirical_fisher"`` (which it is) give it.
 
     Raises:
         ValueError: an unknown value; ``second_order="hessian"`` or a ``curvature=`` class
@@ -359,8 +360,9 @@ def resolve_second_order(second_order: Optional[str], projector: Optional[Projec
     """
     if projector is None:
         second_order = "hessian" if second_order is None else second_order
-        if second_order not in ("hessian", "gauss_newton"):
-            raise ValueError(f"second_order must be one of ['hessian', 'gauss_newton'], got {second_order!r}")
+        if second_order not in ("hessian", "gauss_newton", "empirical_fisher"):
+            raise ValueError(f"second_order must be one of ['hessian', 'gauss_newton', 'empirical_fisher'], "
+                             f"got {second_order!r}")
         return second_order
     if second_order == "hessian":
         raise ValueError(
@@ -369,9 +371,9 @@ def resolve_second_order(second_order: Optional[str], projector: Optional[Projec
             "k-vectors alone; the projected Hessian P H P^T would need Hessian-vector products with lifted "
             "vectors P^T v in the full parameter space (the cost projecting avoids), and H is indefinite away "
             "from a minimum. Leave second_order out (or pass 'gauss_newton', which the Fisher estimates)")
-    if second_order not in (None, "gauss_newton", "fisher"):
-        raise ValueError(f"second_order must be None, 'gauss_newton' or 'fisher' with a projector, got "
-                         f"{second_order!r}")
+    if second_order not in (None, "gauss_newton", "empirical_fisher", "fisher"):
+        raise ValueError(f"second_order must be None, 'gauss_newton', 'empirical_fisher' or 'fisher' with a "
+                         f"projector, got {second_order!r}")
     if curvature is not None:
         raise ValueError(f"curvature= ({curvature!r}) acts in parameter space and cannot be combined with "
                          "projector=: the curvature in projected space is the Fisher of the projected gradients")

@@ -25,6 +25,11 @@ curvature restricted to each block is solved on its own (cross-block terms dropp
 and the influence is the sum over the blocks. :class:`EkfacInfluence` is layer-wise
 by construction.
 
+This module holds pyDVL's names and argument meanings only: the blocks are the core's
+(:mod:`torchfluence.parameter_blocks`, :mod:`torchfluence.solvers.block_diagonal`), and
+``SecondOrderMode.GAUSS_NEWTON`` is the core's ``second_order="empirical_fisher"``
+(:class:`~torchfluence.curvature.EmpiricalFisher`).
+
 Not supported: Arnoldi's ``max_iter`` (ARPACK restarts), and preconditioners other
 than :class:`JacobiPreconditioner` and :class:`NystroemPreconditioner`.
 """
@@ -45,8 +50,9 @@ from torch import Tensor, nn
 from . import solvers as _solvers
 from .contract import SolverOptions, option
 from .checks import check_regularization
-from .curvature import CurvatureOperator
+from .curvature import EmpiricalFisher
 from .linear_head import loss_kind
+from .parameter_blocks import block_regularization, grouped, resolve_blocks, smallest_regularization
 
 __all__ = [
     "ArnoldiInfluence",
@@ -117,80 +123,48 @@ def _mode(mode: Any) -> str:
     return value
 
 
-# -- curvature ----------------------------------------------------------------------------------------
-class EmpiricalFisher(CurvatureOperator):
-    """pyDVL's ``SecondOrderMode.GAUSS_NEWTON``: the mean of per-sample gradient outer products.
-
-    For a batch with per-sample loss gradients G (b, p), the product with each row
-    of V (k, p) is ``(V G^T) G / b``; over the training data this is
-    ``(1/n) sum_i g_i g_i^T`` (the empirical Fisher), positive semi-definite for
-    any loss. It differs from torchfluence's ``second_order="gauss_newton"``,
-    the generalised Gauss-Newton matrix J^T H_out J, except where the two coincide
-    (e.g. the loss's output Hessian equals its output-gradient outer product).
-    """
-
-    def batch_vp(self, vectors: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        grads = self.functions.per_sample_grads(x, y).to(vectors.dtype)  # (b, p)
-        return (vectors @ grads.T) @ grads / grads.shape[0]
-
-
+# -- argument meanings --------------------------------------------------------------------------------
 def _second_order(second_order_mode: Any) -> dict:
     """torchfluence keyword arguments for a pyDVL ``second_order_mode``."""
     value = _enum_value(second_order_mode)
     if value == "hessian":
         return {"second_order": "hessian"}
     if value == "gauss_newton":
-        return {"second_order": "hessian", "curvature": EmpiricalFisher}
+        return {"second_order": "empirical_fisher"}
     raise ValueError(f"second_order_mode must be SecondOrderMode.HESSIAN or SecondOrderMode.GAUSS_NEWTON, "
                      f"got {second_order_mode!r}")
 
 
-def _block_structure(model: nn.Module, block_structure: Any) -> Optional[dict[str, list[str]]]:
-    """The blocks ``{name: [parameter names]}`` of a pyDVL ``block_structure``; None for ``BlockMode.FULL``."""
+def _blocks(model: nn.Module, block_structure: Any) -> Optional[dict[str, list[str]]]:
+    """The blocks ``{name: [parameter names]}`` of a pyDVL ``block_structure``; None for ``BlockMode.FULL``.
+
+    A dict's blocks keep their order and that of their names (the flat order is their
+    concatenation); names of parameters that do not require grad are left out, with a warning.
+    """
     named = dict(model.named_parameters())
+    trainable = [n for n, p in named.items() if p.requires_grad]
     if isinstance(block_structure, Mapping):
-        blocks: dict[str, list[str]] = {}
-        owner: dict[str, str] = {}
-        for block, names in block_structure.items():
-            if isinstance(names, str) or not all(isinstance(n, str) for n in names):
-                raise TypeError(f"block_structure[{block!r}] must be a list of parameter names, got {names!r}")
-            unknown = [n for n in names if n not in named]
-            if unknown:
-                raise ValueError(f"block_structure[{block!r}]: unknown parameter names {unknown}; the model has "
-                                 f"{list(named)}")
-            kept = []
-            for n in names:
-                if n in owner:
-                    raise ValueError(f"block_structure: parameter {n!r} is in blocks {owner[n]!r} and {block!r}; "
-                                     "the blocks must be disjoint")
-                owner[n] = block
-                if named[n].requires_grad:
-                    kept.append(n)
-                else:
-                    warnings.warn(f"block_structure[{block!r}]: parameter {n!r} does not require grad and is left "
-                                  "out", stacklevel=3)
-            if not kept:
+        blocks = {}
+        for block, names in resolve_blocks(block_structure, list(named), complete=False).items():
+            frozen = [n for n in names if not named[n].requires_grad]
+            for n in frozen:
+                warnings.warn(f"block_structure[{block!r}]: parameter {n!r} does not require grad and is "
+                              "left out", stacklevel=3)
+            if len(frozen) == len(names):
                 raise ValueError(f"block_structure[{block!r}] has no trainable parameters")
-            blocks[block] = kept
-        if not blocks:
-            raise ValueError("block_structure is an empty dict: give at least one block")
+            blocks[block] = [n for n in names if n not in frozen]
         return blocks
     value = _enum_value(block_structure)
     if value == "full":
         return None
     if value == "parameter_wise":
-        blocks = {n: [n] for n, p in named.items() if p.requires_grad}
-    elif value == "layer_wise":
-        blocks = {}
-        for child_name, child in model.named_children():
-            names = [f"{child_name}.{n}" for n, p in child.named_parameters() if p.requires_grad]
-            if names:
-                blocks[child_name] = names
-        covered = {n for names in blocks.values() for n in names}
-        outside = [n for n, p in named.items() if p.requires_grad and n not in covered]
+        blocks = resolve_blocks("parameter", trainable)
+    elif value == "layer_wise":  # direct child modules; the root's own parameters belong to none
+        outside = [n for n in trainable if "." not in n]
         if outside:
             warnings.warn(f"block_structure=BlockMode.LAYER_WISE: parameters {outside} belong to no child module and "
                           "are left out of the influences", stacklevel=3)
+        blocks = grouped([n for n in trainable if "." in n], lambda n: n.partition(".")[0])
     else:
         raise ValueError(f"block_structure must be a BlockMode or a dict of block name -> parameter names, "
                          f"got {block_structure!r}")
@@ -199,35 +173,28 @@ def _block_structure(model: nn.Module, block_structure: Any) -> Optional[dict[st
     return blocks
 
 
+def _block_arguments(blocks: Optional[dict[str, list[str]]]) -> dict:
+    """torchfluence keyword arguments for resolved blocks: their parameters in block order, and the blocks."""
+    if blocks is None:
+        return {}
+    params = [n for names in blocks.values() for n in names]
+    return {"params": params, "head": False, "block_structure": blocks}
+
+
 def _saved_blocks(blocks: Optional[dict[str, list[str]]]) -> Any:
     """A resolved block structure as a constructor argument that rebuilds it: ``"full"`` or the dict."""
     return "full" if blocks is None else {name: list(names) for name, names in blocks.items()}
 
 
-def _block_regularizations(regularization: Any, block_names: list[str]) -> dict[str, float]:
-    """Each block's lambda from a pyDVL regularization: None (0), one number for all, or ``{block name: lambda}``.
-
-    Blocks missing from a dict (or mapped to None) get no regularization.
-    """
-    if isinstance(regularization, Mapping):
-        unknown = [k for k in regularization if k not in block_names]
-        if unknown:
-            raise ValueError(f"regularization: unknown block names {unknown}; the blocks are {block_names}")
-        return {k: 0.0 if regularization.get(k) is None
-                else check_regularization(regularization[k], f"regularization[{k!r}]") for k in block_names}
-    value = _regularization(regularization)
-    return dict.fromkeys(block_names, value)
-
-
-def _regularization(regularization: Any, name: str = "regularization") -> float:
-    """A pyDVL regularization (None or a float) as torchfluence's float."""
-    if regularization is None:
-        return 0.0
-    if isinstance(regularization, Mapping):
-        raise NotImplementedError(
-            f"{name}: a dict of per-block regularizations needs a block_structure (or the one block \"\" of "
-            "BlockMode.FULL) on a solver that takes one; pass one float here")
-    return check_regularization(regularization, name)
+def _regularization(regularization: Any, blocks: Optional[dict[str, list[str]]]) -> Union[float, dict]:
+    """A pyDVL regularization as torchfluence's: None is 0; ``{block name: lambda}`` may leave blocks out
+    (or map them to None): they get 0; the one block of ``BlockMode.FULL`` is named ``""``."""
+    if not isinstance(regularization, Mapping):
+        return 0.0 if regularization is None else check_regularization(regularization)
+    names = [""] if blocks is None else list(blocks)
+    given = {k: 0.0 if v is None else v for k, v in regularization.items()}
+    values = block_regularization({**dict.fromkeys(names, 0.0), **given}, names)
+    return values[""] if blocks is None else values
 
 
 def _alias(new: Any, old: Any, new_name: str, old_name: str, default: Any) -> Any:
@@ -320,9 +287,7 @@ class _PydvlInterface:
 
     def constructor_options(self) -> dict[str, Any]:
         """The pyDVL constructor arguments that rebuild this solver, with its current regularization."""
-        blocks = getattr(self, "_block_solvers", None)
-        regularization = self.block_regularization if blocks is not None else self.regularization
-        return {**self._arguments.values(), "regularization": regularization}
+        return {**self._arguments.values(), "regularization": self.regularization}
 
     @property
     def n_parameters(self) -> int:
@@ -348,106 +313,35 @@ class _PydvlInterface:
         return super().influences_from_factors(z_test_factors, x, y, mode=_mode(mode), **kwargs)
 
 
-class _SettableRegularization:
-    def with_regularization(self, regularization: float):
-        """Sets the regularization without refitting; returns self."""
-        self.regularization = _regularization(regularization)
-        return self
+class _PydvlBlocks:
+    """pyDVL's names for the core's blocks (:class:`~torchfluence.solvers.block_diagonal.BlockDiagonal`)."""
 
-
-class _BlockDiagonal:
-    """Block-diagonal curvature: one solver per block of parameters, fitted on the same data.
-
-    The solver itself holds the parameters of all blocks, in block order (its flat
-    vectors, e.g. :meth:`influence_factors`, are the blocks' concatenated); its
-    :meth:`solve` hands each block's columns to that block's solver, so every score
-    is the sum over blocks of ``g_test,B^T (H_BB + lambda_B I)^-1 g_B``.
-    """
-
-    blocks: Optional[dict[str, list[str]]] = None
-    block_regularization: Optional[dict[str, float]] = None
-    _block_solvers: Optional[dict[str, Any]] = None
-
-    def _init_blocks(self, blocks: Optional[dict[str, list[str]]], regularization: dict[str, float],
-                     make_block) -> None:
-        """`make_block(params, regularization)` builds one block's solver."""
-        self.blocks = blocks
-        if blocks is None:
-            return
-        self.block_regularization = dict(regularization)
-        self._block_solvers = {name: make_block(params, regularization[name]) for name, params in blocks.items()}
+    blocks: Optional[dict[str, list[str]]]
 
     @property
     def block_names(self) -> list[str]:
         """The blocks' names (``[""]`` for ``BlockMode.FULL``)."""
         return [""] if self.blocks is None else list(self.blocks)
 
-    @property
-    def block_solvers(self) -> dict[str, Any]:
-        """The solver of each block (empty for ``BlockMode.FULL``)."""
-        return dict(self._block_solvers or {})
-
-    def _fit(self, train) -> None:
-        if self._block_solvers is None:
-            return super()._fit(train)
-        for name, solver in self._block_solvers.items():
-            try:
-                solver.fit_samples(train)
-            except ValueError as error:
-                raise ValueError(f"block {name!r}: {error}") from error
-        self._after_block_fit()
-
-    def _after_block_fit(self) -> None:  # noqa: B027 - optional hook
-        pass
-
-    def fitted_state(self) -> tuple[dict[str, Tensor], dict]:
-        """The solver's own state; with blocks, each block's, keyed ``"block/<name>/<key>"``."""
-        if self._block_solvers is None:
-            return super().fitted_state()
-        tensors, info = {}, {}
-        for name, solver in self._block_solvers.items():
-            state, info[name] = solver.fitted_state()
-            tensors.update({f"block/{name}/{key}": value for key, value in state.items()})
-        return tensors, {"blocks": info}
-
-    def restore_fitted_state(self, tensors: dict[str, Tensor], info: dict) -> None:
-        if self._block_solvers is None:
-            return super().restore_fitted_state(tensors, info)
-        for name, solver in self._block_solvers.items():
-            prefix = f"block/{name}/"
-            solver.restore({key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)},
-                    info["blocks"][name], n_train=self.n_train, classes=self._classes, train=self._train)
-        self._after_block_fit()
-
-    def solve(self, vectors: Tensor) -> Tensor:
-        if self._block_solvers is None:
-            return super().solve(vectors)
-        self._require_fitted()
-        vectors = vectors.to(device=self.device, dtype=self.dtype)
-        sizes = [solver.num_params for solver in self._block_solvers.values()]
-        parts = [solver.solve(part) for solver, part in zip(self._block_solvers.values(), vectors.split(sizes, dim=1))]
-        return torch.cat(parts, dim=1).to(self.dtype)
-
     def with_regularization(self, regularization: Any):
-        """Sets the regularization (one float, or ``{block name: lambda}``) without refitting; returns self."""
-        values = _block_regularizations(regularization, self.block_names)
-        if self._block_solvers is None:
-            return super().with_regularization(values[""])
-        for name, solver in self._block_solvers.items():
-            solver.with_regularization(values[name])
-        self.block_regularization = values
-        self._after_block_fit()
-        return self
+        """Sets the regularization (None, one float, or ``{block name: lambda}``, blocks left out getting 0)
+        without refitting; returns self."""
+        return super().with_regularization(_regularization(regularization, self.blocks))
 
 
 class _AtolSolve:
-    """CG solves to ``max(rtol * ||b||, atol)`` in residual norm per right-hand side (pyDVL's stopping rule)."""
+    """CG solves to ``max(rtol * ||b||, atol)`` in residual norm per right-hand side (pyDVL's stopping rule).
+
+    With blocks, each block's solver applies the rule to its own columns.
+    """
 
     atol: float
     warn_on_max_iteration: bool
 
     def solve(self, vectors: Tensor) -> Tensor:
         """(H + lambda I)^-1 times each row, each row to ``max(rtol * ||b||, atol)`` in residual norm."""
+        if self.blocks is not None:
+            return super().solve(vectors)
         self._require_fitted()
         vectors = vectors.to(device=self.device, dtype=self.dtype)
         with warnings.catch_warnings():
@@ -475,10 +369,6 @@ class _AtolSolve:
 
 class _CgBlock(_AtolSolve, _solvers.CgInfluence):
     """One block of a block-diagonal :class:`CgInfluence`."""
-
-    def with_regularization(self, regularization: float) -> "_CgBlock":
-        self.regularization = check_regularization(regularization)
-        return self
 
 
 # -- constructor arguments (the solver contract's options) --------------------------------------------
@@ -553,7 +443,7 @@ class _DataInfArguments(_BlockArguments):
 
 
 # -- solvers ------------------------------------------------------------------------------------------
-class DirectInfluence(_PydvlInterface, _BlockDiagonal, _solvers.DirectInfluence):
+class DirectInfluence(_PydvlInterface, _PydvlBlocks, _solvers.DirectInfluence):
     """Exact influences from the explicit curvature matrix (pyDVL's ``DirectInfluence``).
 
     Args:
@@ -580,27 +470,15 @@ class DirectInfluence(_PydvlInterface, _BlockDiagonal, _solvers.DirectInfluence)
                  hessian_regularization: Optional[float] = _UNSET) -> None:
         regularization = _alias(regularization, hessian_regularization, "regularization", "hessian_regularization",
                                 None)
-        blocks = _block_structure(model, block_structure)
-        values = _block_regularizations(regularization, [""] if blocks is None else list(blocks))
-        second_order = _second_order(second_order_mode)
-        if blocks is None:
-            super().__init__(model, loss, values[""], **second_order)
-        else:
-            super().__init__(model, loss, 0.0, params=[n for names in blocks.values() for n in names], head=False,
-                             **second_order)
-        self._init_blocks(blocks, values, lambda params, lam: _solvers.DirectInfluence(
-            model, loss, lam, params=params, head=False, **second_order))
+        blocks = _blocks(model, block_structure)
+        super().__init__(model, loss, _regularization(regularization, blocks), **_block_arguments(blocks),
+                         **_second_order(second_order_mode))
         self._arguments = _DirectArguments(block_structure=_saved_blocks(blocks),
-                                     second_order_mode=_enum_value(second_order_mode))
+                                           second_order_mode=_enum_value(second_order_mode))
         self._remember(model, loss)
 
-    def _after_block_fit(self) -> None:
-        if self._block_solvers is not None and all(s.is_fitted for s in self._block_solvers.values()):
-            self._matrix = torch.block_diag(*(s.curvature for s in self._block_solvers.values()))
-            self._eigen = None
 
-
-class CgInfluence(_PydvlInterface, _BlockDiagonal, _SettableRegularization, _AtolSolve, _solvers.CgInfluence):
+class CgInfluence(_PydvlInterface, _PydvlBlocks, _AtolSolve, _solvers.CgInfluence):
     """Conjugate gradients (pyDVL's ``CgInfluence``).
 
     Args:
@@ -637,39 +515,39 @@ class CgInfluence(_PydvlInterface, _BlockDiagonal, _SettableRegularization, _Ato
         preconditioner = _alias(preconditioner, pre_conditioner, "preconditioner", "pre_conditioner", None)
         solve_simultaneously = _alias(solve_simultaneously, use_block_cg, "solve_simultaneously", "use_block_cg",
                                       False)
-        blocks = _block_structure(model, block_structure)
-        values = _block_regularizations(regularization, [""] if blocks is None else list(blocks))
         if not isinstance(atol, (int, float)) or not math.isfinite(atol) or atol < 0:
             raise ValueError(f"atol must be a finite number >= 0, got {atol!r}")
         if not isinstance(precompute_grad, bool):
             raise TypeError(f"precompute_grad must be a bool, got {precompute_grad!r}")
-        options = dict(rtol=rtol, block=bool(solve_simultaneously), progress=progress,
-                       **_preconditioner(preconditioner), **_second_order(second_order_mode))
-        if blocks is None:
-            super().__init__(model, loss, values[""], maxiter=maxiter, **options)
-        else:
-            super().__init__(model, loss, 0.0, params=[n for names in blocks.values() for n in names], head=False,
-                             maxiter=maxiter, **{**options, "preconditioner": None})
+        blocks = _blocks(model, block_structure)
+        preconditioning = _preconditioner(preconditioner)
+        # With blocks, each block has its own preconditioner (see _block_solver).
+        super().__init__(model, loss, _regularization(regularization, blocks), rtol=rtol, maxiter=maxiter,
+                         block=bool(solve_simultaneously), progress=progress,
+                         **(preconditioning if blocks is None else {}), **_block_arguments(blocks),
+                         **_second_order(second_order_mode))
         if maxiter is None:
             self.maxiter = 10 * self.num_params
         self.atol = float(atol)
         self.precompute_grad = precompute_grad
         self.warn_on_max_iteration = bool(warn_on_max_iteration)
-
-        def make_block(params: list[str], lam: float) -> _CgBlock:
-            block = _CgBlock(model, loss, lam, params=params, head=False, maxiter=maxiter, **options)
-            if maxiter is None:
-                block.maxiter = 10 * block.num_params
-            block.atol, block.warn_on_max_iteration = self.atol, self.warn_on_max_iteration
-            return block
-
-        self._init_blocks(blocks, values, make_block)
         self._arguments = _CgArguments(
             rtol=rtol, atol=self.atol, maxiter=maxiter, progress=progress, precompute_grad=precompute_grad,
-            preconditioner=_preconditioner(preconditioner) or None, solve_simultaneously=bool(solve_simultaneously),
+            preconditioner=preconditioning or None, solve_simultaneously=bool(solve_simultaneously),
             warn_on_max_iteration=self.warn_on_max_iteration, block_structure=_saved_blocks(blocks),
             second_order_mode=_enum_value(second_order_mode))
         self._remember(model, loss)
+
+    def _block_solver(self, params: list[str], regularization: float) -> _CgBlock:
+        """A block's CG, with pyDVL's arguments: its own preconditioner, atol rule and iteration cap."""
+        a = self._arguments
+        block = _CgBlock(self.model, self.loss, regularization, params=params, head=False, maxiter=a.maxiter,
+                         rtol=a.rtol, block=a.solve_simultaneously, progress=a.progress,
+                         **(a.preconditioner or {}), **_second_order(a.second_order_mode))
+        if a.maxiter is None:
+            block.maxiter = 10 * block.num_params
+        block.atol, block.warn_on_max_iteration = a.atol, a.warn_on_max_iteration
+        return block
 
     @classmethod
     def from_constructor_options(cls, model: nn.Module, loss: Any, options: dict[str, Any]) -> "CgInfluence":
@@ -688,7 +566,7 @@ class CgInfluence(_PydvlInterface, _BlockDiagonal, _SettableRegularization, _Ato
 
 
 class _LissaIteration:
-    """pyDVL's LiSSA loop with its early stop on the relative change per step."""
+    """pyDVL's LiSSA loop with its early stop on the relative change per step (with blocks, each block's)."""
 
     rtol: float
     warn_on_max_iteration: bool
@@ -699,6 +577,8 @@ class _LissaIteration:
         return self
 
     def solve(self, vectors: Tensor) -> Tensor:
+        if self.blocks is not None:
+            return super().solve(vectors)
         self._require_fitted()
         v = vectors.to(device=self.device, dtype=self.dtype)
         h = v.clone()
@@ -726,17 +606,11 @@ class _LissaIteration:
         return h / self.scale
 
 
-
 class _LissaBlock(_LissaIteration, _solvers.LissaInfluence):
     """One block of a block-diagonal :class:`LissaInfluence`."""
 
-    def with_regularization(self, regularization: float) -> "_LissaBlock":
-        self.regularization = check_regularization(regularization)
-        return self
 
-
-class LissaInfluence(_PydvlInterface, _BlockDiagonal, _SettableRegularization, _LissaIteration,
-                     _solvers.LissaInfluence):
+class LissaInfluence(_PydvlInterface, _PydvlBlocks, _LissaIteration, _solvers.LissaInfluence):
     """LiSSA (pyDVL's ``LissaInfluence``).
 
     Runs ``h <- v + (1 - dampen) h - (H_batch + lambda I) h / scale`` on random
@@ -764,31 +638,26 @@ class LissaInfluence(_PydvlInterface, _BlockDiagonal, _SettableRegularization, _
                                 None)
         if not isinstance(rtol, (int, float)) or not rtol >= 0:
             raise ValueError(f"rtol must be a number >= 0, got {rtol!r}")
-        blocks = _block_structure(model, block_structure)
-        values = _block_regularizations(regularization, [""] if blocks is None else list(blocks))
-        options = dict(maxiter=maxiter, dampen=dampen, scale=scale, progress=progress,
-                       **_second_order(second_order_mode))
-        stopping = dict(rtol=float(rtol), warn_on_max_iteration=bool(warn_on_max_iteration))
-        if blocks is None:
-            super().__init__(model, loss, values[""], **options)
-        else:
-            super().__init__(model, loss, 0.0, params=[n for names in blocks.values() for n in names], head=False,
-                             **options)
-            self._init_blocks(blocks, values, lambda params, lam: _LissaBlock(
-                model, loss, lam, params=params, head=False, **options).stopping(**stopping))
-        self.stopping(**stopping)
-        self._arguments = _LissaArguments(maxiter=maxiter, dampen=dampen, scale=scale, progress=progress, **stopping,
-                                     block_structure=_saved_blocks(blocks),
-                                     second_order_mode=_enum_value(second_order_mode))
+        blocks = _blocks(model, block_structure)
+        super().__init__(model, loss, _regularization(regularization, blocks), maxiter=maxiter, dampen=dampen,
+                         scale=scale, progress=progress, **_block_arguments(blocks),
+                         **_second_order(second_order_mode))
+        self.stopping(float(rtol), bool(warn_on_max_iteration))
+        self._arguments = _LissaArguments(maxiter=maxiter, dampen=dampen, scale=scale, progress=progress,
+                                          rtol=self.rtol, warn_on_max_iteration=self.warn_on_max_iteration,
+                                          block_structure=_saved_blocks(blocks),
+                                          second_order_mode=_enum_value(second_order_mode))
         self._remember(model, loss)
 
-    def solve(self, vectors: Tensor) -> Tensor:
-        if self._block_solvers is not None:
-            return _BlockDiagonal.solve(self, vectors)
-        return _LissaIteration.solve(self, vectors)
+    def _block_solver(self, params: list[str], regularization: float) -> _LissaBlock:
+        """A block's LiSSA, with pyDVL's arguments and early stop."""
+        a = self._arguments
+        return _LissaBlock(self.model, self.loss, regularization, params=params, head=False,
+                           maxiter=a.maxiter, dampen=a.dampen, scale=a.scale, progress=a.progress,
+                           **_second_order(a.second_order_mode)).stopping(a.rtol, a.warn_on_max_iteration)
 
 
-class ArnoldiInfluence(_PydvlInterface, _BlockDiagonal, _solvers.ArnoldiInfluence):
+class ArnoldiInfluence(_PydvlInterface, _PydvlBlocks, _solvers.ArnoldiInfluence):
     """Low-rank inverse on the dominant eigenspace of the curvature (pyDVL's ``ArnoldiInfluence``).
 
     The ``rank`` eigenpairs of largest magnitude come from a (block) Lanczos
@@ -827,22 +696,14 @@ class ArnoldiInfluence(_PydvlInterface, _BlockDiagonal, _solvers.ArnoldiInfluenc
                 "and bound the work with krylov_dimension (the iteration also stops once the kept pairs reach tol)")
         if not isinstance(eigen_computation_on_gpu, bool):
             raise TypeError(f"eigen_computation_on_gpu must be a bool, got {eigen_computation_on_gpu!r}")
-        blocks = _block_structure(model, block_structure)
-        values = _block_regularizations(regularization, [""] if blocks is None else list(blocks))
-        if use_woodbury and min(values.values()) <= 0:
+        blocks = _blocks(model, block_structure)
+        regularization = _regularization(regularization, blocks)
+        if use_woodbury and smallest_regularization(regularization) <= 0:
             raise ValueError("use_woodbury=True needs regularization > 0 (the inverse divides by it)")
-        options = dict(krylov_dimension=krylov_dimension, tol=tol,
-                       complement="regularization" if use_woodbury else "drop", **_second_order(second_order_mode))
-        if blocks is None:
-            super().__init__(model, loss, values[""], rank, **options)
-        else:
-            names = [n for block in blocks.values() for n in block]
-            super().__init__(model, loss, 0.0, rank, params=names, head=False, **options)
-            sizes = dict(model.named_parameters())
-            # Each block keeps `rank` eigenpairs, at most as many as it has parameters.
-            self._init_blocks(blocks, values, lambda params, lam: _solvers.ArnoldiInfluence(
-                model, loss, lam, min(rank, sum(sizes[n].numel() for n in params)), params=params, head=False,
-                **options))
+        # Each block keeps `rank` eigenpairs, at most as many as it has parameters.
+        super().__init__(model, loss, regularization, rank, krylov_dimension=krylov_dimension, tol=tol,
+                         complement="regularization" if use_woodbury else "drop", **_block_arguments(blocks),
+                         **_second_order(second_order_mode))
         self.use_woodbury = bool(use_woodbury)
         self.eigen_computation_on_gpu = eigen_computation_on_gpu
         self._arguments = _ArnoldiArguments(rank=rank, krylov_dimension=krylov_dimension, tol=tol,
@@ -852,7 +713,7 @@ class ArnoldiInfluence(_PydvlInterface, _BlockDiagonal, _solvers.ArnoldiInfluenc
         self._remember(model, loss)
 
 
-class NystroemSketchInfluence(_PydvlInterface, _BlockDiagonal, _solvers.NystroemSketchInfluence):
+class NystroemSketchInfluence(_PydvlInterface, _PydvlBlocks, _solvers.NystroemSketchInfluence):
     """Rank-``rank`` Nystrom sketch of the curvature with the Woodbury inverse (pyDVL's ``NystroemSketchInfluence``).
 
     Args:
@@ -866,18 +727,10 @@ class NystroemSketchInfluence(_PydvlInterface, _BlockDiagonal, _solvers.Nystroem
 
     def __init__(self, model: nn.Module, loss, regularization: float, rank: int,
                  block_structure: Any = BlockMode.FULL, second_order_mode: Any = SecondOrderMode.HESSIAN) -> None:
-        blocks = _block_structure(model, block_structure)
-        values = _block_regularizations(regularization, [""] if blocks is None else list(blocks))
-        second_order = _second_order(second_order_mode)
-        if blocks is None:
-            super().__init__(model, loss, values[""], rank, **second_order)
-        else:
-            names = [n for block in blocks.values() for n in block]
-            super().__init__(model, loss, min(values.values()) or 1.0, rank, params=names, head=False, **second_order)
-            sizes = dict(model.named_parameters())
-            self._init_blocks(blocks, values, lambda params, lam: _solvers.NystroemSketchInfluence(
-                model, loss, lam, min(rank, sum(sizes[n].numel() for n in params)), params=params, head=False,
-                **second_order))
+        blocks = _blocks(model, block_structure)
+        # Each block keeps a sketch of rank `rank`, at most as many as it has parameters.
+        super().__init__(model, loss, _regularization(regularization, blocks), rank,
+                         **_block_arguments(blocks), **_second_order(second_order_mode))
         self._arguments = _NystroemArguments(rank=rank, block_structure=_saved_blocks(blocks),
                                      second_order_mode=_enum_value(second_order_mode))
         self._remember(model, loss)
@@ -949,7 +802,7 @@ class InverseHarmonicMeanInfluence(_PydvlInterface, _solvers.InverseHarmonicMean
         if _enum_value(second_order_mode) != _enum_value(SecondOrderMode.GAUSS_NEWTON):
             raise ValueError(f"second_order_mode: InverseHarmonicMeanInfluence approximates the empirical Fisher "
                              f"(SecondOrderMode.GAUSS_NEWTON), got {second_order_mode!r}")
-        blocks = _block_structure(model, block_structure)
+        blocks = _blocks(model, block_structure)
         structure: Any = "full" if blocks is None else blocks
         if isinstance(regularization, Mapping) and blocks is None:
             regularization = {"full": regularization[""]} if set(regularization) == {""} else regularization

@@ -12,14 +12,15 @@ from tqdm.auto import tqdm
 
 from ..data import Samples
 from ..checks import check_regularization
-from ..contract import SolverOptions, SolverTraits, option
+from ..contract import SolverTraits, option
 from ..influence import InfluenceFunctionModel
 from ..persist import state_tensor
 from ._lowrank import Complement, LowRankCurvature, check_complement, check_rank
+from .block_diagonal import BlockDiagonal, BlockOptions
 
 
 @dataclass(frozen=True)
-class ArnoldiOptions(SolverOptions):
+class ArnoldiOptions(BlockOptions):
     """ArnoldiInfluence's own options."""
 
     rank: int = option(fit=True, doc="eigenpairs kept")
@@ -30,38 +31,8 @@ class ArnoldiOptions(SolverOptions):
     complement: str = option(doc="what the solve does off the kept subspace")
 
 
-class ArnoldiInfluence(InfluenceFunctionModel):
-    """Inverts the curvature on its dominant eigenspace, found by a Krylov method.
-
-    Builds an orthonormal basis of the block Krylov space
-    span{V, H V, H^2 V, ...} (``krylov_dimension`` vectors, grown
-    ``krylov_block`` at a time so each pass over the training data runs one
-    vmapped product for the whole block), projects H onto it (Rayleigh-Ritz,
-    in float64) and keeps the ``rank`` Ritz pairs of largest magnitude
-    (Schioppa et al. 2022 use the same Arnoldi idea).
-
-    On the complement of those eigenvectors, ``complement`` decides:
-    ``"regularization"`` (default) treats H as 0 there, so the inverse keeps the
-    component ``(I - U^T U) v / lambda`` (the Woodbury inverse of
-    U^T diag(l) U + lambda I); ``"drop"`` discards it, as pyDVL does, which
-    throws away most of a gradient when rank << p. Keeping it needs
-    ``regularization > 0``.
-
-    Args:
-        rank: eigenpairs kept (<= number of parameters).
-        krylov_dimension: largest size of the Krylov space (default ``max(4 * rank, rank + 40)``,
-            capped at the parameter count).
-        krylov_block: vectors per product.
-        tol: the space stops growing once every kept Ritz pair has
-            ``||H u - l u|| <= tol * max |l|``; a warning says when ``krylov_dimension``
-            is reached first.
-        complement: ``"regularization"`` or ``"drop"``.
-        seed: seeds the starting block.
-        (others as in :class:`~torchfluence.InfluenceFunctionModel`)
-    """
-
-    Options = ArnoldiOptions
-    traits = SolverTraits(solves_rows_independently=True)  # a fixed linear map per row
+class _ArnoldiSolve(InfluenceFunctionModel):
+    """:class:`ArnoldiInfluence` over all its parameters at once (its algorithm, without blocks)."""
 
     def __init__(self, model, loss, regularization: float = 0.0, rank: int = 10, *,
                  krylov_dimension: Optional[int] = None, krylov_block: int = 8, tol: float = 1e-4,
@@ -154,6 +125,45 @@ class ArnoldiInfluence(InfluenceFunctionModel):
         self.low_rank = LowRankCurvature(vectors, values)
         self._check_invertible()
         self._typed = LowRankCurvature(vectors.to(self.dtype), values.to(self.dtype))
+
+
+class ArnoldiInfluence(BlockDiagonal, _ArnoldiSolve):
+    """Inverts the curvature on its dominant eigenspace, found by a Krylov method.
+
+    Builds an orthonormal basis of the block Krylov space
+    span{V, H V, H^2 V, ...} (``krylov_dimension`` vectors, grown
+    ``krylov_block`` at a time so each pass over the training data runs one
+    vmapped product for the whole block), projects H onto it (Rayleigh-Ritz,
+    in float64) and keeps the ``rank`` Ritz pairs of largest magnitude
+    (Schioppa et al. 2022 use the same Arnoldi idea).
+
+    On the complement of those eigenvectors, ``complement`` decides:
+    ``"regularization"`` (default) treats H as 0 there, so the inverse keeps the
+    component ``(I - U^T U) v / lambda`` (the Woodbury inverse of
+    U^T diag(l) U + lambda I); ``"drop"`` discards it, as pyDVL does, which
+    throws away most of a gradient when rank << p. Keeping it needs
+    ``regularization > 0``.
+
+    Args:
+        rank: eigenpairs kept (<= number of parameters).
+        krylov_dimension: largest size of the Krylov space (default ``max(4 * rank, rank + 40)``,
+            capped at the parameter count).
+        krylov_block: vectors per product.
+        tol: the space stops growing once every kept Ritz pair has
+            ``||H u - l u|| <= tol * max |l|``; a warning says when ``krylov_dimension``
+            is reached first.
+        complement: ``"regularization"`` or ``"drop"``.
+        seed: seeds the starting block.
+        block_structure: a block-diagonal H (:mod:`torchfluence.solvers.block_diagonal`):
+            each block keeps its own ``min(rank, block size)`` eigenpairs of its H_BB.
+        (others as in :class:`~torchfluence.InfluenceFunctionModel`)
+    """
+
+    Options = ArnoldiOptions
+    traits = SolverTraits(solves_rows_independently=True, accepts_block_structure=True)  # a fixed map per row
+
+    def _block_options(self, num_params: int) -> dict:
+        return {"rank": min(self.rank, num_params)}
 
 
 def _ritz_pairs(basis: Tensor, products: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:

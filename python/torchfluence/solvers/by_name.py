@@ -29,8 +29,8 @@ def make_solver(name: str, model: nn.Module, loss: Any, regularization: float, *
     Args:
         rank: for the low-rank solvers (Arnoldi, Nystroem); None: ``min(10, number of parameters)``.
         seed: for the solvers that draw at random (ignored by the others).
-        second_order: ``"hessian"`` or ``"gauss_newton"``, for the solvers that take it (K-FAC and
-            EK-FAC always use the Fisher).
+        second_order: ``"hessian"``, ``"gauss_newton"`` or ``"empirical_fisher"``, for the solvers that
+            take it (K-FAC and EK-FAC always use the Fisher).
         options: common options (``block_size``, ``dtype``, ``progress`` ...) and the class's own.
     """
     if name not in SOLVERS:

@@ -14,10 +14,12 @@ from ..target_sampling import exact_output_grads
 from ..curvature import AutogradHessian
 from ..data import Samples
 from ..distributed import all_reduce_sum, local_blocks
-from ..contract import SolverOptions, SolverTraits, option
+from ..checks import check_regularization
+from ..contract import SolverTraits, option
 from ..influence import InfluenceFunctionModel
 from ..persist import state_tensor
 from ._lowrank import LowRankCurvature, check_rank
+from .block_diagonal import BlockDiagonal, BlockOptions
 from .kfac import EkfacInfluence, KfacInfluence
 from .nystroem import nystroem_sketch
 
@@ -45,7 +47,7 @@ class SolveInfo:
 
 
 @dataclass(frozen=True)
-class CgOptions(SolverOptions):
+class CgOptions(BlockOptions):
     """CgInfluence's own options."""
 
     rtol: float = option(doc="relative residual at which a right-hand side has converged")
@@ -56,44 +58,8 @@ class CgOptions(SolverOptions):
     block: bool = option(doc="block CG (one Krylov space for all queries) or one CG per query")
 
 
-class CgInfluence(InfluenceFunctionModel):
-    """Solves (H + lambda I) x = b by conjugate gradients, all right-hand sides at once.
-
-    With ``block=True`` (the default) the right-hand sides share one Krylov
-    space: block CG (O'Leary 1980) in its breakdown-free form (Ji & Li 2017),
-    whose search block is re-orthonormalised every iteration with a
-    rank-revealing step that drops directions which became dependent, so the
-    block shrinks instead of breaking down. Every direction found for one
-    column helps all others, which cuts the iterations several-fold when there
-    are many right-hand sides. ``block=False`` runs independent CG per column
-    (the same vmapped product per iteration, one Krylov space per column).
-
-    Either way each iteration is one pass over the training data with a single
-    vmapped curvature product for the whole block. Each column stops on its own
-    relative residual ``||r|| <= rtol * ||b||``; the counts and final residuals
-    are in :attr:`last_solve_info`, and a warning says when some column hit
-    ``maxiter`` first.
-
-    Args:
-        rtol: relative residual at which a column stops.
-        maxiter: iteration cap (default: the number of parameters, where exact
-            arithmetic would have converged).
-        preconditioner: None, or one of
-            ``"jacobi"``: divide by diag(H) + lambda, with the diagonal estimated at
-            fit by Hutchinson's method from ``preconditioner_samples`` Rademacher probes;
-            ``"ekfac"`` / ``"kfac"``: apply the (E)K-FAC inverse (fitted at fit time,
-            same regularization, with the exact Fisher expectation where the loss
-            allows), which captures most of the spectrum of networks made of
-            Linear/Conv2d layers, so fewer iterations reach the exact solve;
-            ``"nystroem"``: a rank-``preconditioner_rank`` Nystrom sketch of H
-            (Frangella, Tropp & Udell 2023), for positive semi-definite curvature.
-        preconditioner_rank: sketch size for ``"nystroem"``.
-        block: one shared Krylov space (block CG) rather than one per column.
-        (others as in :class:`~torchfluence.InfluenceFunctionModel`)
-    """
-
-    Options = CgOptions
-    traits = SolverTraits(solve_reads_train_data=True)  # every iteration is a pass over the training data
+class _CgSolve(InfluenceFunctionModel):
+    """:class:`CgInfluence` over all its parameters at once (its algorithm, without blocks)."""
 
     def __init__(self, *args, rtol: float = 1e-6, maxiter: Optional[int] = None,
                  preconditioner: Optional[Preconditioner] = None, preconditioner_samples: int = 64,
@@ -106,13 +72,11 @@ class CgInfluence(InfluenceFunctionModel):
             raise ValueError(f"maxiter must be >= 1, got {maxiter!r}")
         if preconditioner not in _PRECONDITIONERS:
             raise ValueError(f"preconditioner must be one of {_PRECONDITIONERS}, got {preconditioner!r}")
-        if preconditioner in ("kfac", "ekfac", "nystroem") and self.regularization <= 0:
-            raise ValueError(f"preconditioner={preconditioner!r} needs regularization > 0 (its inverse divides "
-                             f"by it), got {self.regularization!r}")
         if preconditioner == "nystroem":
             check_rank(preconditioner_rank, self.num_params, "preconditioner_rank")
         self.rtol, self.maxiter = rtol, maxiter
         self.preconditioner, self.preconditioner_samples = preconditioner, preconditioner_samples
+        self._check_preconditioner_regularization(self.regularization)
         self.preconditioner_rank = preconditioner_rank
         self.diagonal: Optional[Tensor] = None  # (p,) estimate of diag(H), with "jacobi"
         self._kfac: Optional[KfacInfluence] = None  # with "kfac" / "ekfac"
@@ -142,6 +106,20 @@ class CgInfluence(InfluenceFunctionModel):
                                            self.dtype, self.device, seed=0)
             self._sketch = LowRankCurvature(self._sketch.eigenvectors.to(self.dtype),
                                             self._sketch.eigenvalues.to(self.dtype))
+
+    def _check_preconditioner_regularization(self, regularization: float) -> None:
+        if self.preconditioner in ("kfac", "ekfac", "nystroem") and regularization <= 0:
+            raise ValueError(f"preconditioner={self.preconditioner!r} needs regularization > 0 (its inverse "
+                             f"divides by it), got {regularization!r}")
+
+    def with_regularization(self, regularization: float) -> "CgInfluence":
+        """Sets lambda without refitting (an (E)K-FAC preconditioner follows it); returns self."""
+        value = check_regularization(regularization)
+        self._check_preconditioner_regularization(value)
+        self.regularization = value
+        if self._kfac is not None:
+            self._kfac.with_regularization(value)
+        return self
 
     def _make_kfac(self, fisher: str) -> KfacInfluence:
         f = self.functions
@@ -313,6 +291,50 @@ class CgInfluence(InfluenceFunctionModel):
             prefix = "preconditioner/"
             self._kfac.restore({key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)},
                     info["preconditioner"], n_train=self.n_train, classes=self._classes, train=self._train)
+
+
+class CgInfluence(BlockDiagonal, _CgSolve):
+    """Solves (H + lambda I) x = b by conjugate gradients, all right-hand sides at once.
+
+    With ``block=True`` (the default) the right-hand sides share one Krylov
+    space: block CG (O'Leary 1980) in its breakdown-free form (Ji & Li 2017),
+    whose search block is re-orthonormalised every iteration with a
+    rank-revealing step that drops directions which became dependent, so the
+    block shrinks instead of breaking down. Every direction found for one
+    column helps all others, which cuts the iterations several-fold when there
+    are many right-hand sides. ``block=False`` runs independent CG per column
+    (the same vmapped product per iteration, one Krylov space per column).
+
+    Either way each iteration is one pass over the training data with a single
+    vmapped curvature product for the whole block. Each column stops on its own
+    relative residual ``||r|| <= rtol * ||b||``; the counts and final residuals
+    are in :attr:`last_solve_info`, and a warning says when some column hit
+    ``maxiter`` first.
+
+    Args:
+        rtol: relative residual at which a column stops.
+        maxiter: iteration cap (default: the number of parameters, where exact
+            arithmetic would have converged).
+        preconditioner: None, or one of
+            ``"jacobi"``: divide by diag(H) + lambda, with the diagonal estimated at
+            fit by Hutchinson's method from ``preconditioner_samples`` Rademacher probes;
+            ``"ekfac"`` / ``"kfac"``: apply the (E)K-FAC inverse (fitted at fit time,
+            same regularization, with the exact Fisher expectation where the loss
+            allows), which captures most of the spectrum of networks made of
+            Linear/Conv2d layers, so fewer iterations reach the exact solve;
+            ``"nystroem"``: a rank-``preconditioner_rank`` Nystrom sketch of H
+            (Frangella, Tropp & Udell 2023), for positive semi-definite curvature.
+        preconditioner_rank: sketch size for ``"nystroem"``.
+        block: one shared Krylov space (block CG) rather than one per column.
+        block_structure: a block-diagonal H (:mod:`torchfluence.solvers.block_diagonal`):
+            each block is solved by its own CG (its own preconditioner, fitted on that
+            block, and its own iteration count); see :attr:`block_solvers`.
+        (others as in :class:`~torchfluence.InfluenceFunctionModel`)
+    """
+
+    Options = CgOptions
+    # Every iteration is a pass over the training data.
+    traits = SolverTraits(solve_reads_train_data=True, accepts_block_structure=True)
 
 
 def _relative(r: Tensor, b_norm: Tensor) -> Tensor:

@@ -19,10 +19,9 @@ training gradients.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,16 +32,15 @@ from ..checks import check_finite
 from ..distributed import all_reduce_count, all_reduce_sum, local_blocks
 from ..contract import SolverOptions, SolverTraits, option
 from ..influence import InfluenceFunctionModel
-
-BlockStructure = Union[Literal["layer", "full"], Mapping[str, Sequence[str]]]
-Regularization = Union[float, Mapping[str, float]]
+from ..parameter_blocks import (BlockStructure, Regularization, block_regularization, column_ranges,
+                                gather_columns, resolve_blocks, scatter_columns)
 
 
 @dataclass(frozen=True)
 class DataInfOptions(SolverOptions):
     """InverseHarmonicMeanInfluence's own options."""
 
-    block_structure: Any = option(fit=True, doc="layer, full, or {block name: [parameter names]}")
+    block_structure: Any = option(fit=True, doc="layer, full, parameter, or {block name: [parameter names]}")
 
 
 class InverseHarmonicMeanInfluence(InfluenceFunctionModel):
@@ -69,8 +67,9 @@ class InverseHarmonicMeanInfluence(InfluenceFunctionModel):
             parameters (the block's name is the module's name, e.g. ``"0"`` or
             ``"encoder.fc"``; a parameter of the root module is a block of its own,
             named after it); ``"full"``: all parameters form one block named
-            ``"full"``; or a mapping {block name: [parameter names]} that assigns
-            every selected parameter to exactly one block.
+            ``"full"``; ``"parameter"``: one block per parameter tensor; or a mapping
+            {block name: [parameter names]} that assigns every selected parameter to
+            exactly one block (:mod:`torchfluence.parameter_blocks`).
         (others as in :class:`~torchfluence.InfluenceFunctionModel`; ``second_order``
         and ``curvature`` are not taken: the curvature is the empirical Fisher)
     """
@@ -81,6 +80,7 @@ class InverseHarmonicMeanInfluence(InfluenceFunctionModel):
     traits = SolverTraits(accepts_projector=False,
                           projector_refusal="DataInf's blocks are groups of parameters, which a projection mixes; use "
                                             "DirectInfluence or CgInfluence with the projector instead",
+                          accepts_block_structure=True,
                           solve_reads_train_data=True, solves_rows_independently=True,
                           fixed_options=("second_order", "curvature"))
 
@@ -91,7 +91,8 @@ class InverseHarmonicMeanInfluence(InfluenceFunctionModel):
                 raise TypeError(f"{type(self).__name__} approximates the empirical Fisher and takes no "
                                 f"{name} argument")
         super().__init__(model, loss, 0.0, **kwargs)
-        self._columns = _block_columns(self.functions.names, self.functions.sizes, block_structure)
+        blocks = resolve_blocks(block_structure, self.functions.names)
+        self._columns = column_ranges(self.functions.names, self.functions.sizes, blocks)
         self.block_structure = block_structure
         self.with_regularization(regularization)
 
@@ -103,7 +104,8 @@ class InverseHarmonicMeanInfluence(InfluenceFunctionModel):
 
     def with_regularization(self, regularization: Regularization) -> InverseHarmonicMeanInfluence:
         """Sets lambda (a number, or {block name: lambda} for every block); returns self, no refit needed."""
-        self.block_regularization = _block_regularization(regularization, list(self._columns))
+        self.block_regularization = block_regularization(regularization, list(self._columns), positive=True,
+                                                         why="DataInf divides by it")
         self.regularization = (dict(regularization) if isinstance(regularization, Mapping)
                                else float(regularization))
         return self
@@ -124,7 +126,7 @@ class InverseHarmonicMeanInfluence(InfluenceFunctionModel):
         out = torch.zeros_like(vectors)
         if vectors.shape[0] == 0:
             return out
-        parts = [(ranges, _gather(vectors, ranges), self.block_regularization[name])
+        parts = [(ranges, gather_columns(vectors, ranges), self.block_regularization[name])
                  for name, ranges in self._columns.items()]
         n = 0
         for block in tqdm(local_blocks(train), desc="DataInf solve", disable=not self.progress):
@@ -132,9 +134,9 @@ class InverseHarmonicMeanInfluence(InfluenceFunctionModel):
             check_finite(g, "per-sample gradients", block.offset)
             n += g.shape[0]
             for ranges, v, lam in parts:
-                g_b = _gather(g, ranges)  # (b, p_B)
+                g_b = gather_columns(g, ranges)  # (b, p_B)
                 coef = (v @ g_b.T) / (lam + g_b.square().sum(dim=1))  # (k, b)
-                _scatter_add(out, ranges, g.shape[0] * v - coef @ g_b)
+                scatter_columns(out, ranges, g.shape[0] * v - coef @ g_b, add=True)
             del g
         all_reduce_sum(out)
         n = all_reduce_count(n, out.device)
@@ -155,87 +157,3 @@ class InverseHarmonicMeanInfluence(InfluenceFunctionModel):
     def restore_fitted_state(self, tensors: dict[str, Tensor], info: dict) -> None:
         pass
 
-
-def _block_columns(names: Sequence[str], sizes: Sequence[int],
-                   structure: BlockStructure) -> dict[str, list[tuple[int, int]]]:
-    """{block name: merged (start, stop) column ranges} for the parameters in flat order."""
-    starts, offset = {}, 0
-    for name, size in zip(names, sizes):
-        starts[name] = (offset, offset + size)
-        offset += size
-    if isinstance(structure, str):
-        if structure == "full":
-            groups = {"full": list(names)}
-        elif structure == "layer":
-            groups = {}
-            for name in names:
-                owner = name.rpartition(".")[0] or name
-                groups.setdefault(owner, []).append(name)
-        else:
-            raise ValueError(f"block_structure must be 'layer', 'full' or a mapping {{block name: [parameter "
-                             f"names]}}, got {structure!r}")
-    elif isinstance(structure, Mapping):
-        groups = {}
-        seen: dict[str, str] = {}
-        for block, params in structure.items():
-            if isinstance(params, str) or not isinstance(params, Sequence) or not params:
-                raise ValueError(f"block_structure[{block!r}] must be a non-empty list of parameter names, "
-                                 f"got {params!r}")
-            for p in params:
-                if p not in starts:
-                    raise ValueError(f"block_structure[{block!r}] names {p!r}, which is not a selected "
-                                     f"parameter; selected: {list(names)}")
-                if p in seen:
-                    raise ValueError(f"block_structure puts parameter {p!r} in two blocks: {seen[p]!r} and "
-                                     f"{block!r}")
-                seen[p] = block
-            groups[str(block)] = list(params)
-        missing = [p for p in names if p not in seen]
-        if missing:
-            raise ValueError(f"block_structure must assign every selected parameter to a block; "
-                             f"missing: {missing}")
-    else:
-        raise TypeError(f"block_structure must be 'layer', 'full' or a mapping, "
-                        f"got {type(structure).__name__}")
-    out = {}
-    for block, params in groups.items():
-        ranges = sorted(starts[p] for p in params)
-        merged = [list(ranges[0])]
-        for start, stop in ranges[1:]:
-            if start == merged[-1][1]:
-                merged[-1][1] = stop
-            else:
-                merged.append([start, stop])
-        out[block] = [(a, b) for a, b in merged]
-    return out
-
-
-def _block_regularization(value: Regularization, blocks: list[str]) -> dict[str, float]:
-    def checked(v, name: str) -> float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise ValueError(f"{name} must be a finite number > 0 (DataInf divides by it), got {v!r}")
-        return float(v)
-
-    if isinstance(value, Mapping):
-        unknown = [k for k in value if k not in blocks]
-        missing = [k for k in blocks if k not in value]
-        if unknown or missing:
-            raise ValueError(f"regularization as a mapping needs exactly one entry per block {blocks}; "
-                             f"unknown: {unknown}, missing: {missing}")
-        return {k: checked(value[k], f"regularization[{k!r}]") for k in blocks}
-    lam = checked(value, "regularization")
-    return {k: lam for k in blocks}
-
-
-def _gather(t: Tensor, ranges: list[tuple[int, int]]) -> Tensor:
-    if len(ranges) == 1:
-        start, stop = ranges[0]
-        return t[:, start:stop]
-    return torch.cat([t[:, a:b] for a, b in ranges], dim=1)
-
-
-def _scatter_add(out: Tensor, ranges: list[tuple[int, int]], values: Tensor) -> None:
-    offset = 0
-    for start, stop in ranges:
-        out[:, start:stop] += values[:, offset:offset + stop - start]
-        offset += stop - start

@@ -12,42 +12,21 @@ from tqdm.auto import tqdm
 from ..checks import check_regularization
 from ..data import Samples
 from ..distributed import all_reduce_sum, local_blocks
-from ..contract import SolverOptions, SolverTraits, option
+from ..contract import SolverTraits, option
 from ..influence import InfluenceFunctionModel
 from ..persist import state_tensor
+from .block_diagonal import BlockDiagonal, BlockOptions
 
 
 @dataclass(frozen=True)
-class DirectOptions(SolverOptions):
+class DirectOptions(BlockOptions):
     """DirectInfluence's own options."""
 
     column_block: Optional[int] = option(doc="columns of H built per pass over the data")
 
 
-class DirectInfluence(InfluenceFunctionModel):
-    """Builds H (or the Gauss-Newton matrix) explicitly and factors H + lambda I at fit.
-
-    Needs p x p memory, so it suits up to a few thousand parameters; it is the
-    exact reference the iterative solvers are judged against. H is kept in
-    float64 and solved through the Cholesky factor of H + lambda I;
-    :meth:`with_regularization` changes lambda without refitting (one new
-    factorisation), and :attr:`eigenvalues` / :attr:`eigenvectors` are computed
-    on first access only.
-
-    The matrix comes from whichever route is cheaper for the shapes: batched
-    curvature-vector products against identity columns (p products per sample),
-    or, for ``second_order="gauss_newton"`` with fewer outputs c than parameters,
-    per-sample output Jacobians (c backward passes per sample, then J^T H_out J).
-
-    Args:
-        column_block: identity columns per curvature product; None (default): all p,
-            each product then split into chunks sized by the shapes
-            (:mod:`torchfluence.chunking`).
-        (others as in :class:`~torchfluence.InfluenceFunctionModel`)
-    """
-
-    Options = DirectOptions
-    traits = SolverTraits(solves_rows_independently=True)  # a fixed linear map per row
+class _DirectSolve(InfluenceFunctionModel):
+    """:class:`DirectInfluence` over all its parameters at once (its algorithm, without blocks)."""
 
     def __init__(self, *args, column_block: Optional[int] = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -78,7 +57,7 @@ class DirectInfluence(InfluenceFunctionModel):
     def _eigendecomposition(self) -> tuple[Tensor, Tensor]:
         self._require_fitted()
         if self._eigen is None:
-            self._eigen = torch.linalg.eigh(self._matrix)
+            self._eigen = torch.linalg.eigh(self.curvature)
         return self._eigen
 
     def _fit(self, train: Samples) -> None:
@@ -165,6 +144,52 @@ class DirectInfluence(InfluenceFunctionModel):
             self._factor = state_tensor(tensors, "cholesky", (p, p), torch.float64)
         else:  # another lambda: one new factorisation of the saved H
             self._factorize()
+
+
+class DirectInfluence(BlockDiagonal, _DirectSolve):
+    """Builds H (or the Gauss-Newton matrix) explicitly and factors H + lambda I at fit.
+
+    Needs p x p memory, so it suits up to a few thousand parameters; it is the
+    exact reference the iterative solvers are judged against. H is kept in
+    float64 and solved through the Cholesky factor of H + lambda I;
+    :meth:`with_regularization` changes lambda without refitting (one new
+    factorisation), and :attr:`eigenvalues` / :attr:`eigenvectors` are computed
+    on first access only.
+
+    The matrix comes from whichever route is cheaper for the shapes: batched
+    curvature-vector products against identity columns (p products per sample),
+    or, for ``second_order="gauss_newton"`` with fewer outputs c than parameters,
+    per-sample output Jacobians (c backward passes per sample, then J^T H_out J).
+
+    Args:
+        column_block: identity columns per curvature product; None (default): all p,
+            each product then split into chunks sized by the shapes
+            (:mod:`torchfluence.chunking`).
+        block_structure: a block-diagonal H (:mod:`torchfluence.solvers.block_diagonal`):
+            each block's H_BB is built and factored on its own (p_B x p_B memory each);
+            :attr:`curvature` assembles the (p, p) block-diagonal matrix, zero between
+            blocks, when it is first read.
+        (others as in :class:`~torchfluence.InfluenceFunctionModel`)
+    """
+
+    Options = DirectOptions
+    traits = SolverTraits(solves_rows_independently=True, accepts_block_structure=True)  # a fixed map per row
+
+    def _after_block_fit(self) -> None:
+        self._matrix, self._eigen = None, None  # assembled from the blocks' when first read
+
+    @property
+    def curvature(self) -> Tensor:
+        """The fitted H (without regularization), (p, p) float64; with blocks, zero between blocks."""
+        if self.blocks is not None and self._matrix is None:
+            self._require_fitted()
+            p = self.num_params
+            matrix = torch.zeros(p, p, dtype=torch.float64, device=self.device)
+            for name, solver in self.block_solvers.items():
+                index = torch.cat([torch.arange(a, b, device=self.device) for a, b in self.block_columns[name]])
+                matrix[index[:, None], index] = solver.curvature
+            self._matrix = matrix
+        return super().curvature
 
 
 def _largest_magnitude(matrix: Tensor, iterations: int = 50) -> float:

@@ -31,7 +31,9 @@ class GradientSimilarity(InfluenceFunctionModel):
 
     # The identity solves each row on its own; regularization, second_order and curvature do not apply.
     traits = SolverTraits(solves_rows_independently=True,
-                          fixed_options=("regularization", "second_order", "curvature"))
+                          fixed_options=("regularization", "second_order", "curvature"),
+                          block_structure_refusal="it uses no curvature, so there is none to split into "
+                                                  "blocks")
 
     def __init__(self, model, loss, **kwargs) -> None:
         for name in ("regularization", "second_order", "curvature"):

@@ -117,7 +117,10 @@ class KfacInfluence(InfluenceFunctionModel):
 
     Options = KfacOptions
     # A fixed linear map per row; the curvature is always the Fisher / Gauss-Newton matrix.
-    traits = SolverTraits(solves_rows_independently=True, fixed_options=("second_order",))
+    traits = SolverTraits(solves_rows_independently=True, fixed_options=("second_order",),
+                          block_structure_refusal="K-FAC and EK-FAC are block-diagonal per layer "
+                                                  "already (one Kronecker-factored block per captured "
+                                                  "layer); restrict params to choose the layers")
 
     def __init__(self, model, loss, regularization: float = 0.0, *,
                  fisher: Literal["true", "exact", "empirical"] = "true",

@@ -9,13 +9,15 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..checks import check_regularization
 from ..distributed import all_reduce_sum, is_distributed, local_rows
-from ..contract import SolverOptions, SolverTraits, option
+from ..contract import SolverTraits, option
 from ..influence import InfluenceFunctionModel
+from .block_diagonal import BlockDiagonal, BlockOptions
 
 
 @dataclass(frozen=True)
-class LissaOptions(SolverOptions):
+class LissaOptions(BlockOptions):
     """LissaInfluence's own options."""
 
     maxiter: int = option(doc="recursion steps")
@@ -25,33 +27,8 @@ class LissaOptions(SolverOptions):
     seed: Optional[int] = option(doc="seed of the minibatch order")
 
 
-class LissaInfluence(InfluenceFunctionModel):
-    """Linear-time stochastic second-order approximation (Agarwal et al. 2017).
-
-    For all right-hand sides v at once, with minibatches drawn from the training
-    data in the loader's order (cycling), runs
-
-        h <- v + (1 - dampen) h - (H_batch + lambda I) h / scale
-
-    for ``maxiter`` steps and returns h / scale, which approximates
-    (H + lambda I)^-1 v when ``scale`` exceeds the largest eigenvalue of
-    H + lambda I (and ``dampen`` is small). Nothing keeps an autograd graph
-    between steps. ``repetitions`` independent runs are averaged. The recursion
-    needs independent minibatches, and each repetition different ones, so a
-    DataLoader that does not shuffle is read through a shuffling copy (same
-    batch size, seeded by ``seed`` and the repetition).
-
-    Args:
-        maxiter: recursion depth.
-        dampen: damping of the previous estimate, in [0, 1).
-        scale: must exceed the largest eigenvalue of H + lambda I.
-        repetitions: independent estimates averaged (pytorch-influence-functions' ``r``).
-        seed: seeds the minibatch order when the loader does not shuffle.
-        (others as in :class:`~torchfluence.InfluenceFunctionModel`)
-    """
-
-    Options = LissaOptions
-    traits = SolverTraits(solve_reads_train_data=True)  # every step reads a training minibatch
+class _LissaSolve(InfluenceFunctionModel):
+    """:class:`LissaInfluence` over all its parameters at once (its algorithm, without blocks)."""
 
     def __init__(self, *args, maxiter: int = 1000, dampen: float = 0.0, scale: float = 10.0,
                  repetitions: int = 1, seed: int = 0, **kwargs) -> None:
@@ -77,6 +54,11 @@ class LissaInfluence(InfluenceFunctionModel):
         x, y, share = local_rows(x, y)
         part = self.curvature_operator.batch_vp(h, x, y) * share if x.shape[0] else torch.zeros_like(h)
         return all_reduce_sum(part)
+
+    def with_regularization(self, regularization: float) -> "LissaInfluence":
+        """Sets lambda (nothing is fitted that depends on it); returns self."""
+        self.regularization = check_regularization(regularization)
+        return self
 
     def solve(self, vectors: Tensor) -> Tensor:
         self._require_fitted()
@@ -107,3 +89,35 @@ class LissaInfluence(InfluenceFunctionModel):
 
     def restore_fitted_state(self, tensors: dict[str, Tensor], info: dict) -> None:
         pass
+
+
+class LissaInfluence(BlockDiagonal, _LissaSolve):
+    """Linear-time stochastic second-order approximation (Agarwal et al. 2017).
+
+    For all right-hand sides v at once, with minibatches drawn from the training
+    data in the loader's order (cycling), runs
+
+        h <- v + (1 - dampen) h - (H_batch + lambda I) h / scale
+
+    for ``maxiter`` steps and returns h / scale, which approximates
+    (H + lambda I)^-1 v when ``scale`` exceeds the largest eigenvalue of
+    H + lambda I (and ``dampen`` is small). Nothing keeps an autograd graph
+    between steps. ``repetitions`` independent runs are averaged. The recursion
+    needs independent minibatches, and each repetition different ones, so a
+    DataLoader that does not shuffle is read through a shuffling copy (same
+    batch size, seeded by ``seed`` and the repetition).
+
+    Args:
+        maxiter: recursion depth.
+        dampen: damping of the previous estimate, in [0, 1).
+        scale: must exceed the largest eigenvalue of H + lambda I.
+        repetitions: independent estimates averaged (pytorch-influence-functions' ``r``).
+        seed: seeds the minibatch order when the loader does not shuffle.
+        block_structure: a block-diagonal H (:mod:`torchfluence.solvers.block_diagonal`):
+            each block runs its own recursion on the same minibatches, with its own lambda.
+        (others as in :class:`~torchfluence.InfluenceFunctionModel`)
+    """
+
+    Options = LissaOptions
+    # Every step reads a training minibatch.
+    traits = SolverTraits(solve_reads_train_data=True, accepts_block_structure=True)

@@ -10,41 +10,23 @@ from torch import Tensor
 
 from ..data import Samples
 from ..checks import check_regularization
-from ..contract import SolverOptions, SolverTraits, option
+from ..contract import SolverTraits, option
 from ..influence import InfluenceFunctionModel
 from ..persist import state_tensor
 from ._lowrank import LowRankCurvature, check_rank
+from .block_diagonal import BlockDiagonal, BlockOptions
 
 
 @dataclass(frozen=True)
-class NystroemOptions(SolverOptions):
+class NystroemOptions(BlockOptions):
     """NystroemSketchInfluence's own options."""
 
     rank: int = option(fit=True, doc="sketch rank")
     seed: int = option(fit=True, doc="seed of the sketch")
 
 
-class NystroemSketchInfluence(InfluenceFunctionModel):
-    """Approximates H by a rank-r Nystrom sketch from r curvature-vector products.
-
-    One pass over the training data computes Y = H Omega for a Gaussian test
-    matrix Omega (p, r); the stabilised Nystrom approximation
-    H ~ Y (Omega^T Y)^+ Y^T = U^T diag(l) U (Tropp et al. 2017) is inverted
-    with the Woodbury identity, so
-
-        (H + lambda I)^-1 v ~ U^T (diag(l) + lambda)^-1 U v + (I - U^T U) v / lambda.
-
-    The sketch assumes H is positive semi-definite: use
-    ``second_order="gauss_newton"`` for non-convex models.
-
-    Args:
-        rank: sketch size r (<= number of parameters).
-        seed: seeds Omega.
-        (others as in :class:`~torchfluence.InfluenceFunctionModel`; ``regularization`` must be > 0)
-    """
-
-    Options = NystroemOptions
-    traits = SolverTraits(solves_rows_independently=True)  # a fixed linear map per row
+class _NystroemSolve(InfluenceFunctionModel):
+    """:class:`NystroemSketchInfluence` over all its parameters at once (its algorithm, without blocks)."""
 
     def __init__(self, model, loss, regularization: float, rank: int = 10, *, seed: int = 0, **kwargs) -> None:
         super().__init__(model, loss, regularization, **kwargs)
@@ -83,6 +65,34 @@ class NystroemSketchInfluence(InfluenceFunctionModel):
         values = state_tensor(tensors, "eigenvalues", (self.rank,), torch.float64)
         self.low_rank = LowRankCurvature(vectors, values)
         self._typed = LowRankCurvature(vectors.to(self.dtype), values.to(self.dtype))
+
+
+class NystroemSketchInfluence(BlockDiagonal, _NystroemSolve):
+    """Approximates H by a rank-r Nystrom sketch from r curvature-vector products.
+
+    One pass over the training data computes Y = H Omega for a Gaussian test
+    matrix Omega (p, r); the stabilised Nystrom approximation
+    H ~ Y (Omega^T Y)^+ Y^T = U^T diag(l) U (Tropp et al. 2017) is inverted
+    with the Woodbury identity, so
+
+        (H + lambda I)^-1 v ~ U^T (diag(l) + lambda)^-1 U v + (I - U^T U) v / lambda.
+
+    The sketch assumes H is positive semi-definite: use ``second_order="gauss_newton"``
+    or ``"empirical_fisher"`` for non-convex models.
+
+    Args:
+        rank: sketch size r (<= number of parameters).
+        seed: seeds Omega.
+        block_structure: a block-diagonal H (:mod:`torchfluence.solvers.block_diagonal`):
+            each block has its own rank-``min(rank, block size)`` sketch of its H_BB.
+        (others as in :class:`~torchfluence.InfluenceFunctionModel`; ``regularization`` must be > 0)
+    """
+
+    Options = NystroemOptions
+    traits = SolverTraits(solves_rows_independently=True, accepts_block_structure=True)  # a fixed map per row
+
+    def _block_options(self, num_params: int) -> dict:
+        return {"rank": min(self.rank, num_params)}
 
 
 def nystroem_sketch(curvature_vp, num_params: int, rank: int, dtype: torch.dtype, device: torch.device,

@@ -1,0 +1,199 @@
+"""Block-diagonal curvature: one solver per block of parameters, fitted on the same data.
+
+:class:`BlockDiagonal` is mixed in before a solver's algorithm class
+(``class DirectInfluence(BlockDiagonal, _DirectSolve)``); it gives the solver the
+``block_structure=`` argument. Without one (the default) every call goes straight to
+the algorithm over all parameters, exactly as without the mixin. With one
+(:mod:`torchfluence.parameter_blocks`), each block gets its own solver of the same
+class on that block's parameters alone, with its own regularization; the solver
+itself holds every parameter, so its flat vectors (gradients, factors) are laid out
+as without blocks, and its :meth:`~BlockDiagonal.solve` hands each block's columns
+to that block's solver. Every score is then the sum over blocks of
+
+    g_test,B^T (H_BB + lambda_B I)^-1 g_B,
+
+the curvature restricted to each block (cross-block terms dropped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from torch import Tensor
+
+from ..contract import SolverOptions, option
+from ..parameter_blocks import (BlockStructure, Ranges, Regularization, block_regularization, column_ranges,
+                                gather_columns, resolve_blocks, scatter_columns, smallest_regularization)
+
+if TYPE_CHECKING:
+    from ..data import Samples
+    from ..influence import InfluenceFunctionModel
+
+
+@dataclass(frozen=True)
+class BlockOptions(SolverOptions):
+    """The option of every solver that mixes in :class:`BlockDiagonal`: its blocks decide its fitted state."""
+
+    block_structure: Any = option(fit=True, doc="None (the full curvature), layer, parameter, full, or "
+                                                "{block name: [parameter names]}")
+
+
+def _refuse_mapping(regularization: Any) -> None:
+    if isinstance(regularization, Mapping):
+        raise ValueError(f"regularization={dict(regularization)!r}: a lambda per block needs "
+                         "block_structure=; without blocks pass one number")
+
+
+class BlockDiagonal:
+    """Mixin: ``block_structure=`` for a solver class (see the module's docstring).
+
+    Attributes (with a block structure; None without):
+        block_structure: the block structure as given (an option of the solver).
+        blocks: ``{block name: [parameter names]}``, each block's parameters in the flat order.
+        block_columns: ``{block name: [(start, stop), ...]}``, each block's columns of the flat vector.
+        block_regularization: ``{block name: lambda}``; :attr:`regularization` is the same dict.
+
+    The blocks' solvers (:attr:`block_solvers`) are built at the first fit (or load), from
+    the solver's options; a block's fitted state is saved under ``"block/<name>/"``.
+    """
+
+    block_structure: Optional[BlockStructure]
+    blocks: Optional[dict[str, list[str]]]
+    block_columns: Optional[dict[str, Ranges]]
+    block_regularization: Optional[dict[str, float]]
+
+    def __init__(self, model: Any, loss: Any, regularization: Regularization = 0.0, *args: Any,
+                 block_structure: Optional[BlockStructure] = None, **kwargs: Any) -> None:
+        self.block_structure = block_structure
+        self.blocks = self.block_columns = self.block_regularization = None
+        self._block_solvers: Optional[dict[str, InfluenceFunctionModel]] = None
+        if block_structure is None:
+            _refuse_mapping(regularization)
+            super().__init__(model, loss, regularization, *args, **kwargs)
+            return
+        # The algorithm's own checks (a lambda > 0 where its inverse divides by it) hold for
+        # every block when they hold for the smallest lambda.
+        super().__init__(model, loss, smallest_regularization(regularization), *args,
+                         block_structure=block_structure, **kwargs)
+        names = self.functions.names
+        position = {name: i for i, name in enumerate(names)}
+        self.blocks = {block: sorted(params, key=position.__getitem__)
+                       for block, params in resolve_blocks(block_structure, names).items()}
+        self.block_columns = column_ranges(names, self.functions.sizes, self.blocks)
+        self.block_regularization = block_regularization(regularization, list(self.blocks))
+        self.regularization = dict(self.block_regularization)
+
+    # -- the blocks -------------------------------------------------------------------------------
+    @property
+    def block_names(self) -> list[str]:
+        """The blocks' names, in order (empty without a block structure)."""
+        return [] if self.blocks is None else list(self.blocks)
+
+    @property
+    def block_solvers(self) -> dict[str, InfluenceFunctionModel]:
+        """Each block's solver (empty without a block structure)."""
+        return {} if self.blocks is None else dict(self._solvers())
+
+    def _solvers(self) -> dict[str, InfluenceFunctionModel]:
+        # Built on first use, once a subclass's constructor (which may add options) has finished.
+        if self._block_solvers is None:
+            solvers = {}
+            for name, params in self.blocks.items():
+                with _naming_block(name):
+                    solvers[name] = self._block_solver(params, self.block_regularization[name])
+            self._block_solvers = solvers
+        return self._block_solvers
+
+    def _block_solver(self, params: list[str], regularization: float) -> InfluenceFunctionModel:
+        """One block's solver, not fitted: the class that mixes this in, on the block's parameters.
+
+        It takes this solver's common and own options (its model functions' model, loss, dtype
+        and output transform; in head mode the head), with :meth:`_block_options` on top.
+        """
+        # The class that mixes BlockDiagonal in: a subclass's constructor may take other arguments.
+        cls = next(c for c in type(self).__mro__ if BlockDiagonal in c.__bases__)
+        f = self.functions
+        sizes = dict(zip(f.names, f.sizes))
+        options = {**self.common_options(), **cls.Options.of(self).values(),
+                   **self._block_options(sum(sizes[p] for p in params))}
+        del options["regularization"]
+        options.update(params=params, head=False, block_structure=None, output_transform=f.output_transform)
+        return cls(f.model, f.loss, regularization, **options)
+
+    def _block_options(self, num_params: int) -> dict[str, Any]:
+        """Options a block of `num_params` parameters takes in place of the solver's (a rank capped by it)."""
+        return {}
+
+    def _after_block_fit(self) -> None:  # noqa: B027 - optional hook
+        """Called once every block is fitted or restored (e.g. to assemble a block-diagonal matrix)."""
+
+    # -- the solver's methods, over the blocks ----------------------------------------------------
+    def _fit(self, train: Samples) -> None:
+        if self.blocks is None:
+            return super()._fit(train)
+        for name, solver in self._solvers().items():
+            with _naming_block(name):
+                solver.fit_samples(train)
+        self._after_block_fit()
+
+    def solve(self, vectors: Tensor) -> Tensor:
+        """(H + lambda I)^-1 times each row, (k, p) -> (k, p); with blocks, block by block."""
+        if self.blocks is None:
+            return super().solve(vectors)
+        self._require_fitted()
+        vectors = vectors.to(device=self.device, dtype=self.dtype)
+        out = torch.zeros_like(vectors)
+        for name, solver in self._solvers().items():
+            ranges = self.block_columns[name]
+            scatter_columns(out, ranges, solver.solve(gather_columns(vectors, ranges)))
+        return out
+
+    def with_regularization(self, regularization: Regularization) -> Any:
+        """Sets lambda (with blocks: one number, or ``{block name: lambda}`` for every block) without
+        refitting; returns self."""
+        if self.blocks is None:
+            _refuse_mapping(regularization)
+            return super().with_regularization(regularization)
+        values = block_regularization(regularization, list(self.blocks))
+        if self._block_solvers is not None:
+            for name, solver in self._block_solvers.items():
+                with _naming_block(name):
+                    solver.with_regularization(values[name])
+        self.block_regularization = values
+        self.regularization = dict(values)
+        return self
+
+    # -- the solver contract: fitted state (torchfluence.contract) ----------------------------------
+    def fitted_state(self) -> tuple[dict[str, Tensor], dict]:
+        """The solver's own state; with blocks, each block's, keyed ``"block/<name>/<key>"``."""
+        if self.blocks is None:
+            return super().fitted_state()
+        tensors, info = {}, {}
+        for name, solver in self._solvers().items():
+            state, info[name] = solver.fitted_state()
+            tensors.update({f"block/{name}/{key}": value for key, value in state.items()})
+        return tensors, {"blocks": info}
+
+    def restore_fitted_state(self, tensors: dict[str, Tensor], info: dict) -> None:
+        if self.blocks is None:
+            return super().restore_fitted_state(tensors, info)
+        for name, solver in self._solvers().items():
+            prefix = f"block/{name}/"
+            state = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+            with _naming_block(name):
+                solver.restore(state, info["blocks"][name], n_train=self.n_train, classes=self._classes,
+                               train=self._train)
+        self._after_block_fit()
+
+
+@contextmanager
+def _naming_block(name: str) -> Iterator[None]:
+    """Prefixes a ValueError raised inside with the block it concerns: ``block '0': ...``."""
+    try:
+        yield
+    except ValueError as error:
+        raise ValueError(f"block {name!r}: {error}") from error
