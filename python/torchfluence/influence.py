@@ -464,6 +464,41 @@ class InfluenceFunctionModel(ABC):
         run_blocks(samples, self._block_scorer(prepared), [sink], "influence scores", self.runtime)
         return sink.result()
 
+    def per_token_influences(self, x_test: Tensor, y_test: Tensor, x: Optional[Tensor] = None,
+                             y: Optional[Tensor] = None) -> Tensor:
+        """Influence of each training sequence on each test point, split over its tokens.
+
+        ``result[q, j, t]`` is the part of the influence carried through position t of
+        sequence j: each captured layer's per-position term ``<Q, g_t a_t^T>`` of its
+        gradient, contracted with the preconditioned query, summed over layers (as
+        kronfluence's ``compute_per_token_scores``). It sums over t to :meth:`influences`;
+        it equals the score of token t's own loss term where positions do not interact;
+        with a loss that averages a sequence's N tokens it is the token-summed loss's score
+        divided by N (:mod:`torchfluence.per_token`). Needs every selected parameter in a
+        captured layer (K-FAC/EK-FAC's default), refused otherwise.
+
+        Args:
+            x_test, y_test: (n_test, T, ...) test inputs and targets.
+            x, y: (n, T, ...) training sequences and targets (default: the test points).
+
+        Returns:
+            (n_test, n, T).
+        """
+        from .per_token import per_token_scores
+        if (x is None) != (y is None):
+            raise ValueError("x and y must be given together (or both left out to use the test points)")
+        self._require_fitted()
+        if x is None:
+            x, y = x_test, y_test
+        return per_token_scores(self, lambda: self._prepared_factors(x_test, y_test), x, y)
+
+    def per_token_influences_from_factors(self, factors: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """:meth:`per_token_influences` against precomputed factors (n_test, p); returns (n_test, n, T)."""
+        from .per_token import per_token_scores
+        self._require_fitted()
+        factors = self._check_factors(factors)
+        return per_token_scores(self, lambda: self.source.prepare(factors, self.score_dtype), x, y)
+
     def _up_scores(self, prepare: Callable[[], PreparedQueries], samples: Samples, out: Output,
                    spec: JobSpec) -> Tensor:
         """(n_test, n) scores against the factors `prepare()` lays out; a finished `out` job skips them."""
