@@ -121,4 +121,7 @@ def check_choice(value, name: str, choices: tuple) -> None:
 
 
 def check_mode(mode: str) -> None:
-    check_choice(mode, "mode", ("up", "perturbation"))
+    """Raises UnsupportedInfluenceModeException (a ValueError) unless `mode` is "up" or "perturbation"."""
+    if not isinstance(mode, str) or mode not in ("up", "perturbation"):
+        from .exceptions import UnsupportedInfluenceModeException
+        raise UnsupportedInfluenceModeException(mode)

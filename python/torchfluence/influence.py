@@ -37,6 +37,7 @@ from ._functional import LossFn, ModelFunctions, resolve_dtype
 from .backbone import BackboneFeatures, HeadSpec, split_trainable_tail
 from .budget import query_rows
 from .checks import check_finite, check_mode, check_positive_int, check_regularization
+from .exceptions import NotFittedException
 from .contract import COMMON_FIT_OPTIONS, SolverOptions, SolverTraits, plain
 from .curvature import CurvatureOperator, curvature_operator
 from .data import Batch, DataSource, SampleBlock, Samples
@@ -237,6 +238,28 @@ class InfluenceFunctionModel(ABC):
         """A hash of the model's parameters and buffers (:func:`torchfluence.durable.model_fingerprint`)."""
         return model_fingerprint(self.model)
 
+    def to(self, device: Union[str, torch.device]) -> "InfluenceFunctionModel":
+        """Moves the model, and the fitted state if any, to `device`; returns self.
+
+        The solver is rebuilt on the moved model from its constructor options, and a fitted
+        one gets its fitted state back (:meth:`fitted_state`) on the new device.
+        """
+        device = torch.device(device)
+        if device.type == self.device.type and (device.index is None or device.index == self.device.index):
+            return self
+        if self.features is not None or self.projector is not None:
+            raise NotImplementedError(f"{type(self).__name__}.to({str(device)!r}): a solver in head mode or with "
+                                      "a projector is moved by building it again on the moved model")
+        state = self.fitted_state() if self.is_fitted else None
+        fitted = (self.n_train, self._classes, self._train, self._train_source)
+        loss = getattr(self, "loss", None) or self.functions.loss
+        moved = type(self).from_constructor_options(self.model.to(device), loss, self.constructor_options())
+        self.__dict__.update(moved.__dict__)
+        if state is not None:
+            n_train, classes, train, source = fitted
+            self.restore(state[0], state[1], n_train=n_train, classes=classes, train=train, train_source=source)
+        return self
+
     # -- data ---------------------------------------------------------------------------------------
     def samples(self, data: DataSource, name: str = "data") -> Samples:
         """`data` as :class:`~torchfluence.data.Samples` of ``block_size`` blocks, with head-mode features."""
@@ -314,7 +337,7 @@ class InfluenceFunctionModel(ABC):
 
     def _require_fitted(self) -> Samples:
         if self._train is None:
-            raise RuntimeError(f"{type(self).__name__} is not fitted: call .fit(train_loader) first")
+            raise NotFittedException(f"{type(self).__name__} is not fitted: call .fit(train_loader) first")
         return self._train
 
     # -- curvature ----------------------------------------------------------------------------------

@@ -51,6 +51,8 @@ from . import solvers as _solvers
 from .contract import SolverOptions, option
 from .checks import check_regularization
 from .curvature import EmpiricalFisher
+from .exceptions import (NotFittedException, NotImplementedLayerRepresentationException,
+                         UnsupportedInfluenceModeException)
 from .linear_head import loss_kind
 from .parameter_blocks import block_regularization, grouped, resolve_blocks, smallest_regularization
 
@@ -65,10 +67,13 @@ __all__ = [
     "InverseHarmonicMeanInfluence",
     "JacobiPreconditioner",
     "LissaInfluence",
+    "NotFittedException",
+    "NotImplementedLayerRepresentationException",
     "NystroemPreconditioner",
     "NystroemSketchInfluence",
     "Preconditioner",
     "SecondOrderMode",
+    "UnsupportedInfluenceModeException",
 ]
 
 
@@ -118,8 +123,7 @@ def _enum_value(value: Any) -> Any:
 def _mode(mode: Any) -> str:
     value = _enum_value(mode)
     if value not in ("up", "perturbation"):
-        raise ValueError(f"mode must be InfluenceMode.Up / 'up' or InfluenceMode.Perturbation / 'perturbation', "
-                         f"got {mode!r}")
+        raise UnsupportedInfluenceModeException(mode)
     return value
 
 
@@ -216,11 +220,78 @@ _UNSET: Any = _Unset()
 
 # -- preconditioners ----------------------------------------------------------------------------------
 class Preconditioner:
-    """Base class of the CG preconditioners this module accepts."""
+    """Base class of the CG preconditioners: M with M^-1 (A + lambda I) better conditioned than A + lambda I.
+
+    Passed to :class:`CgInfluence`, a preconditioner only names its settings (the solver
+    fits its own copy on the training curvature). On its own, :meth:`fit` fits it to an
+    operator A and :meth:`solve` applies M^-1.
+    """
+
+    _reg: Optional[float] = None
+
+    @property
+    def regularization(self) -> Optional[float]:
+        return self._reg
+
+    @regularization.setter
+    def regularization(self, value: Optional[float]) -> None:
+        self._reg = self._check_regularization(value)
+
+    @staticmethod
+    def _check_regularization(value: Optional[float]) -> Optional[float]:
+        if value is not None and value < 0:
+            raise ValueError(f"regularization must be >= 0 or None, got {value!r}")
+        return None if value is None else float(value)
+
+    @property
+    def modify_regularization_requires_fit(self) -> bool:
+        return False
+
+    @property
+    def is_fitted(self) -> bool:
+        raise NotImplementedError
+
+    def fit(self, operator: Any, regularization: Optional[float] = None) -> "Preconditioner":
+        """Fits M to A (+ `regularization` I); returns self.
+
+        Args:
+            operator: A as a (p, p) tensor, a callable ``(k, p) -> (k, p)`` of products with the
+                rows, or an object with pyDVL's operator interface (``apply``, ``input_size``).
+            regularization: lambda (None: 0).
+        """
+        self._reg = self._check_regularization(regularization)
+        self._fit(*_operator_products(operator))
+        return self
+
+    def _fit(self, products: Any, p: int, dtype: torch.dtype, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def solve(self, rhs: Tensor) -> Tensor:
+        """M^-1 rhs: rhs is (p,) or (p, k) with the vectors as columns (pyDVL's layout)."""
+        if not self.is_fitted:
+            raise NotFittedException(f"{type(self).__name__} is not fitted: call .fit(operator, regularization)")
+        rows = rhs.unsqueeze(0) if rhs.dim() == 1 else rhs.T
+        out = self._solve_rows(rows)
+        return out[0] if rhs.dim() == 1 else out.T
+
+    def _solve_rows(self, rows: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+def _operator_products(operator: Any) -> tuple[Any, int, torch.dtype, torch.device]:
+    """(products ``(k, p) -> (k, p)``, p, dtype, device) of a matrix, a callable or a pyDVL operator."""
+    if isinstance(operator, Tensor):
+        if operator.dim() != 2 or operator.shape[0] != operator.shape[1]:
+            raise ValueError(f"operator must be a square (p, p) matrix, got shape {tuple(operator.shape)}")
+        return (lambda v: v @ operator.T), operator.shape[0], operator.dtype, operator.device
+    if hasattr(operator, "apply") and hasattr(operator, "input_size"):
+        return operator.apply, int(operator.input_size), operator.dtype, operator.device
+    raise TypeError(f"operator must be a (p, p) tensor or have apply() and input_size (pyDVL's TensorOperator), "
+                    f"got {type(operator).__name__}")
 
 
 class JacobiPreconditioner(Preconditioner):
-    """Divides by diag(H) + lambda, with diag(H) estimated by Hutchinson's method.
+    """Divides by diag(A) + lambda, with diag(A) estimated by Hutchinson's method.
 
     Args:
         num_samples_estimator: random probes for the diagonal estimate.
@@ -231,25 +302,66 @@ class JacobiPreconditioner(Preconditioner):
                 or num_samples_estimator < 1:
             raise ValueError(f"num_samples_estimator must be a positive int, got {num_samples_estimator!r}")
         self.num_samples_estimator = num_samples_estimator
+        self._diag: Optional[Tensor] = None
 
     def __repr__(self) -> str:
         return f"JacobiPreconditioner(num_samples_estimator={self.num_samples_estimator})"
 
+    @property
+    def is_fitted(self) -> bool:
+        return self._diag is not None
+
+    def _fit(self, products: Any, p: int, dtype: torch.dtype, device: torch.device) -> None:
+        # Rademacher probes: their estimate of a diagonal matrix's diagonal is exact.
+        probes = torch.randint(0, 2, (self.num_samples_estimator, p), device=device).to(dtype) * 2 - 1
+        self._diag = (probes * products(probes)).mean(dim=0)  # (p,)
+
+    def _solve_rows(self, rows: Tensor) -> Tensor:
+        # Hutchinson estimates can dip below zero; keep the preconditioner positive (as CgInfluence does).
+        diag = self._diag.abs().clamp_min(1e-8 * float(self._diag.abs().max()))
+        return rows / (diag + (self._reg or 0.0))
+
+    def to(self, device: Any) -> "JacobiPreconditioner":
+        if self._diag is not None:
+            self._diag = self._diag.to(device)
+        return self
+
 
 class NystroemPreconditioner(Preconditioner):
-    """A rank-``rank`` Nystrom sketch of H used as preconditioner (needs regularization > 0).
+    """A rank-``rank`` Nystrom sketch U diag(s) U^T of A as preconditioner (Frangella, Tropp & Udell 2023):
+    M^-1 = (s_min + lambda) U (diag(s) + lambda)^-1 U^T + (I - U U^T).
 
     Args:
-        rank: sketch size.
+        rank: sketch size (capped by the number of parameters of what it is fitted to).
     """
 
     def __init__(self, rank: int) -> None:
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive int, got {rank!r}")
         self.rank = rank
+        self._sketch: Any = None
 
     def __repr__(self) -> str:
         return f"NystroemPreconditioner(rank={self.rank})"
+
+    @property
+    def is_fitted(self) -> bool:
+        return self._sketch is not None
+
+    def _fit(self, products: Any, p: int, dtype: torch.dtype, device: torch.device) -> None:
+        from .solvers._lowrank import LowRankCurvature
+        from .solvers.nystroem import nystroem_sketch
+        sketch = nystroem_sketch(products, p, min(self.rank, p), dtype, device, seed=0)
+        self._sketch = LowRankCurvature(sketch.eigenvectors.to(dtype), sketch.eigenvalues.to(dtype))
+
+    def _solve_rows(self, rows: Tensor) -> Tensor:
+        return self._sketch.preconditioner_apply(rows, self._reg or 0.0)
+
+    def to(self, device: Any) -> "NystroemPreconditioner":
+        if self._sketch is not None:
+            from .solvers._lowrank import LowRankCurvature
+            self._sketch = LowRankCurvature(self._sketch.eigenvectors.to(device), self._sketch.eigenvalues.to(device))
+        return self
 
 
 def _preconditioner(preconditioner: Any) -> dict:
@@ -322,6 +434,10 @@ class _PydvlBlocks:
     def block_names(self) -> list[str]:
         """The blocks' names (``[""]`` for ``BlockMode.FULL``)."""
         return [""] if self.blocks is None else list(self.blocks)
+
+    def _score_columns(self) -> dict:
+        columns = super()._score_columns()  # the one block of BlockMode.FULL is named "" here too
+        return {"": columns["full"]} if self.blocks is None else columns
 
     def with_regularization(self, regularization: Any):
         """Sets the regularization (None, one float, or ``{block name: lambda}``, blocks left out getting 0)
@@ -541,9 +657,14 @@ class CgInfluence(_PydvlInterface, _PydvlBlocks, _AtolSolve, _solvers.CgInfluenc
     def _block_solver(self, params: list[str], regularization: float) -> _CgBlock:
         """A block's CG, with pyDVL's arguments: its own preconditioner, atol rule and iteration cap."""
         a = self._arguments
+        preconditioning = dict(a.preconditioner or {})
+        if "preconditioner_rank" in preconditioning:  # a sketch of a small block has at most its size
+            sizes = dict(zip(self.functions.names, self.functions.sizes))
+            preconditioning["preconditioner_rank"] = min(preconditioning["preconditioner_rank"],
+                                                         sum(sizes[n] for n in params))
         block = _CgBlock(self.model, self.loss, regularization, params=params, head=False, maxiter=a.maxiter,
                          rtol=a.rtol, block=a.solve_simultaneously, progress=a.progress,
-                         **(a.preconditioner or {}), **_second_order(a.second_order_mode))
+                         **preconditioning, **_second_order(a.second_order_mode))
         if a.maxiter is None:
             block.maxiter = 10 * block.num_params
         block.atol, block.warn_on_max_iteration = a.atol, a.warn_on_max_iteration
@@ -767,6 +888,26 @@ class EkfacInfluence(_PydvlInterface, _solvers.KfacInfluence):
     def constructor_options(self) -> dict[str, Any]:
         return {**self._arguments.values(), "hessian_regularization": self.regularization}
 
+    def fit(self, data):
+        """Fits the Kronecker factors; returns self.
+
+        Raises:
+            NotImplementedLayerRepresentationException: a layer other than nn.Linear (a convolution)
+                has a singular factored curvature at ``hessian_regularization=0``: pyDVL represents
+                Linear layers only and raises this for such a model; here the Linear layers are
+                fitted too, and a positive ``hessian_regularization`` makes the conv layers usable.
+        """
+        try:
+            return super().fit(data)
+        except ValueError as error:
+            others = [name for name, m in self.model.named_modules()
+                      if not isinstance(m, nn.Linear) and any(p.requires_grad for p in m.parameters(recurse=False))]
+            if others and self.regularization == 0:
+                raise NotImplementedLayerRepresentationException(
+                    f"layers {others} are not nn.Linear and their Kronecker-factored curvature is singular with "
+                    f"hessian_regularization=0 ({error}); pass hessian_regularization > 0") from error
+            raise
+
     @classmethod
     def from_constructor_options(cls, model: nn.Module, loss: Any, options: dict[str, Any]) -> "EkfacInfluence":
         """The solver from saved constructor arguments; `loss` must be the cross-entropy it always uses."""
@@ -806,8 +947,13 @@ class InverseHarmonicMeanInfluence(_PydvlInterface, _solvers.InverseHarmonicMean
         structure: Any = "full" if blocks is None else blocks
         if isinstance(regularization, Mapping) and blocks is None:
             regularization = {"full": regularization[""]} if set(regularization) == {""} else regularization
-        super().__init__(model, loss, regularization, block_structure=structure)
+        extra = {} if blocks is None else {"params": [n for names in blocks.values() for n in names], "head": False}
+        super().__init__(model, loss, regularization, block_structure=structure, **extra)
         self._arguments = _DataInfArguments(block_structure=_saved_blocks(blocks),
                                      second_order_mode=_enum_value(second_order_mode))
         self._remember(model, loss)
+
+    def _score_columns(self) -> dict:
+        columns = super()._score_columns()  # the one block of BlockMode.FULL is named "", as by the others
+        return {"": columns["full"]} if self._arguments.block_structure == "full" else columns
 

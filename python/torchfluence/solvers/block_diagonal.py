@@ -48,7 +48,56 @@ def _refuse_mapping(regularization: Any) -> None:
                          "block_structure=; without blocks pass one number")
 
 
-class BlockDiagonal:
+class BlockScores:
+    """Mixin: each block's share of the factors and of the scores (pyDVL's composable API).
+
+    A score is linear in the query factor, and the factor's columns of a block carry that
+    block's term ``g_test,B^T (H_BB + lambda_B I)^-1 g_B``, so a block's scores are those of
+    the factors with every other block's columns zeroed. Summed over blocks they are
+    :meth:`influences`. The class names its blocks' columns in :meth:`_score_columns`.
+    """
+
+    def _score_columns(self) -> dict[str, Ranges]:
+        """{block name: [(start, stop) columns of the flat parameter vector]}."""
+        raise NotImplementedError
+
+    def influence_factors_by_block(self, x_test: Tensor, y_test: Tensor) -> dict[str, Tensor]:
+        """Each block's columns of :meth:`influence_factors`: ``{block name: (n_test, p_block)}``."""
+        factors = self.influence_factors(x_test, y_test)
+        return {name: gather_columns(factors, ranges) for name, ranges in self._score_columns().items()}
+
+    def influences_from_factors_by_block(self, factors: Mapping[str, Tensor], x: Tensor, y: Tensor,
+                                         mode: Any = "up") -> dict[str, Tensor]:
+        """Each block's scores of (x, y) against its factors ``{block name: (n_test, p_block)}``.
+
+        Returns:
+            ``{block name: (n_test, n)}`` for ``"up"``; ``(n_test, n, *x.shape[1:])`` per block for
+            ``"perturbation"``.
+        """
+        columns = self._score_columns()
+        if set(factors) != set(columns):
+            raise ValueError(f"factors must have one entry per block {list(columns)}, got {list(factors)}")
+        out = {}
+        for name, ranges in columns.items():
+            block = factors[name]
+            full = torch.zeros(block.shape[0], self.num_params, dtype=block.dtype, device=block.device)
+            scatter_columns(full, ranges, block)
+            out[name] = self.influences_from_factors(full, x, y, mode=mode)
+        return out
+
+    def influences_by_block(self, x_test: Tensor, y_test: Tensor, x: Optional[Tensor] = None,
+                            y: Optional[Tensor] = None, mode: Any = "up") -> dict[str, Tensor]:
+        """Each block's share of :meth:`influences` (x, y default to the test points):
+        ``{block name: (n_test, n)}`` for ``"up"``."""
+        if (x is None) != (y is None):
+            raise ValueError("x and y must be given together (or both left out to use the test points)")
+        if x is None:
+            x, y = x_test, y_test
+        return self.influences_from_factors_by_block(self.influence_factors_by_block(x_test, y_test), x, y,
+                                                     mode=mode)
+
+
+class BlockDiagonal(BlockScores):
     """Mixin: ``block_structure=`` for a solver class (see the module's docstring).
 
     Attributes (with a block structure; None without):
@@ -123,6 +172,10 @@ class BlockDiagonal:
         del options["regularization"]
         options.update(params=params, head=False, block_structure=None, output_transform=f.output_transform)
         return cls(f.model, f.loss, regularization, **options)
+
+    def _score_columns(self) -> dict[str, Ranges]:
+        """The blocks' columns; without a block structure, one block ``"full"`` of every column."""
+        return dict(self.block_columns) if self.blocks is not None else {"full": [(0, self.num_params)]}
 
     def _block_options(self, num_params: int) -> dict[str, Any]:
         """Options a block of `num_params` parameters takes in place of the solver's (a rank capped by it)."""

@@ -32,6 +32,7 @@ from ..checks import check_finite
 from ..distributed import all_reduce_count, all_reduce_sum, local_blocks
 from ..contract import SolverOptions, SolverTraits, option
 from ..influence import InfluenceFunctionModel
+from .block_diagonal import BlockScores
 from ..parameter_blocks import (BlockStructure, Regularization, block_regularization, column_ranges,
                                 gather_columns, resolve_blocks, scatter_columns)
 
@@ -43,7 +44,7 @@ class DataInfOptions(SolverOptions):
     block_structure: Any = option(fit=True, doc="layer, full, parameter, or {block name: [parameter names]}")
 
 
-class InverseHarmonicMeanInfluence(InfluenceFunctionModel):
+class InverseHarmonicMeanInfluence(BlockScores, InfluenceFunctionModel):
     """Influence through DataInf's inverse harmonic mean of the damped empirical Fisher.
 
     For a block B with damping lambda_B and the n training gradients g_i,
@@ -101,6 +102,9 @@ class InverseHarmonicMeanInfluence(InfluenceFunctionModel):
     def blocks(self) -> dict[str, list[tuple[int, int]]]:
         """{block name: [(start, stop) column ranges of the flat parameter vector]}, in parameter order."""
         return {name: list(ranges) for name, ranges in self._columns.items()}
+
+    def _score_columns(self) -> dict[str, list[tuple[int, int]]]:
+        return self.blocks
 
     def with_regularization(self, regularization: Regularization) -> InverseHarmonicMeanInfluence:
         """Sets lambda (a number, or {block name: lambda} for every block); returns self, no refit needed."""
