@@ -124,13 +124,17 @@ def test_cg_atol_bounds_every_residual(classification):
     a = direct.curvature + LAMBDA * torch.eye(direct.num_params, dtype=torch.float64)
     b = torch.randn(6, direct.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     b[:2] *= 1e-4  # small right-hand sides, where atol and not rtol decides
-    b[2] *= 1e-9  # below atol: x = 0 is already accurate enough
-    rtol, atol = 1e-3, 1e-5
-    cg = CgInfluence(model, F.cross_entropy, LAMBDA, rtol=rtol, atol=atol).fit(loader)
-    solved = cg.solve(b)
-    residual = (b - solved @ a).norm(dim=1)
-    assert bool((residual <= torch.clamp(rtol * b.norm(dim=1), min=atol) * (1 + 1e-9)).all())
-    assert cg.rtol == rtol  # restored after the grouped solves
+    b[2] *= 1e-11  # below atol**2: x = 0 is already accurate enough
+    rtol, atol = 1e-3, 1e-4
+    for block in (False, True):
+        cg = CgInfluence(model, F.cross_entropy, LAMBDA, rtol=rtol, atol=atol, solve_simultaneously=block).fit(loader)
+        solved = cg.solve(b)
+        residual = (b - solved @ a).norm(dim=1)
+        # pyDVL's code: the squares of rtol and atol (its documentation says rtol and atol).
+        bound = torch.clamp(rtol ** 2 * b.norm(dim=1), min=atol ** 2)
+        assert bool((residual <= bound * (1 + 1e-9)).all())
+        assert cg.rtol == rtol  # restored after the grouped solves
+        assert bool((solved[2] == 0).all())
 
 
 @pytest.mark.parametrize("preconditioner, expected", [

@@ -446,41 +446,46 @@ class _PydvlBlocks:
 
 
 class _AtolSolve:
-    """CG solves to ``max(rtol * ||b||, atol)`` in residual norm per right-hand side (pyDVL's stopping rule).
+    """CG solves each right-hand side b to ``||b - A x|| <= max(rtol**2 * ||b||, atol**2)`` (pyDVL's stopping rule).
 
-    With blocks, each block's solver applies the rule to its own columns.
+    pyDVL 0.10's documentation says ``max(rtol * ||b||, atol)``, but its code (both CG
+    variants) compares the residual norm with the squares, and its tests' tolerances rely
+    on the tighter rule; the classes here follow the code. With blocks, each block's
+    solver applies the rule to its own columns.
     """
 
     atol: float
     warn_on_max_iteration: bool
 
     def solve(self, vectors: Tensor) -> Tensor:
-        """(H + lambda I)^-1 times each row, each row to ``max(rtol * ||b||, atol)`` in residual norm."""
+        """(H + lambda I)^-1 times each row, each row to ``max(rtol**2 * ||b||, atol**2)`` in residual norm."""
         if self.blocks is not None:
             return super().solve(vectors)
         self._require_fitted()
         vectors = vectors.to(device=self.device, dtype=self.dtype)
+        rtol, atol = self.rtol, self.atol
+        relative, absolute = rtol ** 2, atol ** 2
         with warnings.catch_warnings():
             if not self.warn_on_max_iteration:
                 warnings.filterwarnings("ignore", message="CG did not converge")
-            if self.atol == 0:
-                return super().solve(vectors)
-            norms = vectors.norm(dim=1)
-            # Relative tolerance each row needs: rtol, or more where atol / ||b|| is larger.
-            needed = torch.clamp(self.atol / norms.clamp_min(1e-300), min=self.rtol)
-            out = torch.zeros_like(vectors)  # rows with ||b|| <= atol are solved by x = 0
-            relative_rows = (norms > self.atol) & (needed <= self.rtol)
-            absolute_rows = (norms > self.atol) & (needed > self.rtol)
-            rtol = self.rtol
             try:
+                if absolute == 0:
+                    self.rtol = relative
+                    return super().solve(vectors)
+                norms = vectors.norm(dim=1)
+                # Relative tolerance each row needs: rtol**2, or more where atol**2 / ||b|| is larger.
+                needed = torch.clamp(absolute / norms.clamp_min(1e-300), min=relative)
+                out = torch.zeros_like(vectors)  # rows with ||b|| <= atol**2 are solved by x = 0
+                relative_rows = (norms > absolute) & (needed <= relative)
+                absolute_rows = (norms > absolute) & (needed > relative)
                 for rows in (relative_rows, absolute_rows):
                     if bool(rows.any()):
                         # One tolerance per group: the strictest its rows need.
                         self.rtol = float(needed[rows].min())
                         out[rows] = super().solve(vectors[rows])
+                return out
             finally:
                 self.rtol = rtol
-            return out
 
 
 class _CgBlock(_AtolSolve, _solvers.CgInfluence):
@@ -602,7 +607,9 @@ class CgInfluence(_PydvlInterface, _PydvlBlocks, _AtolSolve, _solvers.CgInfluenc
             with blocks, each block is solved by its own CG (its own preconditioner, tolerances
             and iteration cap; see :attr:`block_solvers`).
         rtol, atol: a right-hand side b is solved once its residual satisfies
-            ``||b - A x|| <= max(rtol * ||b||, atol)`` (A = H + lambda I; per block with blocks).
+            ``||b - A x|| <= max(rtol**2 * ||b||, atol**2)`` (A = H + lambda I; per block with
+            blocks): the squares, as pyDVL's code compares them (its documentation says
+            ``max(rtol * ||b||, atol)``).
         maxiter: iteration cap; None: 10 times the number of parameters (of the block).
         progress: progress bars.
         precompute_grad: accepted for signature compatibility; it does not change the results.

@@ -189,11 +189,17 @@ class _CgSolve(InfluenceFunctionModel):
         active = residual > self.rtol
         directions = _orthonormal_rows(self._apply_preconditioner(r[active]))
         bar = tqdm(total=maxiter, desc="block cg", disable=not self.progress)
+        stalled = ""
         for _ in range(maxiter):
             if not bool(active.any()) or directions.shape[0] == 0:
                 break
             products = curvature(directions) + self.regularization * directions  # A P, (m, p)
-            gram = _spd_factor(directions, products, self.regularization)  # Cholesky of P A P^T, float64
+            # Cholesky of P A P^T (float64); directions dependent in the A-inner product are dropped.
+            directions, products, gram = _spd_factor(directions, products, self.regularization)
+            if directions.shape[0] == 0:
+                stalled = ("every search direction was numerically dependent on the others in the "
+                           "A-inner product (A = H + lambda I), so block CG could not go on")
+                break
             index = active.nonzero().flatten()
             # alpha = (P A P^T)^-1 P R^T for the active columns.
             alpha = torch.cholesky_solve((directions.double() @ r[index].double().T), gram).to(b.dtype)
@@ -212,16 +218,17 @@ class _CgSolve(InfluenceFunctionModel):
             beta = torch.cholesky_solve(products.double() @ z.double().T, gram).to(b.dtype)
             directions = _orthonormal_rows(z - beta.T @ directions)
         bar.close()
-        self._record(iterations, residual, k, maxiter)
+        self._record(iterations, residual, k, maxiter, stalled)
         return x
 
-    def _record(self, iterations: Tensor, residual: Tensor, k: int, maxiter: int) -> None:
+    def _record(self, iterations: Tensor, residual: Tensor, k: int, maxiter: int, stalled: str = "") -> None:
         converged = residual <= self.rtol
         self.last_solve_info = SolveInfo(iterations.cpu(), residual.cpu(), converged.cpu())
         if not bool(converged.all()):
+            why = (f"it stopped early: {stalled}" if stalled else f"within maxiter={maxiter}")
             warnings.warn(
-                f"CG did not converge for {int((~converged).sum())} of {k} right-hand sides within "
-                f"maxiter={maxiter} (largest relative residual {float(residual.max()):.2e}, rtol={self.rtol:g}); "
+                f"CG did not converge for {int((~converged).sum())} of {k} right-hand sides {why} "
+                f"(largest relative residual {float(residual.max()):.2e}, rtol={self.rtol:g}); "
                 "see last_solve_info, raise maxiter or regularization", stacklevel=3)
 
     def _solve_independent(self, b: Tensor) -> Tensor:
@@ -237,6 +244,7 @@ class _CgSolve(InfluenceFunctionModel):
         residual = _relative(r, b_norm)
         iterations = torch.zeros(k, dtype=torch.int64, device=b.device)
         active = (residual > self.rtol).nonzero().flatten()
+        stalled = ""
         bar = tqdm(total=maxiter, desc="cg", disable=not self.progress)
         for _ in range(maxiter):
             if active.numel() == 0:
@@ -244,11 +252,22 @@ class _CgSolve(InfluenceFunctionModel):
             da = d[active]
             ad = hessian_vp(da) + self.regularization * da
             curvature = (da * ad).sum(dim=1)
-            if bool((curvature <= 0).any()):
-                raise ValueError(
-                    "CG met a direction of non-positive curvature: H + regularization * I is not positive "
-                    f"definite (regularization={self.regularization:.3g}); increase regularization or use "
-                    "second_order='gauss_newton'")
+            # d^T A d within rounding of zero says nothing about A: that column cannot go on (its
+            # direction is dependent in the A-inner product) and stops; only a clearly negative
+            # value shows negative curvature. Rounding scale as in _spd_factor, for one direction.
+            level = _rounding_level(da.dtype, 1) * da.norm(dim=1) * ad.norm(dim=1)
+            negative = curvature < -level
+            if bool(negative.any()):
+                i = int(negative.nonzero()[0])
+                _refuse(float(curvature[i] / da[i].double().norm() ** 2), self.regularization)
+            stuck = curvature <= level
+            if bool(stuck.any()):
+                stalled = ("a search direction had curvature within rounding of zero (dependent in the "
+                           "A-inner product, A = H + lambda I), so its column stopped")
+                keep = ~stuck
+                active, da, ad, curvature = active[keep], da[keep], ad[keep], curvature[keep]
+                if active.numel() == 0:
+                    break
             alpha = rz[active] / curvature
             x[active] += alpha[:, None] * da
             r[active] -= alpha[:, None] * ad
@@ -262,7 +281,7 @@ class _CgSolve(InfluenceFunctionModel):
             bar.update(1)
             bar.set_postfix(active=int(active.numel()), max_residual=f"{float(residual.max()):.2e}")
         bar.close()
-        self._record(iterations, residual, k, maxiter)
+        self._record(iterations, residual, k, maxiter, stalled)
         return x
 
     # -- the solver contract: options and fitted state (torchfluence.contract) -----------------------
@@ -300,7 +319,9 @@ class CgInfluence(BlockDiagonal, _CgSolve):
     space: block CG (O'Leary 1980) in its breakdown-free form (Ji & Li 2017),
     whose search block is re-orthonormalised every iteration with a
     rank-revealing step that drops directions which became dependent, so the
-    block shrinks instead of breaking down. Every direction found for one
+    block shrinks instead of breaking down; directions that are still dependent
+    in the A-inner product (their P A P^T singular to rounding) are deflated
+    the same way, and only curvature negative beyond rounding is refused. Every direction found for one
     column helps all others, which cuts the iterations several-fold when there
     are many right-hand sides. ``block=False`` runs independent CG per column
     (the same vmapped product per iteration, one Krylov space per column).
@@ -382,13 +403,51 @@ def _working(eps: float) -> torch.dtype:
     return torch.float64 if eps < 1e-10 else torch.float32
 
 
-def _spd_factor(directions: Tensor, products: Tensor, regularization: float) -> Tensor:
-    """Cholesky factor (float64) of the block's curvature P A P^T; refuses a non-positive-definite one."""
+def _rounding_level(dtype: torch.dtype, m: int) -> float:
+    """Relative size of the rounding error in an m x m block P A P^T whose products A P are in `dtype`.
+
+    Each product row A p_j carries a relative error of a few eps of the working dtype (more
+    in float32, whose curvature products accumulate over the data and the network), and the
+    block's spectral norm collects up to m such rows: 16 * m * eps. For float32 and a block
+    of 10 that is 2e-5 of the largest eigenvalue, far below any curvature a regularization
+    makes meaningful and far above float64's rounding of the gram itself.
+    """
+    return 16.0 * m * torch.finfo(dtype).eps
+
+
+def _refuse(rayleigh: float, regularization: float) -> None:
+    raise ValueError(
+        f"CG met a direction of negative curvature: its Rayleigh quotient p^T (H + lambda I) p / p^T p is "
+        f"{rayleigh:.3g}, beyond rounding, so H + regularization * I is not positive definite "
+        f"(regularization={regularization:.3g}); increase regularization or use second_order='gauss_newton'")
+
+
+def _spd_factor(directions: Tensor, products: Tensor, regularization: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The block's directions and products, and the Cholesky factor (float64) of P A P^T.
+
+    When the Cholesky factorization fails, the block is deflated instead of refused: the
+    gram's eigenvalues at or below the rounding level (:func:`_rounding_level` times the
+    largest) belong to directions numerically dependent in the A-inner product, which are
+    dropped; the kept ones are rotated onto the gram's eigenvectors, so their gram is
+    diagonal. An eigenvalue below minus that level is negative curvature: refused, with its
+    Rayleigh quotient. No direction left: an empty block (the caller stops).
+
+    Args:
+        directions: (m, p) search directions P.
+        products: (m, p) A P.
+    """
     gram = directions.double() @ products.double().T
-    factor, info = torch.linalg.cholesky_ex(0.5 * (gram + gram.T))
-    if int(info) != 0:
-        raise ValueError(
-            "CG met a direction of non-positive curvature: H + regularization * I is not positive "
-            f"definite (regularization={regularization:.3g}); increase regularization or use "
-            "second_order='gauss_newton'")
-    return factor
+    gram = 0.5 * (gram + gram.T)
+    factor, info = torch.linalg.cholesky_ex(gram)
+    if int(info) == 0:
+        return directions, products, factor
+    values, vectors = torch.linalg.eigh(gram)
+    level = _rounding_level(products.dtype, gram.shape[0]) * max(float(values.abs().max()), 1e-300)
+    if float(values[0]) < -level:
+        rotated = vectors[:, 0] @ directions.double()
+        _refuse(float(values[0]) / float(rotated @ rotated), regularization)
+    keep = values > level
+    vectors = vectors[:, keep]
+    directions = (vectors.T @ directions.double()).to(directions.dtype)
+    products = (vectors.T @ products.double()).to(products.dtype)
+    return directions, products, torch.diag(values[keep].sqrt())
