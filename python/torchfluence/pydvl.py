@@ -74,6 +74,7 @@ __all__ = [
     "Preconditioner",
     "SecondOrderMode",
     "UnsupportedInfluenceModeException",
+    "compute_influences",
 ]
 
 
@@ -964,3 +965,62 @@ class InverseHarmonicMeanInfluence(_PydvlInterface, _solvers.InverseHarmonicMean
         columns = super()._score_columns()  # the one block of BlockMode.FULL is named "", as by the others
         return {"": columns["full"]} if self._arguments.block_structure == "full" else columns
 
+
+
+# -- pyDVL's functional API (0.4-0.6) -----------------------------------------------------------------
+_INVERSION_METHODS = {
+    "direct": lambda model, loss, reg, kw: DirectInfluence(model, loss, reg, **kw),
+    "cg": lambda model, loss, reg, kw: CgInfluence(model, loss, reg, solve_simultaneously=False, **kw),
+    "batched_cg": lambda model, loss, reg, kw: CgInfluence(model, loss, reg, solve_simultaneously=True, **kw),
+    "lissa": lambda model, loss, reg, kw: LissaInfluence(model, loss, reg, **kw),
+    "arnoldi": lambda model, loss, reg, kw: ArnoldiInfluence(model, loss, reg, **kw),
+    "nystroem": lambda model, loss, reg, kw: NystroemSketchInfluence(model, loss, reg, **kw),
+    "ekfac": lambda model, loss, reg, kw: EkfacInfluence(model, hessian_regularization=reg, **kw),
+}
+# Older pyDVL names of the CG arguments; those with no meaning here are refused by name.
+_OLD_CG_NAMES = {"max_iterations": "maxiter", "max_iter": "maxiter"}
+
+
+def compute_influences(model: nn.Module, loss: Any, x: Any, y: Any, x_test: Any = None, y_test: Any = None,
+                       progress: bool = False, inversion_method: Any = "direct", influence_type: Any = "up",
+                       inversion_method_kwargs: Optional[dict] = None,
+                       hessian_regularization: float = 0.0) -> Any:
+    """Influences of each training point on each test point in one call (pyDVL 0.4-0.6's ``compute_influences``).
+
+    Args:
+        model: the trained model.
+        loss: ``loss(outputs, targets)``, e.g. ``nn.CrossEntropyLoss()``.
+        x, y: (n, ...) training inputs and targets (tensors or NumPy arrays).
+        x_test, y_test: (n_test, ...) test inputs and targets (default: the training points).
+        progress: progress bars.
+        inversion_method: ``"direct"``, ``"cg"`` (one CG per test point), ``"batched_cg"`` (block CG),
+            ``"lissa"``, ``"arnoldi"``, ``"nystroem"`` or ``"ekfac"`` (an Enum of these values too).
+        influence_type: ``"up"`` or ``"perturbation"`` (an Enum of these values too).
+        inversion_method_kwargs: further arguments of the class that inverts (e.g. ``rtol``,
+            ``maxiter``, ``rank``); pyDVL's older ``max_iterations`` is ``maxiter``.
+        hessian_regularization: lambda added to the curvature's diagonal.
+
+    Returns:
+        A NumPy array: (n_test, n) for ``"up"``, (n_test, n, *x.shape[1:]) for ``"perturbation"``;
+        entry (i, j) is ``grad L(z_test_i)^T (H + lambda I)^-1 grad L(z_j)`` for ``"up"``.
+    """
+    method = _enum_value(inversion_method)
+    if method not in _INVERSION_METHODS:
+        raise ValueError(f"inversion_method must be one of {sorted(_INVERSION_METHODS)}, got {inversion_method!r}")
+    mode = _mode(influence_type)
+    kwargs = {_OLD_CG_NAMES.get(k, k): v for k, v in (inversion_method_kwargs or {}).items()}
+    for name in ("max_step_size", "verify_assumptions"):
+        if name in kwargs:
+            raise NotImplementedError(f"inversion_method_kwargs[{name!r}] (pyDVL's SciPy CG) has no counterpart: "
+                                      "torchfluence's CG takes rtol, atol, maxiter and a preconditioner")
+    if method in ("cg", "batched_cg", "lissa", "ekfac"):  # the classes with progress bars
+        kwargs.setdefault("progress", progress)
+
+    def tensor(value: Any) -> Tensor:
+        return value if isinstance(value, Tensor) else torch.as_tensor(value)
+
+    x, y = tensor(x), tensor(y)
+    x_test, y_test = (x, y) if x_test is None else (tensor(x_test), tensor(y_test))
+    solver = _INVERSION_METHODS[method](model, loss, hessian_regularization, kwargs)
+    solver.fit((x, y))
+    return solver.influences(x_test, y_test, x, y, mode=mode).detach().cpu().numpy()
