@@ -107,7 +107,8 @@ def test_head_mode_equals_the_generic_path(frozen_problem, tmp_path, solver, kwa
     assert head.features.head_name == "fc" and head.num_params == generic.num_params == 650
     if solver is not tfl.EkfacInfluence:  # K-FAC fits Kronecker factors, not curvature products
         assert isinstance(head.curvature_operator, tfl.LinearHeadCurvature)  # closed-form curvature products
-    assert np.load(tmp_path / "train_features.npy", mmap_mode="r").dtype == np.float64  # the computation dtype
+    assert head.features.cache_path.parent == tmp_path
+    assert np.load(head.features.cache_path, mmap_mode="r").dtype == np.float64  # the computation dtype
     expected = generic.influences(xt, yt, x, y)
     # Same mathematics; CG stops at rtol 1e-10 and Arnoldi's eigenvectors agree to ~1e-10.
     assert rel_error(head.influences(xt, yt, x, y), expected) < 1e-7

@@ -343,7 +343,7 @@ def test_head_mode_trainable_tail_with_cg(data, tmp_path):
     loaded = tfl.CgInfluence.load(path, fresh_copy(model), LOSS, train_data=(x, y),
                                   cache_dir=tmp_path / "cache")
     assert loaded.features.backbone is not None and loaded._full_model is not None
-    assert (tmp_path / "cache" / "train_features.npy").exists()
+    assert loaded.features.cache_path.parent == tmp_path / "cache" and loaded.features.cache_path.exists()
     # The cached features are the same numbers, now memory-mapped: CG runs the same products.
     assert torch.equal(loaded.influences(xt, yt, x, y), expected)
 

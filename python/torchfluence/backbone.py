@@ -14,6 +14,9 @@ of the generic path on the full model whose trainable parameters are the head's.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import uuid
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -59,6 +62,7 @@ class BackboneFeatures:
             self.head_name, self.head = find_head(model, None if head == "auto" else head)
         self.dtype, self.progress = dtype, progress
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.cache_path: Optional[Path] = None  # the training features' file in cache_dir, once cached
         self.device = next(model.parameters()).device
         source = self.backbone if self.backbone is not None else model
         self.state = {n: t.detach().to(dtype) if t.is_floating_point() else t.detach()
@@ -97,23 +101,39 @@ class BackboneFeatures:
     def cache(self, samples: Samples) -> Samples:
         """One backbone pass over `samples`; returns Samples over the cached (features, targets).
 
-        With ``cache_dir``, the features are written block by block into
-        ``cache_dir/train_features.npy`` (in the computation dtype), so the
-        training set's features never have to fit in memory.
+        With ``cache_dir``, the features are written block by block into a file of
+        their own (in the computation dtype), so the training set's features never
+        have to fit in memory. The file is named by a digest of what it holds,
+        ``cache_dir/train_features-<digest>.npy`` (:attr:`cache_path`): solvers that
+        share a ``cache_dir`` never write into each other's file (one with the same
+        features replaces it by an identical one), and a rerun never reads another
+        fit's features.
         """
         n = samples.count()
         sink: Optional[DenseSink] = None
         targets = []
+        partial = None
         for block in tqdm(samples.blocks(), desc="backbone features", disable=not self.progress):
             features = self(block.x)
             if sink is None:
                 shape = (n, *features.shape[1:])
-                sink = (MemmapSink(self.cache_dir / "train_features.npy", shape, dtype=self.dtype, sample_dim=0)
-                        if self.cache_dir is not None
-                        else DenseSink(shape, dtype=self.dtype, device=features.device, sample_dim=0))
+                if self.cache_dir is not None:
+                    # Written under a name no other solver uses, then renamed to its digest.
+                    partial = self.cache_dir / f"train_features.{os.getpid()}.{uuid.uuid4().hex}.partial.npy"
+                    sink = MemmapSink(partial, shape, dtype=self.dtype, sample_dim=0)
+                else:
+                    sink = DenseSink(shape, dtype=self.dtype, device=features.device, sample_dim=0)
             sink.write(features, block.offset)
             targets.append(block.y)
-        return Samples((sink.result(), torch.cat(targets)), samples.name, samples.block_size, check=samples.check,
+        features = sink.result()
+        if partial is not None:
+            sink.flush()
+            digest = hashlib.blake2b(digest_size=12)
+            for start in range(0, n, 4096):  # in slices: the file need not fit in memory
+                digest.update(features[start:start + 4096].numpy().tobytes())
+            self.cache_path = self.cache_dir / f"train_features-{digest.hexdigest()}.npy"
+            os.replace(partial, self.cache_path)  # the mapping stays valid: same file, new name
+        return Samples((features, torch.cat(targets)), samples.name, samples.block_size, check=samples.check,
                        minibatch_size=samples.minibatch_size)
 
 
