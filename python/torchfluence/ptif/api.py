@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import time
@@ -124,9 +125,10 @@ def calc_all_grad_then_test(config: dict[str, Any], model: nn.Module, train_load
 
     began = time.perf_counter()
     solver = make_solver(model, settings).fit(train_loader)
-    _check_manifest(store, solver, settings, n_train)
+    manifest = _check_manifest(store, solver, settings, n_train, _items_digest(train_loader, range(n_train)))
     blocks = _save_grad_z(solver, train_loader, store / "grad_z", settings.batch_size, n_train)
-    factor_files = _save_s_test(solver, test_loader, indices, store / "s_test", settings)
+    factor_files = _save_s_test(solver, test_loader, indices, store / "s_test", settings, manifest,
+                                store / "torchfluence_manifest.json")
     share = (time.perf_counter() - began) / len(indices)
 
     results: dict[str, dict[str, Any]] = {}
@@ -185,25 +187,45 @@ def _log_summary(results: dict, harmful: list[int], helpful: list[int], path: Pa
     log.info("Results written to %s", path)
 
 
-def _check_manifest(store: Path, solver: InfluenceFunctionModel, settings: Settings, n_train: int) -> None:
-    """Refuses to mix saved files of another model or other settings with this run's."""
+def _items_digest(loader: DataLoader, indices: Any) -> str:
+    """A digest of the dataset items `indices` of `loader` (inputs and labels, bits, shapes and dtypes)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for i in indices:
+        for value in loader.dataset[i][:2]:
+            t = torch.as_tensor(value).detach().cpu().contiguous()
+            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _check_manifest(store: Path, solver: InfluenceFunctionModel, settings: Settings, n_train: int,
+                    train_digest: str) -> dict:
+    """Refuses to mix saved files of another model, other training data or other settings with this
+    run's; returns the manifest (with the digest of each saved s_test's test sample)."""
     manifest = {
-        "model": solver.model_fingerprint(), "num_params": solver.num_params, "n_train": n_train,
+        "model": solver.model_fingerprint(), "train_data": train_digest, "num_params": solver.num_params,
+        "n_train": n_train,
         "batch_size": settings.batch_size, "dtype": str(solver.dtype), "solver": settings.solver,
         "damp": settings.damp, "scale": settings.scale, "recursion_depth": settings.recursion_depth,
         "r": settings.repetitions, "rank": settings.rank, "seed": settings.seed,
     }
     path = store / "torchfluence_manifest.json"
     if path.exists():
-        saved = json.loads(path.read_text())
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{path}: unreadable manifest ({error}); delete it with the grad_z/ and s_test/ "
+                             "folders beside it") from error
         differ = {k: (saved.get(k), v) for k, v in manifest.items() if saved.get(k) != v}
         if differ:
             raise ValueError(
                 f"{store} holds gradient files of another run (saved vs now: {differ}); "
                 "use another save_pth or delete its grad_z/ and s_test/ folders")
         log.info("Resuming with the files in %s", store)
-        return
+        return {**manifest, "s_test": dict(saved.get("s_test", {}))}
+    manifest["s_test"] = {}
     save_json(manifest, path, overwrite=True)
+    return manifest
 
 
 def _save_grad_z(solver: InfluenceFunctionModel, train_loader: DataLoader, folder: Path, size: int,
@@ -221,28 +243,51 @@ def _save_grad_z(solver: InfluenceFunctionModel, train_loader: DataLoader, folde
 
 
 def _save_s_test(solver: InfluenceFunctionModel, test_loader: DataLoader, indices: list[int], folder: Path,
-                 settings: Settings) -> dict[int, Path]:
-    """Writes each missing test sample's (H + damp I)^-1 grad L(z_test); returns the file of each."""
+                 settings: Settings, manifest: dict, manifest_path: Path) -> dict[int, Path]:
+    """Writes each test sample's (H + damp I)^-1 grad L(z_test) whose file is missing or was made from
+    another test sample (the manifest keeps each file's sample digest); returns the file of each."""
     suffix = (f"_recdep{settings.recursion_depth}_r{settings.repetitions}" if settings.solver == "lissa"
               else f"_{settings.solver}")
     files = {i: folder / f"{i}{suffix}.s_test" for i in indices}
-    missing = [i for i in indices if not files[i].exists()]
+    digests = {i: _items_digest(test_loader, [i]) for i in indices}
+    made = manifest["s_test"]
+    missing = [i for i in indices if not files[i].exists() or made.get(files[i].name) != digests[i]]
     for group in _groups(missing, settings.test_batch_size) if missing else ():
         x, y = collate(test_loader, group)
         for i, factor in zip(group, solver.influence_factors(x, y)):
             save_tensor([t.cpu() for t in solver.functions.unflatten(factor).values()], files[i])
+            made[files[i].name] = digests[i]
+    if missing:
+        save_json(manifest, manifest_path, overwrite=True)
     return files
 
 
+def _load(path: Path) -> Any:
+    """torch.load of a saved file (tensors only), with an error that names the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, not a torch file, pickled objects: all name the file
+        raise ValueError(f"{path}: cannot be read as a saved tensor file ({type(error).__name__}: {error}); "
+                         "delete it and rerun to recompute it") from error
+
+
 def _load_flat(path: Path, solver: InfluenceFunctionModel) -> Tensor:
-    parts = torch.load(path, map_location="cpu")
+    """One saved s_test (a list of parameter-shaped tensors) as a flat (p,) vector, checked."""
+    parts = _load(path)
+    shapes = [tuple(t.shape) for t in parts] if isinstance(parts, (list, tuple)) and all(
+        isinstance(t, Tensor) for t in parts) else None
+    expected = [tuple(s) for s in solver.functions.shapes]
+    if shapes != expected:
+        raise ValueError(f"{path}: expected an s_test of parameter shapes {expected}, got "
+                         f"{shapes if shapes is not None else type(parts).__name__}")
     return torch.cat([t.reshape(-1) for t in parts]).to(solver.device, solver.dtype)
 
 
 def _load_block(entry: tuple[Path, int, int], solver: InfluenceFunctionModel) -> Tensor:
     """One saved (b, p) training-gradient block, checked, on the solver's device."""
     path, _, count = entry
-    grads = torch.load(path, map_location="cpu")
-    if grads.dim() != 2 or grads.shape != (count, solver.num_params):
-        raise ValueError(f"{path}: expected a ({count}, {solver.num_params}) gradient block, got {tuple(grads.shape)}")
+    grads = _load(path)
+    if not isinstance(grads, Tensor) or grads.dim() != 2 or grads.shape != (count, solver.num_params):
+        got = tuple(grads.shape) if isinstance(grads, Tensor) else type(grads).__name__
+        raise ValueError(f"{path}: expected a ({count}, {solver.num_params}) gradient block, got {got}")
     return grads.to(solver.device, solver.dtype)
