@@ -49,6 +49,21 @@ def test_exceptions_subclass_the_builtins_caught_before():
     assert issubclass(NotImplementedLayerRepresentationException, ValueError)
 
 
+def test_pydvls_own_exceptions_are_caught_by_the_same_names():
+    """pyDVL's code around a solver (its calculators check the mode themselves) raises pyDVL's
+    classes; the torchfluence classes of the same names catch them, and nothing else of that name."""
+    pydvls = type("UnsupportedInfluenceModeException", (ValueError,), {"__module__": "pydvl.influence.types"})
+    with pytest.raises(UnsupportedInfluenceModeException):
+        raise pydvls("fancy_influence")
+    try:
+        raise pydvls("fancy_influence")
+    except UnsupportedInfluenceModeException as error:
+        assert isinstance(error, UnsupportedInfluenceModeException)
+    elsewhere = type("UnsupportedInfluenceModeException", (ValueError,), {"__module__": "mylib"})
+    assert not issubclass(elsewhere, UnsupportedInfluenceModeException)
+    assert not issubclass(pydvls, NotFittedException)
+
+
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_not_fitted_and_bad_mode(problem, name):
     model, x, y, loader = problem
