@@ -14,8 +14,10 @@ class _AlsoPydvls(type):
     """Metaclass: the class also matches pyDVL's exception class of the same name.
 
     pyDVL's own code around a torchfluence solver (its influence calculators, which check
-    the mode themselves) raises pyDVL's class; with this, ``except`` and ``pytest.raises``
-    written against the torchfluence name catch both, without importing pyDVL.
+    the mode themselves) raises pyDVL's class; with this, ``isinstance``, ``issubclass``
+    and ``pytest.raises`` written against the torchfluence name match both, without
+    importing pyDVL. (A bare ``except`` clause checks real inheritance only: CPython does
+    not consult the metaclass there.)
     """
 
     def __subclasscheck__(cls, subclass: type) -> bool:
