@@ -59,7 +59,7 @@ clean:
 BENCH_VENV := .bench-venv
 BENCH_BIN := $(BENCH_VENV)/bin
 BENCH_TORCH_SPEC ?= torch==2.13.0
-BENCH_PEERS := "pydvl[influence]==0.10.0" "kronfluence==1.0.1" "pytorch-influence-functions==0.1.1"
+BENCH_PEERS := "pydvl[influence]==0.10.0" "kronfluence==1.0.1" "pytorch-influence-functions==0.1.1" "transformers==5.23.0"
 BENCH_ARGS ?=
 
 .PHONY: bench-peers
@@ -81,6 +81,52 @@ $(BENCH_VENV)/.torchfluence-installed: $(BENCH_VENV)/.deps-$(subst =,_,$(subst /
 
 bench-peers: $(BENCH_VENV)/.torchfluence-installed
 	$(BENCH_BIN)/python benchmarks/bench_peers.py $(BENCH_ARGS)
+
+# make pydvl-suite PYDVL_SRC=/path/to/pyDVL: pyDVL's own influence tests (from a checkout of
+# pyDVL's repository at tag v0.10.0; its files are copied to build/pydvl-suite/ and never kept
+# here) run against torchfluence.pydvl after tools/swap_pydvl_imports.py swaps the imports of
+# the influence classes, enums, preconditioners and exceptions; oracles and utilities stay on
+# pyDVL 0.10.0 from the registry (pyDVL's conftest needs pytest's cache plugin: its cache stays in the
+# scratch folder). Own venv (.pydvl-venv/): pyDVL pins numpy<2 and its tests
+# pin pytest 7.4.2 and pytest-cases 3.8. Select cases with PYDVL_ARGS, e.g. PYDVL_ARGS="-k cg".
+PYDVL_VENV := .pydvl-venv
+PYDVL_BIN := $(PYDVL_VENV)/bin
+PYDVL_SRC ?=
+PYDVL_ARGS ?=
+PYDVL_TESTS := tests/influence/torch/test_influence_model.py tests/influence/test_influence_calculator.py \
+	tests/influence/torch/test_pre_conditioner.py
+PYDVL_SCRATCH := build/pydvl-suite
+
+.PHONY: pydvl-suite
+
+$(PYDVL_BIN)/python:
+	$(PYTHON) -m venv $(PYDVL_VENV)
+
+$(PYDVL_VENV)/.deps-$(subst =,_,$(subst /,_,$(BENCH_TORCH_SPEC))): | $(PYDVL_BIN)/python
+	$(PYDVL_BIN)/pip install --quiet "$(BENCH_TORCH_SPEC)" "pydvl[influence]==0.10.0" "numpy<2" \
+		"pytest==7.4.2" "pytest-cases~=3.8" pytest-mock pytest-xdist scikit-learn scipy tqdm safetensors \
+		pybind11 "scikit-build-core>=0.10" ninja
+	$(PYDVL_BIN)/python -c "import sys, torch; v = torch.__version__.split('+')[0]; \
+		sys.exit(None if '$(BENCH_TORCH_SPEC)' == 'torch==' + v else 'pyDVL replaced the pinned torch: got ' + torch.__version__)"
+	touch $@
+
+$(PYDVL_VENV)/.torchfluence-installed: $(PYDVL_VENV)/.deps-$(subst =,_,$(subst /,_,$(BENCH_TORCH_SPEC))) $(SOURCES)
+	$(PYDVL_BIN)/pip install --quiet --no-build-isolation --no-deps -C "build-dir=build/pydvl-{wheel_tag}" -e .
+	touch $@
+
+pydvl-suite: $(PYDVL_VENV)/.torchfluence-installed
+	@test -n "$(PYDVL_SRC)" -a -d "$(PYDVL_SRC)/tests/influence" || \
+		{ echo "PYDVL_SRC must name a checkout of pyDVL (tag v0.10.0) with tests/influence/"; exit 2; }
+	rm -rf $(PYDVL_SCRATCH) && mkdir -p $(PYDVL_SCRATCH)/tests/influence/torch
+	cd $(PYDVL_SRC) && cp tests/__init__.py tests/conftest.py tests/cache.py $(CURDIR)/$(PYDVL_SCRATCH)/tests/ && \
+		cp tests/influence/__init__.py tests/influence/conftest.py $(CURDIR)/$(PYDVL_SCRATCH)/tests/influence/ && \
+		cp tests/influence/torch/__init__.py tests/influence/torch/conftest.py tests/influence/torch/test_util.py \
+			$(CURDIR)/$(PYDVL_SCRATCH)/tests/influence/torch/ && \
+		for f in $(PYDVL_TESTS); do if [ -f $$f ]; then cp $$f $(CURDIR)/$(PYDVL_SCRATCH)/$$f; fi; done
+	printf '[pytest]\nmarkers =\n    torch: uses PyTorch\n' > $(PYDVL_SCRATCH)/pytest.ini
+	$(PYDVL_BIN)/python tools/swap_pydvl_imports.py $$(find $(PYDVL_SCRATCH)/tests -name '*.py')
+	cd $(PYDVL_SCRATCH) && $(CURDIR)/$(PYDVL_BIN)/python -m pytest -q $(PYDVL_ARGS) \
+		$$(for f in $(PYDVL_TESTS); do if [ -f $$f ]; then echo $$f; fi; done)
 
 # make gpu-peer-wheels: kronfluence 1.0.1 and einconv as wheels in .whl/, for a GPU machine
 # without network access. benchmarks/gpu_suite.sh installs whatever .whl/ holds (carry it along).

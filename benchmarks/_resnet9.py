@@ -223,13 +223,14 @@ class KronfluenceRun:
         factor_args=None,
         score_args=None,
         out_dir: str | None = None,
+        task=None,
     ) -> None:
         from kronfluence.analyzer import prepare_model
         from kronfluence.arguments import FactorArguments, ScoreArguments
 
         self.factor_args = FactorArguments() if factor_args is None else factor_args
         self.score_args = ScoreArguments() if score_args is None else score_args
-        self.task = kronfluence_task()
+        self.task = kronfluence_task() if task is None else task  # a kronfluence Task; default: classification
         self.model = prepare_model(copy.deepcopy(model), self.task)
         self.train, self.queries = TensorDataset(*train), TensorDataset(*queries)
         self.cpu = cpu
@@ -297,13 +298,14 @@ def kronfluence_pairwise(
     factor_args=None,
     score_args=None,
     sync: Callable[[], None] = lambda: None,
+    task=None,
 ) -> tuple[dict[str, float], Tensor]:
     """One :class:`KronfluenceRun`, fit and scores timed separately (`sync` before each clock reading).
 
     Returns ({"fit": s, "scores": s}, the (n_queries, n_train) scores as kronfluence returns them).
     """
     with KronfluenceRun(
-        model, train, queries, cpu=cpu, factor_args=factor_args, score_args=score_args
+        model, train, queries, cpu=cpu, factor_args=factor_args, score_args=score_args, task=task
     ) as run:
         sync()
         began = time.perf_counter()
