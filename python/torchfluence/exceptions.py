@@ -37,8 +37,7 @@ class UnsupportedInfluenceModeException(ValueError, metaclass=_AlsoPydvls):
     """``mode`` is neither ``"up"`` nor ``"perturbation"``."""
 
     def __init__(self, mode: object) -> None:
-        super().__init__(f"mode must be one of ['up', 'perturbation'] (InfluenceMode.Up, InfluenceMode.Perturbation), "
-                         f"got {mode!r}")
+        super().__init__(f"mode must be one of ['up', 'perturbation'], got {mode!r}")
         self.mode = mode
 
 
