@@ -64,14 +64,17 @@ BENCH_ARGS ?=
 
 .PHONY: bench-peers
 
+# $(call require_pinned_torch,PYTHON,WHO): fails when the packages WHO brought replaced BENCH_TORCH_SPEC's torch.
+require_pinned_torch = $(1) -c "import sys, torch; v = torch.__version__.split('+')[0]; \
+	sys.exit(None if '$(BENCH_TORCH_SPEC)' == 'torch==' + v else '$(2) replaced the pinned torch: got ' + torch.__version__)"
+
 $(BENCH_BIN)/python:
 	$(PYTHON) -m venv $(BENCH_VENV)
 
 $(BENCH_VENV)/.deps-$(subst =,_,$(subst /,_,$(BENCH_TORCH_SPEC))): | $(BENCH_BIN)/python
 	$(BENCH_BIN)/pip install --quiet "$(BENCH_TORCH_SPEC)" $(BENCH_PEERS) numpy scikit-learn tqdm \
 		pybind11 "scikit-build-core>=0.10" ninja
-	$(BENCH_BIN)/python -c "import sys, torch; v = torch.__version__.split('+')[0]; \
-		sys.exit(None if '$(BENCH_TORCH_SPEC)' == 'torch==' + v else 'peers replaced the pinned torch: got ' + torch.__version__)"
+	$(call require_pinned_torch,$(BENCH_BIN)/python,peers)
 	touch $@
 
 $(BENCH_VENV)/.torchfluence-installed: $(BENCH_VENV)/.deps-$(subst =,_,$(subst /,_,$(BENCH_TORCH_SPEC))) $(SOURCES)
@@ -106,8 +109,7 @@ $(PYDVL_VENV)/.deps-$(subst =,_,$(subst /,_,$(BENCH_TORCH_SPEC))): | $(PYDVL_BIN
 	$(PYDVL_BIN)/pip install --quiet "$(BENCH_TORCH_SPEC)" "pydvl[influence]==0.10.0" "numpy<2" \
 		"pytest==7.4.2" "pytest-cases~=3.8" pytest-mock pytest-xdist scikit-learn scipy tqdm safetensors \
 		pybind11 "scikit-build-core>=0.10" ninja
-	$(PYDVL_BIN)/python -c "import sys, torch; v = torch.__version__.split('+')[0]; \
-		sys.exit(None if '$(BENCH_TORCH_SPEC)' == 'torch==' + v else 'pyDVL replaced the pinned torch: got ' + torch.__version__)"
+	$(call require_pinned_torch,$(PYDVL_BIN)/python,pyDVL)
 	touch $@
 
 $(PYDVL_VENV)/.torchfluence-installed: $(PYDVL_VENV)/.deps-$(subst =,_,$(subst /,_,$(BENCH_TORCH_SPEC))) $(SOURCES)
