@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm.auto import tqdm
 
 from ..influence import InfluenceFunctionModel
 from ..solvers.by_name import make_solver as solver_by_name

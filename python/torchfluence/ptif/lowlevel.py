@@ -111,7 +111,7 @@ def calc_influence_single(model: nn.Module, train_loader: DataLoader, test_loade
         raises the test loss the most), helpful is its reverse.
     """
     settings = _settings(gpu, damp, scale, recursion_depth, r)
-    n_train = dataset_size(train_loader, "train_loader")
+    dataset_size(train_loader, "train_loader")  # refuses an empty or unsized dataset
     if s_test_vec is None:
         solver = _fitted(model, settings, train_loader)
         x, y = collate(test_loader, [test_id_num])

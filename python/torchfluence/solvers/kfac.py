@@ -45,7 +45,6 @@ from ..gradients import CapturedGradients, PreparedQueries, gradient_source
 from ..contract import SolverOptions, SolverTraits, option
 from ..influence import InfluenceFunctionModel
 from ..persist import state_tensor
-from ..precision import matmul_precision
 from ..projected_space import kronecker_layers, projected_engine
 from ..scoring import run_blocks
 from ..sinks import DenseSink
