@@ -259,7 +259,8 @@ class Samples:
             self._count = self._known_length()
             if self._count is None:
                 self.require_reiterable("counting the samples")
-                self._count = sum(block.size for block in self.blocks(checked=False))
+                # Raw batches: counting needs no checks and no transform (head mode's backbone pass).
+                self._count = sum(int(x.shape[0]) for x, _ in self.batches())
             if self._count == 0:
                 raise ValueError(f"{self.name} is empty: it holds no samples")
         return self._count
