@@ -26,8 +26,11 @@ import torch
 from torch import Tensor
 
 from ..contract import SolverOptions, option
+from ..data import SampleBlock
 from ..parameter_blocks import (BlockStructure, Ranges, Regularization, block_regularization, column_ranges,
                                 gather_columns, resolve_blocks, scatter_columns, smallest_regularization)
+from ..scoring import run_blocks
+from ..sinks import DenseSink
 
 if TYPE_CHECKING:
     from ..data import Samples
@@ -54,7 +57,7 @@ class BlockScores:
     A score is linear in the query factor, and the factor's columns of a block carry that
     block's term ``g_test,B^T (H_BB + lambda_B I)^-1 g_B``, so a block's scores are those of
     the factors with every other block's columns zeroed. Summed over blocks they are
-    :meth:`influences`. The class names its blocks' columns in :meth:`_score_columns`.
+    :meth:`influences`. In mode "up" all blocks are scored from one pass over the data. The class names its blocks' columns in :meth:`_score_columns`.
     """
 
     def _score_columns(self) -> dict[str, Ranges]:
@@ -77,6 +80,8 @@ class BlockScores:
         columns = self._score_columns()
         if set(factors) != set(columns):
             raise ValueError(f"factors must have one entry per block {list(columns)}, got {list(factors)}")
+        if getattr(mode, "value", mode) == "up":
+            return self._up_scores_by_block(factors, columns, x, y)
         out = {}
         for name, ranges in columns.items():
             block = factors[name]
@@ -84,6 +89,32 @@ class BlockScores:
             scatter_columns(full, ranges, block)
             out[name] = self.influences_from_factors(full, x, y, mode=mode)
         return out
+
+    def _up_scores_by_block(self, factors: Mapping[str, Tensor], columns: dict[str, Ranges], x: Tensor,
+                            y: Tensor) -> dict[str, Tensor]:
+        """Every block's mode-"up" scores from one pass over (x, y): each block's gradient columns
+        against its factors, ``{block name: (n_test, n)}``."""
+        self._require_fitted()
+        parts = {}
+        for name, ranges in columns.items():
+            width = sum(stop - start for start, stop in ranges)
+            block = factors[name]
+            if not isinstance(block, Tensor) or block.dim() != 2 or block.shape[1] != width:
+                got = tuple(block.shape) if isinstance(block, Tensor) else type(block).__name__
+                raise ValueError(f"factors[{name!r}] must have shape (n_test, {width}), got {got}")
+            parts[name] = block.to(device=self.device, dtype=self.dtype)
+        counts = {part.shape[0] for part in parts.values()}
+        if len(counts) != 1:
+            raise ValueError(f"factors must have the same number of test points in every block, got {sorted(counts)}")
+        samples = self._scored_samples(x, y)
+        sink = DenseSink((len(parts), counts.pop(), samples.count()), dtype=self.dtype, device=self.device)
+
+        def score(block: SampleBlock) -> Tensor:
+            g = self.source.grads(block.x, block.y)  # once per block, whatever the number of blocks
+            return torch.stack([part @ gather_columns(g, columns[name]).T for name, part in parts.items()])
+
+        run_blocks(samples, score, [sink], "influence scores by block", self.runtime)
+        return dict(zip(parts, sink.result()))
 
     def influences_by_block(self, x_test: Tensor, y_test: Tensor, x: Optional[Tensor] = None,
                             y: Optional[Tensor] = None, mode: Any = "up") -> dict[str, Tensor]:
