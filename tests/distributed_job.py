@@ -64,10 +64,9 @@ if __name__ == "__main__":
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from torchfluence.distributed import init_from_environment
+    from torchfluence.distributed import process_group_from_environment
 
     out = Path(sys.argv[1])
-    init_from_environment()
-    results = run_job(out)
-    save_file({k: v.contiguous() for k, v in results.items()}, str(out / f"rank{dist.get_rank()}.safetensors"))
-    dist.destroy_process_group()
+    with process_group_from_environment():
+        results = run_job(out)
+        save_file({k: v.contiguous() for k, v in results.items()}, str(out / f"rank{dist.get_rank()}.safetensors"))

@@ -40,10 +40,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 2
         return 0
     from .demo import run_demo
-    from .distributed import init_from_environment
+    from .distributed import process_group_from_environment
 
-    init_from_environment()  # under torchrun the processes share the job
-    run_demo(out_dir=args.out, seed=args.seed)
+    with process_group_from_environment():  # under torchrun the processes share the job
+        run_demo(out_dir=args.out, seed=args.seed)
     return 0
 
 

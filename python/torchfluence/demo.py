@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from .distributed import broadcast_module, init_from_environment, is_main_process, world
+from .distributed import broadcast_module, is_main_process, process_group_from_environment, world
 from .solvers import DirectInfluence
 
 FRACTIONS = (0.05, 0.10, 0.20)
@@ -189,8 +189,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=40, help="training epochs of the CNN")
     args = parser.parse_args()
-    init_from_environment()
-    run_demo(out_dir=args.out, seed=args.seed, epochs=args.epochs)
+    with process_group_from_environment():
+        run_demo(out_dir=args.out, seed=args.seed, epochs=args.epochs)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ methods in the same order with the same arguments, as with any collective code.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -149,6 +150,30 @@ def init_from_environment() -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     dist.init_process_group(backend=backend)
     return True
+
+
+@contextlib.contextmanager
+def process_group_from_environment() -> Iterator[bool]:
+    """Joins the group ``torchrun`` describes (see :func:`init_from_environment`) for the
+    ``with`` block, and leaves it together with the other processes at the end.
+
+    Yields whether a group is active. On a normal exit every process waits at a
+    barrier before the group is destroyed: a process that finishes early (one
+    that writes no report) must not tear down its communication threads while
+    the others still run, which aborts it at interpreter exit. A group that was
+    already initialised by the caller is left as it is.
+    """
+    owned = not (dist.is_available() and dist.is_initialized())
+    active = init_from_environment()
+    try:
+        yield active
+    except BaseException:
+        if active and owned:  # no barrier: the other processes may never reach it
+            dist.destroy_process_group()
+        raise
+    if active and owned:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def broadcast_module(module: torch.nn.Module, source: int = 0) -> torch.nn.Module:
