@@ -91,6 +91,35 @@ def test_nan_gradients_are_an_error(fitted):
         im.influences(bad, yt, x, y)
 
 
+class _Log(nn.Module):
+    """log of the inputs: NaN activations (and gradients) for negative inputs that are themselves finite."""
+
+    def forward(self, x):
+        return x.log()
+
+
+@pytest.mark.parametrize("defer", [False, True], ids=["at-once", "deferred"])
+@pytest.mark.parametrize("solver", ["ekfac", "direct"])
+def test_nan_query_gradients_name_the_sample(monkeypatch, solver, defer):
+    """Finite test inputs with NaN gradients are refused naming the test point, whether the
+    checks run per block (CPU) or are read once at the end (the GPU route, forced here)."""
+    import functools
+
+    import torchfluence.influence as influence_module
+
+    monkeypatch.setattr(influence_module, "FiniteChecks", functools.partial(influence_module.FiniteChecks,
+                                                                            defer=defer))
+    torch.manual_seed(0)
+    model = nn.Sequential(_Log(), nn.Linear(4, 3))
+    x, y = torch.rand(32, 4) + 0.5, torch.randint(0, 3, (32,))
+    cls = tfl.EkfacInfluence if solver == "ekfac" else tfl.DirectInfluence
+    im = cls(model, F.cross_entropy, 0.1, block_size=4).fit(loader(x, y, 8))
+    xt = torch.rand(10, 4) + 0.5
+    xt[6, 1] = -1.0  # finite, but log(-1) is NaN
+    with pytest.raises(ValueError, match=r"per-sample gradients: .*NaN or inf \(first at sample 6\)"):
+        im.influences(xt, torch.zeros(10, dtype=torch.long), x, y)
+
+
 def test_empty_loader():
     x, y, _, _ = digits(n_train=20, n_test=1)
     with pytest.raises(ValueError, match="train_data is empty"):

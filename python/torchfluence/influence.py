@@ -26,7 +26,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Literal, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +36,7 @@ from torch.utils.data._utils.collate import default_collate
 from ._functional import LossFn, ModelFunctions, resolve_dtype
 from .backbone import BackboneFeatures, HeadSpec, split_trainable_tail
 from .budget import query_rows
-from .checks import check_finite, check_mode, check_positive_int, check_regularization
+from .checks import FiniteChecks, check_finite, check_mode, check_positive_int, check_regularization
 from .exceptions import NotFittedException
 from .contract import COMMON_FIT_OPTIONS, SolverOptions, SolverTraits, plain
 from .curvature import CurvatureOperator, curvature_operator
@@ -74,6 +74,13 @@ class TopKInfluences:
     harmful_indices: Tensor
     harmful_values: Tensor
     scores: Optional[Tensor] = None
+
+
+class FactorChecks(NamedTuple):
+    """The NaN/inf checks of one preparation of test factors (deferred on a GPU)."""
+
+    gradients: FiniteChecks  # the test points' per-sample gradients
+    factors: FiniteChecks  # their solves
 
 
 class InfluenceFunctionModel(ABC):
@@ -396,18 +403,22 @@ class InfluenceFunctionModel(ABC):
         samples = Samples((x_test, y_test), "x_test, y_test", self._factor_rows(), check=self._check_targets,
                           transform=self.features)
         prepared = self.source.allocate_queries(samples.count(), dtype)
+        # On a GPU the checks are read once at the end: no host sync per block or layer.
+        checks = FactorChecks(FiniteChecks("per-sample gradients"), FiniteChecks("influence factors"))
         with matmul_precision(self.allow_tf32):
             for block in samples.blocks():
-                self._write_factor_block(prepared, block)
+                self._write_factor_block(prepared, block, checks)
+        checks.gradients.finish()
+        checks.factors.finish()
         return prepared
 
-    def _write_factor_block(self, prepared: PreparedQueries, block: SampleBlock) -> None:
+    def _write_factor_block(self, prepared: PreparedQueries, block: SampleBlock, checks: "FactorChecks") -> None:
         """Writes the factors of one block of test points into their rows of `prepared`."""
         g = self.source.grads(block.x, block.y)
-        check_finite(g, "per-sample gradients", block.offset)
+        checks.gradients.add(g, block.offset)
         factors = self.solve(g)
         del g
-        check_finite(factors, "influence factors", block.offset)
+        checks.factors.add(factors, block.offset)
         self.source.write_queries(prepared, factors, block.offset)
 
     # -- scores -------------------------------------------------------------------------------------

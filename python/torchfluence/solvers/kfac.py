@@ -36,14 +36,14 @@ from ..target_sampling import TargetSampler, default_sampler, exact_output_grads
 from ..budget import temporary_rows
 from ..capture import (Captured, Layer, capture, describe_coverage, describe_missing, find_layers,
                        shared_weights, tied_parameters)
-from ..checks import check_finite, check_mode, check_regularization
+from ..checks import check_mode, check_regularization
 from ..data import LABELS, Batch, SampleBlock, Samples
 from ..distributed import all_reduce_count, all_reduce_sum, is_main_process, local_blocks
 from ..captured_scores import index_pair_sums, index_sum, psg_self_dot
 from ..curvature import curvature_operator
 from ..gradients import CapturedGradients, PreparedQueries, gradient_source
 from ..contract import SolverOptions, SolverTraits, option
-from ..influence import InfluenceFunctionModel
+from ..influence import FactorChecks, InfluenceFunctionModel
 from ..persist import state_tensor
 from ..projected_space import kronecker_layers, projected_engine
 from ..scoring import run_blocks
@@ -330,7 +330,7 @@ class KfacInfluence(InfluenceFunctionModel):
         """``Q_S (R / (eigenvalues + lambda)) Q_A^T``: the solve of gradients R given in the eigenbasis."""
         return q_s @ (rotated / (lam + self.regularization)) @ q_a.T
 
-    def _write_factor_block(self, prepared: PreparedQueries, block: SampleBlock) -> None:
+    def _write_factor_block(self, prepared: PreparedQueries, block: SampleBlock, checks: FactorChecks) -> None:
         """Test factors from the block's capture, rotated into the eigenbasis in the cheaper order.
 
         ``Q_S^T G Q_A`` of a query's gradient ``G = sum_t g_t a_t^T`` costs
@@ -341,7 +341,7 @@ class KfacInfluence(InfluenceFunctionModel):
         into its part of the prepared queries: no (n_test, p) gradient or factor matrix.
         """
         if not self._queries_from_captures():
-            return super()._write_factor_block(prepared, block)
+            return super()._write_factor_block(prepared, block, checks)
         cap = self._capture(block.x, block.y)
         for i, (layer, (q_a, q_s, lam)) in enumerate(zip(self.layers, self._solve_factors)):
             part = prepared.parts[i].view(-1, layer.d_out, layer.d_in_total)
@@ -350,9 +350,9 @@ class KfacInfluence(InfluenceFunctionModel):
             for start in range(0, block.size, step):
                 stop = min(start + step, block.size)
                 rotated = _rotated_gradients(cap, i, start, stop, q_s, q_a)
-                check_finite(rotated, "per-sample gradients", block.offset + start)
+                checks.gradients.add(rotated, block.offset + start)
                 factors = self._solve_rotated(rotated, q_s, q_a, lam)
-                check_finite(factors, "influence factors", block.offset + start)
+                checks.factors.add(factors, block.offset + start)
                 part[block.offset + start:block.offset + stop] = factors
 
     def _queries_from_captures(self) -> bool:
