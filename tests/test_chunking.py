@@ -23,6 +23,23 @@ def test_plan_keeps_everything_in_one_call_on_a_gpu_and_within_budget_on_a_cpu()
     assert chunking.plan(8, 8, 1 << 30, 10, torch.device("cpu")) == chunking.Chunks(1, 1)
 
 
+def test_kfac_temporaries_are_bounded_by_the_device_model(monkeypatch):
+    """A ResNet-9's 512 x 4608 layer: on an 80 GB GPU a chunk's float32 temporary stays within
+    1/64 of the memory (not the 9.7 GB of a whole 1024-sample block); on a CPU under 16 MiB."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 << 30))
+    per_row = 512 * 4608
+    rows = budgets.temporary_rows(per_row, torch.device("cuda"))
+    assert 100 <= rows < 1024 and rows * per_row * 4 <= (80 << 30) // budgets.GPU_TEMPORARY_FRACTION
+    assert budgets.temporary_rows(per_row, torch.device("cuda"), torch.bfloat16) == (80 << 30) // 64 // (per_row * 2)
+    cpu = budgets.temporary_rows(per_row, torch.device("cpu"))
+    assert cpu == 1 and budgets.temporary_rows(1024, torch.device("cpu")) * 1024 * 4 <= 16 << 20
+    # float64 rows take twice the bytes: half the rows.
+    assert budgets.temporary_rows(1024, torch.device("cpu"), torch.float64) * 2 == budgets.temporary_rows(
+        1024, torch.device("cpu"))
+
+
 def test_footprint_counts_leaf_module_outputs_and_the_input():
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(256, 10))
     x = torch.randn(5, 1, 8, 8)

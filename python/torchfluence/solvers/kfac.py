@@ -316,7 +316,7 @@ class KfacInfluence(InfluenceFunctionModel):
         out = torch.empty_like(vectors)
         for layer, (q_a, q_s, lam) in zip(self.layers, self._solve_factors):
             # Rows in chunks whose (chunk, d_out, d_in) temporaries stay small on a CPU (temporary_rows).
-            step = temporary_rows(layer.d_out * layer.d_in_total, vectors.device)
+            step = temporary_rows(layer.d_out * layer.d_in_total, vectors.device, vectors.dtype)
             for start in range(0, vectors.shape[0], step):
                 rows, target = vectors[start:start + step], out[start:start + step]
                 if q_a is None:  # an embedding: its eigenbasis on the input side is the token basis
@@ -346,7 +346,7 @@ class KfacInfluence(InfluenceFunctionModel):
         for i, (layer, (q_a, q_s, lam)) in enumerate(zip(self.layers, self._solve_factors)):
             part = prepared.parts[i].view(-1, layer.d_out, layer.d_in_total)
             T = cap.output_grads[i].shape[-2]
-            step = temporary_rows(layer.d_out * max(layer.d_in_total, T), self.device)
+            step = temporary_rows(layer.d_out * max(layer.d_in_total, T), self.device, self.dtype)
             for start in range(0, block.size, step):
                 stop = min(start + step, block.size)
                 rotated = _rotated_gradients(cap, i, start, stop, q_s, q_a)
@@ -471,7 +471,7 @@ def _rotated_squares(cap: Captured, i: int, g: Tensor, q_s: Tensor, q_a: Tensor)
     # Samples go through in chunks whose (chunk, d_out, d_in) temporaries stay below the
     # allocator's mmap threshold (32 MiB): larger ones are returned to the OS when freed and
     # page-faulted in again by the next chunk, which measured 3x slower than the product itself.
-    chunk = temporary_rows(d_out * max(d_in, T), g.device)
+    chunk = temporary_rows(d_out * max(d_in, T), g.device, g.dtype)
     total = torch.zeros(d_out, d_in, dtype=g.dtype, device=g.device)
     for k in range(K):
         for start in range(0, b, chunk):
