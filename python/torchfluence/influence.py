@@ -23,6 +23,7 @@ contract of :mod:`torchfluence.contract`.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ from .parameter_blocks import BlockStructure
 from .persist import MissingTrainData, load_solver, save_solver
 from .precision import check_score_dtype, matmul_precision
 from .projected_space import Projection, describe_projection, projected_engine, resolve_second_order
+from .query_cache import QueryCache
 from .scoring import Output, Runtime, finished, result_sink, run_blocks, score_into
 from .sinks import DenseSink, TopKSink
 
@@ -181,6 +183,10 @@ class InfluenceFunctionModel(ABC):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.second_order, self.progress, self.fused = second_order, progress, fused
         self.model = model  # the model as given (in head mode, backbone and head)
+        # The last query set's prepared factors (torchfluence.query_cache); set False to keep none.
+        self.cache_queries = True
+        self._query_cache = QueryCache()
+        self._fit_generation = 0  # changes with every fit or restore: a cached query set is stale then
         self.features: Optional[BackboneFeatures] = None
         self._full_model: Optional[nn.Module] = None  # for mode="perturbation" in automatic head mode
         split = None
@@ -335,9 +341,19 @@ class InfluenceFunctionModel(ABC):
         """:meth:`fit` on data already in the solver's input space (for solvers built on another's data)."""
         self.n_train = samples.count()
         self._train = samples
+        self._fitted_anew()
         with matmul_precision(self.allow_tf32):
             self._fit(samples)
         return self
+
+    def _fitted_anew(self) -> None:
+        """Forgets what depended on the previous fit (the cached query set)."""
+        self._fit_generation += 1
+        self._query_cache.clear()
+
+    def forget_queries(self) -> None:
+        """Frees the prepared factors kept from the last query set (see :attr:`cache_queries`)."""
+        self._query_cache.clear()
 
     def _fit(self, train: Samples) -> None:  # noqa: B027 - optional hook
         """Solver-specific work at fit time (default: none)."""
@@ -390,6 +406,28 @@ class InfluenceFunctionModel(ABC):
         return query_rows(self.num_params, self.dtype, self.device, copies=2, most=self.block_size)
 
     def _prepared_factors(self, x_test: Tensor, y_test: Tensor) -> PreparedQueries:
+        """The test factors laid out for scoring, in the scoring dtype; reused when the last call
+        had the same query tensors and the solver is unchanged since (:mod:`torchfluence.query_cache`).
+
+        Every scoring call on a query set comes through here, so ``train_influences`` then
+        ``top_k`` on the same ``x_test, y_test`` solves the queries once. The entry is kept
+        until the next query set, a refit, :meth:`forget_queries`, or ``cache_queries = False``.
+        """
+        self._require_fitted()
+        if not self.cache_queries:
+            self._query_cache.clear()
+            return self._prepare_factors(x_test, y_test)
+        return self._query_cache.get_or_prepare((x_test, y_test), self._solver_state(),
+                                                lambda: self._prepare_factors(x_test, y_test))
+
+    def _solver_state(self) -> tuple:
+        """What the prepared factors depend on besides the queries: the fit, the settings, the
+        device and the parameters (torch's version counters change with every in-place update)."""
+        settings = json.dumps(plain(self.settings()), sort_keys=True, default=str)
+        versions = tuple(p._version for p in self.model.parameters())
+        return self._fit_generation, settings, str(self.device), versions, self.functions.theta._version
+
+    def _prepare_factors(self, x_test: Tensor, y_test: Tensor) -> PreparedQueries:
         """The test factors laid out for scoring, in the scoring dtype.
 
         A solver whose solve treats each row on its own (``traits.solves_rows_independently``)
@@ -770,6 +808,7 @@ class InfluenceFunctionModel(ABC):
         self._classes = classes
         self._train = train if train is not None else MissingTrainData(missing, n_train, self.block_size)
         self._train_source = train_source if train is not None else None
+        self._fitted_anew()
         on_device = {key: value.to(self.device) for key, value in tensors.items()}
         with matmul_precision(self.allow_tf32):
             self.restore_fitted_state(on_device, dict(info))
