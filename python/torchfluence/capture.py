@@ -61,6 +61,7 @@ from torch import Tensor, nn
 from . import conv_covariance
 from ._functional import _STOCHASTIC_MODULES, ModelFunctions
 from .captured_scores import index_sum
+from .precision import matmul_float32
 
 ActivationsFn = Callable[[nn.Module, Tensor], Tensor]
 OutputGradsFn = Callable[[nn.Module, Tensor], Tensor]
@@ -475,16 +476,20 @@ class ConvInput:
         a = _conv2d_activations(self.module, self.x)
         return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1) if self.bias else a
 
-    def covariance(self) -> Tensor:
+    def covariance(self, operand_dtype: Optional[torch.dtype] = None) -> Tensor:
         """``sum_{n,t} a_nt a_nt^T`` over the patches (bias column last), (d_in_total, d_in_total).
 
         On a CPU, for stride-1 convolutions at 8 or more output rows, from row-shift
         correlations of the input (:mod:`torchfluence.conv_covariance`), with no patches.
+        With `operand_dtype` (16-bit) the patches are rounded to it and the sums run in
+        float32 (:func:`~torchfluence.precision.matmul_float32`); the patches hold the
+        input's values, so on the CPU route the input is rounded instead.
         """
         pads = _conv2d_pads(self.module)
         if self.x.device.type == "cpu" and conv_covariance.applies(self.module, self.x, pads):
-            return conv_covariance.patch_covariance(self.module, self.x, pads, self.bias)
-        return _gram(self.patches())
+            x = self.x if operand_dtype is None else self.x.to(operand_dtype).to(self.x.dtype)
+            return conv_covariance.patch_covariance(self.module, x, pads, self.bias)
+        return gram(self.patches(), operand_dtype)
 
     def grads(self, output_grads: Tensor, start: int, stop: int) -> Tensor:
         """Per-sample gradients of samples start..stop, (b, d_out, d_in_total), from (n, T, d_out) output gradients.
@@ -516,9 +521,12 @@ class ConvInput:
 GROUPED_GRADS_MIN_POSITIONS = 64
 
 
-def _gram(activations: Tensor) -> Tensor:
-    """``sum_{n,t} a_nt a_nt^T`` of (n, T, d) activations, (d, d)."""
+def gram(activations: Tensor, operand_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``sum_{n,t} a_nt a_nt^T`` of (n, T, d) activations, (d, d); `operand_dtype` as in :meth:`ConvInput.covariance`."""
     a2 = activations.reshape(-1, activations.shape[-1])
+    if operand_dtype is not None:
+        a2 = a2.to(operand_dtype)
+        return matmul_float32(a2.T, a2)
     return a2.T @ a2
 
 
@@ -546,10 +554,13 @@ class Captured:
             a = self._activations[i] = a.patches()
         return a
 
-    def activation_covariance(self, i: int) -> Tensor:
-        """Layer i's ``sum_{n,t} a_nt a_nt^T`` over the block, (d_in_total, d_in_total); not for index layers."""
+    def activation_covariance(self, i: int, operand_dtype: Optional[torch.dtype] = None) -> Tensor:
+        """Layer i's ``sum_{n,t} a_nt a_nt^T`` over the block, (d_in_total, d_in_total); not for index layers.
+
+        `operand_dtype`: 16-bit operands, float32 sums (:meth:`ConvInput.covariance`).
+        """
         a = self._activations[i]
-        return a.covariance() if isinstance(a, ConvInput) else _gram(a)
+        return a.covariance(operand_dtype) if isinstance(a, ConvInput) else gram(a, operand_dtype)
 
     def layer_grads(self, i: int, start: int, stop: int, output_grads: Optional[Tensor] = None) -> Tensor:
         """Layer i's per-sample gradients ``sum_t g_t a_t^T`` of samples start..stop, (b, d_out, d_in_total).

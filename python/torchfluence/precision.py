@@ -13,6 +13,13 @@ Two rules, the same on every device:
   (or float16) the operands of the scoring products are 16-bit and run on
   tensor cores, but the products are accumulated and returned in float32
   (:func:`mm_float32`); scores are never rounded to 16 bits.
+- **16-bit factors keep 32-bit sums.** With ``factor_dtype=torch.bfloat16`` (K-FAC,
+  EK-FAC) the operands of the fit's products (covariances, rotations into the
+  eigenbasis) and of the query preconditioning are rounded to 16 bits, and every
+  product is accumulated and returned in float32 (:func:`matmul_float32`); sums over
+  samples run in float32 and float64, eigendecompositions in float64. On a CPU the
+  same rounding is applied and the products run in float32: the same numbers as on
+  a GPU (up to summation order), without a speed-up.
 """
 
 from __future__ import annotations
@@ -57,6 +64,19 @@ def check_score_dtype(score_dtype: Optional[torch.dtype], dtype: torch.dtype) ->
     return score_dtype
 
 
+def check_factor_dtype(factor_dtype: Optional[torch.dtype], dtype: torch.dtype) -> Optional[torch.dtype]:
+    """Validates ``factor_dtype``: None (the computation dtype), torch.bfloat16 or torch.float16."""
+    if factor_dtype is None or factor_dtype == dtype:
+        return None
+    if factor_dtype not in SCORE_DTYPES:
+        raise ValueError(f"factor_dtype must be None (the computation dtype, {dtype}), torch.bfloat16 or "
+                         f"torch.float16, got {factor_dtype}")
+    if dtype == torch.float64:
+        raise ValueError(f"factor_dtype={factor_dtype} with dtype=torch.float64 would throw the float64 "
+                         "computation away; use float32 (dtype=None on a float32 model) for 16-bit factors")
+    return factor_dtype
+
+
 def _has_out_dtype_mm() -> bool:
     return "dtype" in torch.ops.aten.mm.overloads()
 
@@ -77,3 +97,24 @@ def mm_float32(a: Tensor, b: Tensor) -> Tensor:
             return torch.mm(a, b, out_dtype=torch.float32)
         return a.float() @ b.float()
     return a @ b
+
+
+def matmul_float32(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` (torch.matmul's shapes: 2-D or batched 3-D) for operands of one dtype, in float32.
+
+    16-bit operands on CUDA run as tensor-core GEMMs with float32 accumulation and
+    output (``out_dtype=torch.float32``); elsewhere the 16-bit operands are widened
+    first, which gives the same rounding of the operands. Other dtypes: ``a @ b``.
+    """
+    if a.dtype not in SCORE_DTYPES:
+        return a @ b
+    if not (a.is_cuda and _OUT_DTYPE_MM):
+        return a.float() @ b.float()
+    f32 = torch.float32
+    if b.dim() == 2:  # (..., m, k) @ (k, n): the batch folds into the rows
+        return torch.mm(a.reshape(-1, a.shape[-1]), b, out_dtype=f32).reshape(*a.shape[:-1], b.shape[-1])
+    if a.dim() == 2 and b.dim() == 3:
+        return torch.bmm(a.expand(b.shape[0], *a.shape), b, out_dtype=f32)
+    if a.dim() == 3 and b.dim() == 3:
+        return torch.bmm(a, b, out_dtype=f32)
+    return (a @ b).float()

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ..counter_random import SampleDraws
 from ..target_sampling import TargetSampler, default_sampler, exact_output_grads, token_cross_entropy_sampler
 from ..budget import temporary_rows
-from ..capture import (Captured, Layer, capture, describe_coverage, describe_missing, find_layers,
+from ..capture import (Captured, Layer, capture, gram, describe_coverage, describe_missing, find_layers,
                        shared_weights, tied_parameters)
 from ..checks import check_mode, check_regularization
 from ..data import LABELS, Batch, SampleBlock, Samples
@@ -45,6 +45,7 @@ from ..gradients import CapturedGradients, PreparedQueries, gradient_source
 from ..contract import SolverOptions, SolverTraits, option
 from ..influence import FactorChecks, InfluenceFunctionModel
 from ..persist import state_tensor
+from ..precision import check_factor_dtype, matmul_float32
 from ..projected_space import kronecker_layers, projected_engine
 from ..scoring import run_blocks
 from ..sinks import DenseSink
@@ -73,6 +74,7 @@ class EkfacOptions(SolverOptions):
     fisher: str = option(fit=True, doc="true (sampled labels), exact or empirical")
     fisher_samples: int = option(fit=True, doc="label draws per sample for the true Fisher")
     seed: int = option(fit=True, doc="seed of the label draws")
+    factor_dtype: Optional[torch.dtype] = option(fit=True, doc="16-bit operands of the factor products")
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,12 @@ class KfacInfluence(InfluenceFunctionModel):
             one more forward + backward, and lowers the Monte Carlo noise of the factors.
         seed: seeds the target draws.
         eigenvalue_correction: EK-FAC when True (see :class:`EkfacInfluence`).
+        factor_dtype: ``torch.bfloat16`` (or float16) runs the fit's products (covariances,
+            rotations into the eigenbasis for EK-FAC's eigenvalues) and the query
+            preconditioning with 16-bit operands and float32 accumulation; sums over
+            samples stay float32/float64 and eigendecompositions float64
+            (:mod:`torchfluence.precision`). For tensor-core GPUs; on a CPU it gives
+            the same numbers without a speed-up. Default None: the model's dtype.
         (others as in :class:`~torchfluence.InfluenceFunctionModel`; ``second_order`` is not taken)
     """
 
@@ -124,7 +132,8 @@ class KfacInfluence(InfluenceFunctionModel):
     def __init__(self, model, loss, regularization: float = 0.0, *,
                  fisher: Literal["true", "exact", "empirical"] = "true",
                  sample_targets: Optional[Callable] = None, fisher_samples: int = 1, seed: int = 0,
-                 eigenvalue_correction: bool = False, params: Optional[Sequence[str]] = None, **kwargs) -> None:
+                 eigenvalue_correction: bool = False, params: Optional[Sequence[str]] = None,
+                 factor_dtype: Optional[torch.dtype] = None, **kwargs) -> None:
         if "second_order" in kwargs:
             raise TypeError(f"{type(self).__name__} approximates the Fisher / Gauss-Newton matrix and takes no "
                             "second_order argument")
@@ -135,6 +144,7 @@ class KfacInfluence(InfluenceFunctionModel):
             raise ValueError(f"fisher_samples must be a positive int, got {fisher_samples!r}")
         self.fisher, self.fisher_samples, self.seed = fisher, fisher_samples, seed
         self.eigenvalue_correction = eigenvalue_correction
+        self.factor_dtype = check_factor_dtype(factor_dtype, self.dtype)
         self._sample_targets = sample_targets
         self._draws: Optional[SampleDraws] = None  # the default samplers' random numbers
         self.layers, missing = find_layers(self.functions)
@@ -248,8 +258,8 @@ class KfacInfluence(InfluenceFunctionModel):
                 if layer.index:
                     a_sums[i] += _index_counts(layer, cap.activation(i)).double()
                 else:
-                    a_sums[i] += cap.activation_covariance(i).double()
-                s_sums[i] += (g2.T @ g2).double() / g.shape[-2]
+                    a_sums[i] += cap.activation_covariance(i, self.factor_dtype).double()
+                s_sums[i] += gram(g2, self.factor_dtype).double() / g.shape[-2]
         for total in (*a_sums, *s_sums):
             all_reduce_sum(total)
         n = all_reduce_count(n, dev)
@@ -277,6 +287,9 @@ class KfacInfluence(InfluenceFunctionModel):
     def _corrected_eigenvalues(self, train: Samples, bases, sampler) -> list[Tensor]:
         sums = [torch.zeros_like(lam) for _, _, lam in bases]
         typed = [(_to(q_a, self.dtype), q_s.to(self.dtype)) for q_a, q_s, _ in bases]
+        # The rotations' operands: 16-bit with factor_dtype (embeddings keep theirs: no matmul there).
+        low = self.factor_dtype or self.dtype
+        operands = [(q_s.to(low), _to(q_a, low)) for q_a, q_s in typed]
         n = 0
         for cap in self._captures(train, sampler, "EK-FAC eigenvalues", stage=1):
             n += cap.outputs.shape[0]
@@ -287,7 +300,7 @@ class KfacInfluence(InfluenceFunctionModel):
                 if layer.index:
                     sums[i] += _index_rotated_squares(layer, cap.activation(i), g @ q_s).double()
                     continue
-                sums[i] += _rotated_squares(cap, i, g, q_s, q_a).double()
+                sums[i] += _rotated_squares(cap, i, g, *operands[i]).double()
         for total in sums:
             all_reduce_sum(total)
         n = all_reduce_count(n, self.device)
@@ -322,13 +335,16 @@ class KfacInfluence(InfluenceFunctionModel):
                 if q_a is None:  # an embedding: its eigenbasis on the input side is the token basis
                     layer.write(q_s @ ((q_s.T @ layer.matrices(rows)) / (lam + self.regularization)), target)
                     continue
-                rotated = q_s.T @ layer.matrices(rows) @ q_a  # (chunk, d_out, d_in_total)
+                rotated = _rotate(q_s, layer.matrices(rows), q_a, self.factor_dtype)  # (chunk, d_out, d_in_total)
                 layer.write(self._solve_rotated(rotated, q_s, q_a, lam), target)
         return out
 
     def _solve_rotated(self, rotated: Tensor, q_s: Tensor, q_a: Tensor, lam: Tensor) -> Tensor:
         """``Q_S (R / (eigenvalues + lambda)) Q_A^T``: the solve of gradients R given in the eigenbasis."""
-        return q_s @ (rotated / (lam + self.regularization)) @ q_a.T
+        scaled = rotated / (lam + self.regularization)
+        if self.factor_dtype is None:
+            return q_s @ scaled @ q_a.T
+        return _rotate(q_s.T, scaled, q_a.T, self.factor_dtype)
 
     def _write_factor_block(self, prepared: PreparedQueries, block: SampleBlock, checks: FactorChecks) -> None:
         """Test factors from the block's capture, rotated into the eigenbasis in the cheaper order.
@@ -349,7 +365,7 @@ class KfacInfluence(InfluenceFunctionModel):
             step = temporary_rows(layer.d_out * max(layer.d_in_total, T), self.device, self.dtype)
             for start in range(0, block.size, step):
                 stop = min(start + step, block.size)
-                rotated = _rotated_gradients(cap, i, start, stop, q_s, q_a)
+                rotated = _rotated_gradients(cap, i, start, stop, q_s, q_a, operand_dtype=self.factor_dtype)
                 checks.gradients.add(rotated, block.offset + start)
                 factors = self._solve_rotated(rotated, q_s, q_a, lam)
                 checks.factors.add(factors, block.offset + start)
@@ -468,6 +484,7 @@ def _rotated_squares(cap: Captured, i: int, g: Tensor, q_s: Tensor, q_a: Tensor)
     """
     K, b, T, d_out = g.shape
     d_in = q_a.shape[0]
+    operand_dtype = q_s.dtype if q_s.dtype != g.dtype else None
     # Samples go through in chunks whose (chunk, d_out, d_in) temporaries stay below the
     # allocator's mmap threshold (32 MiB): larger ones are returned to the OS when freed and
     # page-faulted in again by the next chunk, which measured 3x slower than the product itself.
@@ -475,13 +492,14 @@ def _rotated_squares(cap: Captured, i: int, g: Tensor, q_s: Tensor, q_a: Tensor)
     total = torch.zeros(d_out, d_in, dtype=g.dtype, device=g.device)
     for k in range(K):
         for start in range(0, b, chunk):
-            rotated = _rotated_gradients(cap, i, start, min(start + chunk, b), q_s, q_a, None if K == 1 else g[k])
+            rotated = _rotated_gradients(cap, i, start, min(start + chunk, b), q_s, q_a, None if K == 1 else g[k],
+                                         operand_dtype)
             total += rotated.square_().sum(dim=0)  # in place: no second (chunk, d_out, d_in)
     return total
 
 
 def _rotated_gradients(cap: Captured, i: int, start: int, stop: int, q_s: Tensor, q_a: Tensor,
-                       output_grads: Optional[Tensor] = None) -> Tensor:
+                       output_grads: Optional[Tensor] = None, operand_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Per-sample gradients of samples start..stop in layer i's Kronecker eigenbasis, (b, d_out, d_in_total).
 
     ``Q_S^T (sum_t g_t a_t^T) Q_A`` in the order with fewer multiply-adds per sample, from
@@ -492,14 +510,30 @@ def _rotated_gradients(cap: Captured, i: int, start: int, stop: int, q_s: Tensor
 
     Args:
         output_grads: (n, T, d_out) replacing the captured ones (one of fisher="exact"'s passes).
+        operand_dtype: 16-bit operands and float32 results for every product
+            (:func:`~torchfluence.precision.matmul_float32`); None: the captures' dtype.
     """
     g = cap.output_grads[i] if output_grads is None else output_grads
     T, d_out, d_in = g.shape[-2], g.shape[-1], q_a.shape[0]
     rotate_first = T * (d_in * d_in + d_out * d_out + d_out * d_in)
     form_first = T * d_out * d_in + d_out * d_in * (d_out + d_in)
     if form_first < rotate_first:
-        return q_s.T @ cap.layer_grads(i, start, stop, output_grads) @ q_a
-    return torch.einsum("nto,nti->noi", g[start:stop] @ q_s, cap.activation(i)[start:stop] @ q_a)
+        return _rotate(q_s, cap.layer_grads(i, start, stop, output_grads), q_a, operand_dtype)
+    if operand_dtype is None:
+        return torch.einsum("nto,nti->noi", g[start:stop] @ q_s, cap.activation(i)[start:stop] @ q_a)
+    lp = lambda t: t.to(operand_dtype)  # noqa: E731
+    g_rot = matmul_float32(lp(g[start:stop]), lp(q_s))  # (b, T, d_out)
+    a_rot = matmul_float32(lp(cap.activation(i)[start:stop]), lp(q_a))  # (b, T, d_in)
+    return matmul_float32(lp(g_rot.transpose(1, 2)), lp(a_rot))
+
+
+def _rotate(q_s: Tensor, matrices: Tensor, q_a: Tensor, operand_dtype: Optional[torch.dtype]) -> Tensor:
+    """``Q_S^T M Q_A`` for (b, d_out, d_in) matrices M; with 16-bit `operand_dtype`, each of the two
+    products has 16-bit operands and a float32 result."""
+    if operand_dtype is None:
+        return q_s.T @ matrices @ q_a
+    lp = lambda t: t.to(operand_dtype)  # noqa: E731
+    return matmul_float32(lp(matmul_float32(lp(q_s.T), lp(matrices))), lp(q_a))
 
 
 def _labels(y):
