@@ -547,6 +547,15 @@ class Captured:
         """Every layer's activations (patches of convolutions formed now, once)."""
         return [self.activation(i) for i in range(len(self._activations))]
 
+    def to(self, dtype: torch.dtype) -> "Captured":
+        """The capture with every floating-point tensor in `dtype` (an index layer's ids as they are)."""
+        def cast(a):
+            if isinstance(a, ConvInput):
+                return ConvInput(a.module, a.x.to(dtype), a.bias)
+            return a.to(dtype) if a.is_floating_point() else a
+        return Captured([cast(a) for a in self._activations], [g.to(dtype) for g in self.output_grads],
+                        self.outputs.to(dtype))
+
     def activation(self, i: int) -> Tensor:
         """Layer i's activations, (n, T, d_in_total) (or (n, T) ids of an index layer)."""
         a = self._activations[i]

@@ -87,7 +87,7 @@ FORMAT = "torchfluence.solver"
 FORMAT_VERSION = 1
 METADATA_KEY = "torchfluence"
 
-_DTYPE_OPTIONS = ("dtype", "score_dtype", "factor_dtype")
+_DTYPE_OPTIONS = ("dtype", "score_dtype", "factor_dtype", "capture_dtype")
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16}
 

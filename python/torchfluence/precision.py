@@ -64,17 +64,19 @@ def check_score_dtype(score_dtype: Optional[torch.dtype], dtype: torch.dtype) ->
     return score_dtype
 
 
-def check_factor_dtype(factor_dtype: Optional[torch.dtype], dtype: torch.dtype) -> Optional[torch.dtype]:
-    """Validates ``factor_dtype``: None (the computation dtype), torch.bfloat16 or torch.float16."""
-    if factor_dtype is None or factor_dtype == dtype:
+def check_factor_dtype(value: Optional[torch.dtype], dtype: torch.dtype,
+                       name: str = "factor_dtype") -> Optional[torch.dtype]:
+    """Validates ``factor_dtype`` (or another 16-bit option `name`): None (the computation dtype),
+    torch.bfloat16 or torch.float16."""
+    if value is None or value == dtype:
         return None
-    if factor_dtype not in SCORE_DTYPES:
-        raise ValueError(f"factor_dtype must be None (the computation dtype, {dtype}), torch.bfloat16 or "
-                         f"torch.float16, got {factor_dtype}")
+    if value not in SCORE_DTYPES:
+        raise ValueError(f"{name} must be None (the computation dtype, {dtype}), torch.bfloat16 or "
+                         f"torch.float16, got {value}")
     if dtype == torch.float64:
-        raise ValueError(f"factor_dtype={factor_dtype} with dtype=torch.float64 would throw the float64 "
+        raise ValueError(f"{name}={value} with dtype=torch.float64 would throw the float64 "
                          "computation away; use float32 (dtype=None on a float32 model) for 16-bit factors")
-    return factor_dtype
+    return value
 
 
 def _has_out_dtype_mm() -> bool:

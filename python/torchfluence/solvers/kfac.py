@@ -75,6 +75,7 @@ class EkfacOptions(SolverOptions):
     fisher_samples: int = option(fit=True, doc="label draws per sample for the true Fisher")
     seed: int = option(fit=True, doc="seed of the label draws")
     factor_dtype: Optional[torch.dtype] = option(fit=True, doc="16-bit operands of the factor products")
+    capture_dtype: Optional[torch.dtype] = option(fit=True, doc="autocast dtype of the fit's model passes")
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,11 @@ class KfacInfluence(InfluenceFunctionModel):
             samples stay float32/float64 and eigendecompositions float64
             (:mod:`torchfluence.precision`). For tensor-core GPUs; on a CPU it gives
             the same numbers without a speed-up. Default None: the model's dtype.
+        capture_dtype: ``torch.bfloat16`` (or float16) runs the model's forward and backward
+            passes of the fit under ``torch.autocast`` (as kronfluence's AMP settings do);
+            the captured activations and output gradients are then widened to the model's
+            dtype for the sums. The captures of the first block are checked against plain
+            autograd without autocast, as always. Default None: no autocast.
         (others as in :class:`~torchfluence.InfluenceFunctionModel`; ``second_order`` is not taken)
     """
 
@@ -133,7 +139,8 @@ class KfacInfluence(InfluenceFunctionModel):
                  fisher: Literal["true", "exact", "empirical"] = "true",
                  sample_targets: Optional[Callable] = None, fisher_samples: int = 1, seed: int = 0,
                  eigenvalue_correction: bool = False, params: Optional[Sequence[str]] = None,
-                 factor_dtype: Optional[torch.dtype] = None, **kwargs) -> None:
+                 factor_dtype: Optional[torch.dtype] = None, capture_dtype: Optional[torch.dtype] = None,
+                 **kwargs) -> None:
         if "second_order" in kwargs:
             raise TypeError(f"{type(self).__name__} approximates the Fisher / Gauss-Newton matrix and takes no "
                             "second_order argument")
@@ -145,6 +152,8 @@ class KfacInfluence(InfluenceFunctionModel):
         self.fisher, self.fisher_samples, self.seed = fisher, fisher_samples, seed
         self.eigenvalue_correction = eigenvalue_correction
         self.factor_dtype = check_factor_dtype(factor_dtype, self.dtype)
+        self.capture_dtype = check_factor_dtype(capture_dtype, self.dtype, "capture_dtype")
+        self._rules_checked = False  # the capture rules were checked without autocast
         self._sample_targets = sample_targets
         self._draws: Optional[SampleDraws] = None  # the default samplers' random numbers
         self.layers, missing = find_layers(self.functions)
@@ -232,10 +241,25 @@ class KfacInfluence(InfluenceFunctionModel):
                 if getattr(sampler, "needs_targets", False):  # keeps the data's masked positions
                     y = block.y.to(self.device)
                     drawn = lambda o, y=y: _with_labels(y, sampler(o, _labels(y)))  # noqa: E731
-                cap = self._capture(block.x, block.y, drawn, out_grads)
+                cap = self._fit_capture(block.x, block.y, drawn, out_grads)
                 if exact and any(g.dim() != 4 for g in cap.output_grads):
                     raise ValueError("fisher='exact' supports outputs of shape (n, classes) only; use fisher='true'")
                 yield cap
+
+    def _fit_capture(self, x: Tensor, y: Tensor, sampler: Optional[TargetSampler],
+                     output_grads: Optional[Callable[[Tensor], Tensor]]) -> Captured:
+        """One block's capture for the fit, under autocast with ``capture_dtype``."""
+        if self.capture_dtype is None:
+            return self._capture(x, y, sampler, output_grads)
+        if not all(layer.verified for layer in self._captured_layers) and not self._rules_checked:
+            # Autocast's products differ from plain autograd's by ~1e-2: the capture rules
+            # are checked on the first samples without it.
+            self._capture(x[:2], y[:2])
+            self._rules_checked = True
+        with torch.autocast(self.device.type, dtype=self.capture_dtype):
+            cap = capture(self.functions, self._captured_layers, x, y, sampler, output_grads)
+        cap = cap.to(self.dtype)
+        return cap if self._projection is None else self._projection.project_capture(cap)
 
     def _capture(self, x: Tensor, y: Tensor, sampler: Optional[TargetSampler] = None,
                  output_grads: Optional[Callable[[Tensor], Tensor]] = None) -> Captured:
