@@ -478,7 +478,8 @@ def _layer_blocks(model: nn.Module, g: Tensor, names: list, transposed: tuple = 
     """Per-sample gradients (n, p) over `names` -> {module: (n, d_out, d_in [+ 1])}, bias as the last column.
 
     An embedding's (vocab, width) gradient is transposed to (width, vocab): its input is the one-hot token.
-    So is the weight of any module of the `transposed` types (stored (d_in, d_out)).
+    So is the weight of any module of the `transposed` types (stored (d_in, d_out)). A convolution's
+    (d_out, c_in, *kernel) weight is flattened to (d_out, c_in * prod(kernel)), its patch's layout.
     """
     sizes = [dict(model.named_parameters())[k].numel() for k in names]
     parts = dict(zip(names, g.split(sizes, dim=1)))
@@ -489,7 +490,7 @@ def _layer_blocks(model: nn.Module, g: Tensor, names: list, transposed: tuple = 
         if kind != "weight":
             continue
         module, n = modules[owner], g.shape[0]
-        w = parts[name].view(n, *module.weight.shape)
+        w = parts[name].view(n, module.weight.shape[0], -1)
         if isinstance(module, transposed):
             w = w.transpose(1, 2)
         bias = parts.get(owner + ".bias")
