@@ -12,65 +12,79 @@ eval mode with BatchNorm frozen, so the conv and linear weights are the scored
 parameters on both sides. Both libraries get the same model, the same
 GPU-resident tensors and the same damping, in the same process.
 
-Configurations:
+Rows of the race, in the order they run (kronfluence first: its float32 row is
+the reference every other row is compared with):
 
-- kronfluence fp32: ``prepare_model`` on a copy; ``Analyzer(cpu=False)``;
-  ``fit_all_factors(factor_args=FactorArguments())`` (EK-FAC, true Fisher with
-  sampled labels, float32 covariances and lambdas, float64 eigendecomposition);
-  ``compute_pairwise_scores(score_args=ScoreArguments(damping_factor=REG))``. Query
-  batch 1000, as in kronfluence's CIFAR-10 example. The example leaves the factor
-  and training batches to kronfluence's automatic search (4096, halved after every
-  out-of-memory error), which costs minutes here, so both are fixed
-  (``--peer-batch``, 1024 on a GPU). kronfluence writes factors and scores to files
-  (a temporary directory); reading the scores back is part of the scores stage.
-- kronfluence AMP: the same with the low-precision settings of kronfluence's
-  CIFAR-10 example (``all_low_precision_factor_arguments`` and
-  ``all_low_precision_score_arguments``, bfloat16: autocast, covariances,
-  per-sample gradients, lambdas, preconditioning and scores).
-- torchfluence fp32: ``EkfacInfluence(model, F.cross_entropy, REG,
-  block_size=1024)`` (true Fisher with sampled labels), ``fit((x, y))``,
-  ``train_influences(xq, yq)`` -> (n_query, n_train) float32, and
-  ``top_k(xq, yq, k=10)`` on the fitted data; IEEE float32 products.
-- torchfluence bf16: the same with ``score_dtype=torch.bfloat16`` (bf16 operands
-  with float32 accumulation and results, in the scoring products only). A
-  torchfluence without that keyword runs its float32 path, and the row says so.
-- torchfluence bf16 + TF32: the same with ``allow_tf32=True``: the fit's float32
-  products (covariances, EK-FAC rotations) and the query preconditioning on TF32
-  tensor cores (about 1e-3 relative rounding, below the bf16 rounding of the
-  scoring operands and far below the sampled-label noise of the factors). Its
-  agreement with kronfluence fp32 is measured like every other row's.
-  ``--no-tf32-run`` leaves it out.
+1. kronfluence fp32: ``prepare_model`` on a copy; ``Analyzer(cpu=False)``;
+   ``fit_all_factors(factor_args=FactorArguments())`` (EK-FAC, true Fisher with
+   sampled labels, float32 covariances and lambdas, float64 eigendecomposition);
+   ``compute_pairwise_scores(score_args=ScoreArguments(damping_factor=REG))``; top-k
+   by ``torch.topk`` on its matrix. Query batch 1000, as in kronfluence's CIFAR-10
+   example; the factor and training batches, which the example leaves to
+   kronfluence's automatic search (minutes here), are fixed (``--peer-batch``, 1024
+   on a GPU). kronfluence writes factors and scores to files (a temporary
+   directory); reading the scores back is part of its scores stage.
+2. kronfluence AMP: the same with the low-precision settings of kronfluence's
+   CIFAR-10 example (``all_low_precision_factor_arguments`` and
+   ``all_low_precision_score_arguments``, bfloat16).
+3. torchfluence fp32: ``EkfacInfluence(model, F.cross_entropy, REG, block_size=1024)``
+   (true Fisher with sampled labels), ``fit((x, y))``, ``train_influences(xq, yq)`` ->
+   (n_query, n_train) float32, then ``top_k_of_scores`` of that matrix (exact, ties
+   by lower index); IEEE float32 products throughout.
+4. torchfluence one pass: the same fit with ``score_dtype=torch.bfloat16``, then
+   ``top_k(xq, yq, k=10, with_scores=True)``: the matrix and the top-k lists from one
+   pass over the training data (its scores column holds that pass; top-k is "same
+   pass"). A torchfluence whose ``top_k`` takes no ``with_scores`` runs
+   ``train_influences`` then ``top_k`` (a second pass), and the row says so.
+   ``--one-pass-scores fp32`` scores in float32 instead.
+5. torchfluence bf16 factors: row 4 with ``factor_dtype=torch.bfloat16`` (16-bit
+   operands in the fit's covariance and rotation products). A torchfluence that
+   refuses the keyword gives the row "not available in this build".
+6. (extra) torchfluence TF32 fit: row 4 with ``allow_tf32=True``; it runs last and
+   only within ``--extra-budget``. ``--no-tf32-run`` leaves it out.
 
 Damping: REG is absolute and added to the EK-FAC eigenvalues by both
 libraries. The default, ``--reg auto``, is 0.1 x the mean corrected eigenvalue
 over all scored layers (kronfluence's own heuristic fraction, taken over the
 whole model), measured once by an untimed torchfluence fit on the warm-up
-subset and printed. A fixed 1e-3 is already twice the mean eigenvalue of a
-width-16 ResNet-9 after the same epoch (5e-4), and the mean falls as the width
-grows: at width 64 it would swamp most of the spectrum and pull both methods
-towards a scaled gradient dot product. ``--reg 1e-3`` fixes the value instead.
+subset and printed. ``--reg 1e-3`` fixes the value instead.
 
-Measurement: a warm-up runs every configuration on 1,024 training x 64 queries
-(CUDA context, cuBLAS/cuDNN handles, kernel selection), then each runs once at
-full size, peer and torchfluence alternating, every stage bracketed by
-``torch.cuda.synchronize``. Stages: fit (factors), scores (the full matrix on
-the device; for kronfluence through its files), top-k of that matrix
-(kronfluence: ``torch.topk``; torchfluence: ``top_k_of_scores``, exact with ties
-by lower index). Speed-ups compare fit + scores + top-k. ``--streamed-top-k``
-also times torchfluence's streamed ``top_k`` (a second pass over the training
-data that never holds the matrix) and checks it against the matrix's. After an out-of-memory error
-a stage is run again with smaller batches (kronfluence: all halved;
-torchfluence: ``block_size`` halved, down to 128) and the row says so; the
-stage time is that of the attempt that ran through. Agreement with kronfluence
-fp32: Pearson over all scores, the mean over queries of the Spearman rank
-correlation (ranks on the device), and the overlap of the 10 most helpful
-training points per query. Peak GPU memory is ``max_memory_allocated`` over a
-run (reset before each; the model and data, ~0.7 GiB, included). Optional runs
-(kronfluence AMP, torchfluence fp32) are skipped when their estimated time would
-end past ``--budget`` seconds.
+Measurement: a warm-up runs every row on 1,024 training x 64 queries (CUDA
+context, cuBLAS/cuDNN handles, kernel selection; a row that fails there is not
+run again at full size: its error is the row's), then each runs once at full
+size, every stage bracketed by ``torch.cuda.synchronize``. After an
+out-of-memory error a stage is run again with smaller batches (kronfluence: all
+halved; torchfluence: ``block_size`` halved, down to 128) and the row says so.
+Agreement with kronfluence fp32: the mean over queries of the Spearman rank
+correlation (ranks on the device), Pearson over all scores and the overlap of
+the 10 most helpful training points per query. Peak GPU memory is
+``torch.cuda.max_memory_allocated`` over a row (reset before each; the model and
+data, ~0.7 GiB, included).
+
+Time: ``--budget`` seconds for the whole script (default 380 on a GPU). Rows 1
+and 3 always run; every other row runs only when its estimated time, plus that
+of the required rows still to come, fits in what is left (the extra row: in
+what is left of ``--extra-budget``); a row left out says so in the table.
+Estimates come from the rows already run, with the ratios measured on an H100 at
+this size: kronfluence AMP 0.23x kronfluence fp32 (27.7 s against 120.3 s);
+torchfluence with bf16 scoring 0.36x (42.8 s: fit 22.9 + scores 20.0); float32
+scoring about 2.2x the bf16 scores stage (estimated, not measured); 10% margin.
+
+A row that cannot run is an error row (FAIL and the reason), never a silent
+omission: kronfluence that does not import (carry ``.whl/`` from ``make
+gpu-peer-wheels``) fails both kronfluence rows. The script exits 3 when a row
+failed (after writing its tables), 1 when it crashed. ``--skip-peer`` leaves
+kronfluence out on purpose (the table says so).
+
+Output: the race table (method, fit s, scores s, top-k s, total s, peak GiB,
+Spearman vs kronfluence fp32) with the device, driver, torch and CUDA versions,
+printed last and written to ``--markdown`` (ready for benchmarks/RESULTS.md, with
+a details table of Pearson, top-10 overlap and speed-ups below it); every number
+to ``--json``. Both files are rewritten after every row, so a script cut short
+leaves what it measured.
 
     python benchmarks/bench_gpu_e2e.py --device cuda [--markdown FILE] [--json FILE]
-    python benchmarks/bench_gpu_e2e.py --device cpu --quick      # tiny sizes, to check that it runs
+    python benchmarks/bench_gpu_e2e.py --device cpu --quick --peer-amp  # tiny sizes, every row's code path
 """
 
 from __future__ import annotations
@@ -79,6 +93,7 @@ import argparse
 import contextlib
 import copy
 import gc
+import inspect
 import io
 import json
 import math
@@ -90,6 +105,7 @@ import traceback
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -104,12 +120,52 @@ from _resnet9 import KronfluenceRun, freeze_batchnorm, resnet9, synthetic_cifar,
 from _timing import print_table  # noqa: E402
 
 T = TypeVar("T")
+Data = tuple[Tensor, Tensor]  # (inputs, labels)
 TOP = 10
 MIN_BLOCK = 128
-KRON_FP32, KRON_AMP = "kronfluence fp32", "kronfluence AMP (bf16)"
-TFL_FP32, TFL_BF16, TFL_TF32 = "torchfluence fp32", "torchfluence bf16", "torchfluence bf16 + TF32"
-OWN_TOP = "top-10 overlap, top_k vs own matrix"
 GIB = 2**30
+KRON_FP32, KRON_AMP = "kronfluence fp32", "kronfluence AMP (bf16)"
+TFL_FP32 = "torchfluence fp32"
+TFL_ONE = "torchfluence one pass"
+TFL_LOW = "torchfluence bf16 factors, one pass"
+TFL_TF32 = "torchfluence TF32 fit, one pass"
+REQUIRED = (KRON_FP32, TFL_FP32)  # run whatever the estimates say
+OWN_TOP = "top-10 of the pass vs top-10 of its own matrix"
+# Ratios measured on an H100 at the default size (ResNet-9 width 64, 50,000 x 2,000).
+AMP_OVER_FP32 = 27.7 / 120.3  # kronfluence AMP against kronfluence fp32, fit + scores
+FP32_OVER_BF16_SCORES = 2.2  # torchfluence's scores stage, float32 against bfloat16 operands (estimated)
+TFL_OVER_KRON = {None: 0.6, torch.bfloat16: 42.8 / 120.3}  # torchfluence rows by score dtype, before one ran
+MARGIN = 1.1  # on every estimate
+ROWS_FAILED = 3  # exit status when a row failed (the tables are complete); 1 is a crash
+
+
+class Unavailable(Exception):
+    """The installed torchfluence refuses an option the row needs: "not available in this build"."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One row of the race: which library, with which settings."""
+
+    name: str
+    peer: bool  # kronfluence
+    amp: bool = False  # kronfluence's all-low-precision bfloat16 settings
+    score_dtype: torch.dtype | None = None  # torchfluence's scoring operands
+    factor_dtype: torch.dtype | None = None  # torchfluence's fit operands
+    one_pass: bool = False  # torchfluence: top_k(..., with_scores=True)
+    tf32: bool = False  # torchfluence: allow_tf32=True
+    extra: bool = False  # runs within --extra-budget
+
+    def describe(self) -> str:
+        if self.peer:
+            return ("all_low_precision_*_arguments(bfloat16)" if self.amp else
+                    "FactorArguments(strategy='ekfac'), ScoreArguments(damping_factor=REG)") + "; torch.topk"
+        kw = ["block_size"]
+        kw += [f"score_dtype={self.score_dtype}"] if self.score_dtype is not None else []
+        kw += [f"factor_dtype={self.factor_dtype}"] if self.factor_dtype is not None else []
+        kw += ["allow_tf32=True"] if self.tf32 else []
+        call = "top_k(k=10, with_scores=True)" if self.one_pass else "train_influences + top_k_of_scores"
+        return f"EkfacInfluence({', '.join(kw)}); {call}"
 
 
 # -- runs -------------------------------------------------------------------------------------------
@@ -117,36 +173,58 @@ GIB = 2**30
 
 @dataclass
 class Run:
-    """One configuration's run: stage seconds, peak memory, what it returned, how it agrees."""
+    """One row's run: stage seconds, peak memory, what it returned, how it agrees."""
 
-    name: str
+    spec: Spec
     stages: dict[str, float] = field(default_factory=dict)
     peak_gib: float | None = None
-    error: str = ""
+    error: str = ""  # FAIL
+    unavailable: str = ""  # the build lacks an option
+    skipped: str = ""  # left out for time (or on purpose)
     notes: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     scores: Tensor | None = None  # (n_query, n_train) float32, kept on the CPU between runs
     top: Tensor | None = None  # (n_query, TOP) indices of the most helpful training points
 
     @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
     def job(self) -> float | None:
-        """fit + scores + top-k (of the scored matrix) seconds."""
-        if self.error or "fit" not in self.stages or "scores" not in self.stages:
+        """fit + scores + top-k seconds (the one-pass rows: fit + the pass)."""
+        if not self.ran or "fit" not in self.stages or "scores" not in self.stages:
             return None
         return self.stages["fit"] + self.stages["scores"] + self.stages.get("top-k", 0.0)
 
-    def status(self) -> str:
+    @property
+    def ran(self) -> bool:
+        return not (self.error or self.unavailable or self.skipped)
+
+    def state(self) -> str:
+        """'' for a row that ran through, else FAIL / skipped / not available in this build."""
         if self.error:
-            return f"FAILED {self.error}"
+            return "FAIL"
+        if self.unavailable:
+            return "not available in this build"
+        return "skipped" if self.skipped else ""
+
+    def status(self) -> str:
+        if not self.ran:
+            return f"{self.state()}: {self.error or self.unavailable or self.skipped}"
         times = ", ".join(f"{k} {v:.2f} s" for k, v in self.stages.items())
-        return times + ("" if self.peak_gib is None else f"; peak GPU memory {self.peak_gib:.1f} GiB")
+        return times + ("" if self.peak_gib is None else f"; peak GPU memory {self.peak_gib:.2f} GiB")
 
     def record(self) -> dict:
         return {
+            "config": self.spec.describe(),
+            "state": self.state() or "ok",
             "stages_s": self.stages,
-            "fit_plus_scores_s": self.job,
+            "total_s": self.job,
             "peak_gpu_gib": self.peak_gib,
             "error": self.error or None,
+            "unavailable": self.unavailable or None,
+            "skipped": self.skipped or None,
             "notes": self.notes,
             "metrics": self.metrics,
         }
@@ -189,6 +267,10 @@ def is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
+def one_line(error: BaseException, limit: int = 300) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:limit]}"
+
+
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Silences the libraries' prints, progress bars and warnings (alike for both)."""
@@ -210,12 +292,15 @@ def attempt(ctx: Context, run: Run, body: Callable[[], None]) -> Run:
     try:
         with quiet():
             body()
+    except Unavailable as error:
+        run.unavailable = str(error)
     except Exception as error:
-        run.error = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+        run.error = one_line(error)
         traceback.print_exc()
     if ctx.cuda:
-        ctx.sync()
-        run.peak_gib = torch.cuda.max_memory_allocated(ctx.device) / GIB
+        with contextlib.suppress(Exception):  # after a device error, the row keeps its error
+            ctx.sync()
+            run.peak_gib = torch.cuda.max_memory_allocated(ctx.device) / GIB
     free_memory(ctx.device)  # after the except clause has dropped the traceback and its frames
     return run
 
@@ -238,7 +323,26 @@ def shrinking(
         notes.append(note)
 
 
+def chunks(n: int, size: int) -> list[slice]:
+    size = n if size <= 0 else size
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
 # -- kronfluence ------------------------------------------------------------------------------------
+
+
+def kronfluence_problem() -> str:
+    """'' when kronfluence and the parts of it the rows use import, else why not."""
+    try:
+        import kronfluence  # noqa: F401
+        from kronfluence.analyzer import Analyzer, prepare_model  # noqa: F401
+        from kronfluence.arguments import FactorArguments, ScoreArguments  # noqa: F401
+        from kronfluence.utils.common.factor_arguments import all_low_precision_factor_arguments  # noqa: F401
+        from kronfluence.utils.common.score_arguments import all_low_precision_score_arguments  # noqa: F401
+    except Exception as error:  # ImportError, or an incompatibility of its dependencies
+        return (f"kronfluence does not import ({one_line(error, 200)}); carry .whl/ from `make "
+                "gpu-peer-wheels` (gpu_suite.sh installs it; its other dependencies must be there)")
+    return ""
 
 
 def kronfluence_arguments(amp: bool, reg: float):
@@ -254,10 +358,8 @@ def kronfluence_arguments(amp: bool, reg: float):
     return FactorArguments(strategy="ekfac"), ScoreArguments(damping_factor=reg)
 
 
-def run_kronfluence(
-    ctx: Context, name: str, amp: bool, train: tuple[Tensor, Tensor], queries: tuple[Tensor, Tensor]
-) -> Run:
-    args, run = ctx.args, Run(name)
+def run_kronfluence(ctx: Context, spec: Spec, train: Data, queries: Data) -> Run:
+    args, run = ctx.args, Run(spec)
     size = {
         "factors": min(args.peer_batch, len(train[0])),
         "queries": min(args.query_batch, len(queries[0])),
@@ -276,7 +378,7 @@ def run_kronfluence(
         return shrink
 
     def body() -> None:
-        factor_args, score_args = kronfluence_arguments(amp, ctx.reg)
+        factor_args, score_args = kronfluence_arguments(spec.amp, ctx.reg)
         torch.manual_seed(0)  # kronfluence draws the sampled labels from the global generator
         with KronfluenceRun(
             ctx.model, train, queries, cpu=not ctx.cuda, factor_args=factor_args, score_args=score_args
@@ -287,7 +389,7 @@ def run_kronfluence(
             )
         top_s, top = ctx.timed(lambda: torch.topk(scores.to(ctx.device).float(), TOP, dim=1).indices)
         run.stages = {"fit": fit_s, "scores": scores_s, "top-k": top_s}
-        run.scores, run.top = scores.float(), top.cpu()
+        run.scores, run.top = scores.float().cpu(), top.cpu()
 
     attempt(ctx, run, body)
     run.notes.insert(0, "batches: factors {factors}, queries {queries}, train {train}".format(**size))
@@ -297,46 +399,39 @@ def run_kronfluence(
 # -- torchfluence -----------------------------------------------------------------------------------
 
 
-def ekfac(
-    ctx: Context, score_dtype: torch.dtype | None, block: int, tf32: bool = False
-) -> tuple[tfl.EkfacInfluence, str]:
-    """EkfacInfluence with `score_dtype`; a torchfluence without that keyword runs its float32 path.
-
-    `tf32`: ``allow_tf32=True``, TF32 tensor cores for the float32 products of the fit
-    (covariances, EK-FAC rotations) and the query preconditioning.
-    """
-    extra = {"allow_tf32": True} if tf32 else {}
-    if score_dtype is None:
-        return tfl.EkfacInfluence(ctx.model, F.cross_entropy, ctx.reg, block_size=block, **extra), ""
+def ekfac(ctx: Context, spec: Spec, block: int) -> tfl.EkfacInfluence:
+    """The row's EkfacInfluence; a keyword this torchfluence refuses raises :class:`Unavailable`."""
+    extra: dict = {}
+    if spec.score_dtype is not None:
+        extra["score_dtype"] = spec.score_dtype
+    if spec.factor_dtype is not None:
+        extra["factor_dtype"] = spec.factor_dtype
+    if spec.tf32:
+        extra["allow_tf32"] = True
     try:
-        im = tfl.EkfacInfluence(
-            ctx.model, F.cross_entropy, ctx.reg, block_size=block, score_dtype=score_dtype, **extra
-        )
-        return im, ""
+        return tfl.EkfacInfluence(ctx.model, F.cross_entropy, ctx.reg, block_size=block, **extra)
     except TypeError as error:
-        if "score_dtype" not in str(error):
+        refused = [k for k in extra if k in str(error)]
+        if not refused:
             raise
-    note = f"this torchfluence takes no score_dtype: ran its float32 path instead of {score_dtype}"
-    return tfl.EkfacInfluence(ctx.model, F.cross_entropy, ctx.reg, block_size=block, **extra), note
+        names = ", ".join(refused)
+        raise Unavailable(f"{names}= refused by this torchfluence ({one_line(error, 160)})") from None
 
 
-def chunks(n: int, size: int) -> list[slice]:
-    size = n if size <= 0 else size
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+def has_one_pass() -> bool:
+    """Whether this torchfluence's top_k can keep the matrix it scores (``with_scores=True``)."""
+    try:
+        return "with_scores" in inspect.signature(tfl.EkfacInfluence.top_k).parameters
+    except (TypeError, ValueError):
+        return False
 
 
-def run_torchfluence(
-    ctx: Context,
-    name: str,
-    score_dtype: torch.dtype | None,
-    train: tuple[Tensor, Tensor],
-    queries: tuple[Tensor, Tensor],
-    tf32: bool = False,
-) -> Run:
+def run_torchfluence(ctx: Context, spec: Spec, train: Data, queries: Data) -> Run:
     (x, y), (xq, yq) = train, queries
     parts = chunks(len(xq), ctx.args.query_chunk)
-    run = Run(name)
+    run = Run(spec)
     state: dict = {"block": ctx.args.block}
+    one_pass = spec.one_pass and has_one_pass()
 
     def shrink() -> str | None:
         if state["block"] <= MIN_BLOCK:
@@ -346,12 +441,9 @@ def run_torchfluence(
             state["im"].block_size = state["block"]
         return f"out of memory at block_size {2 * state['block']}: retried at {state['block']}"
 
-    def fit() -> str:
+    def fit() -> None:
         state.pop("im", None)
-        im, note = ekfac(ctx, score_dtype, state["block"], tf32)
-        im.fit((x, y))
-        state["im"] = im
-        return note
+        state["im"] = ekfac(ctx, spec, state["block"]).fit((x, y))
 
     def scores() -> Tensor:
         pieces = [state["im"].train_influences(xq[p], yq[p]) for p in parts]
@@ -360,24 +452,33 @@ def run_torchfluence(
     def streamed_top_k() -> Tensor:
         return torch.cat([state["im"].top_k(xq[p], yq[p], k=TOP).helpful_indices for p in parts])
 
+    def scores_and_top_k() -> tuple[Tensor, Tensor]:
+        results = [state["im"].top_k(xq[p], yq[p], k=TOP, with_scores=True) for p in parts]
+        return torch.cat([r.scores for r in results]), torch.cat([r.helpful_indices for r in results])
+
     def body() -> None:
-        fit_s, note = shrinking(ctx, fit, shrink, run.notes)
-        run.notes += [note] if note else []
-        scores_s, matrix = shrinking(ctx, scores, shrink, run.notes)
-        # The top-k of the matrix just scored (exact, ties by lower index), as kronfluence's
-        # row ranks its own matrix; the streamed top_k is a second pass over the training data.
-        top_s, top = ctx.timed(lambda: tfl.top_k_of_scores(matrix, TOP).largest_indices)
-        run.stages = {"fit": fit_s, "scores": scores_s, "top-k": top_s}
-        if ctx.args.streamed_top_k:
-            streamed_s, streamed = shrinking(ctx, streamed_top_k, shrink, run.notes)
-            run.stages["streamed top-k"] = streamed_s
-            # top_k ranks the same scores as the matrix: a check of the streamed path.
-            run.metrics[OWN_TOP] = overlap(streamed, top)
+        fit_s, _ = shrinking(ctx, fit, shrink, run.notes)
+        if one_pass:
+            pass_s, (matrix, top) = shrinking(ctx, scores_and_top_k, shrink, run.notes)
+            run.stages = {"fit": fit_s, "scores": pass_s}
+            # The merged lists against the top-10 of the matrix the same pass filled (untimed check).
+            run.metrics[OWN_TOP] = overlap(top, tfl.top_k_of_scores(matrix, TOP).largest_indices)
+        else:
+            scores_s, matrix = shrinking(ctx, scores, shrink, run.notes)
+            if spec.one_pass:  # asked for one pass, but this build's top_k cannot keep the matrix
+                top_s, top = shrinking(ctx, streamed_top_k, shrink, run.notes)
+            else:  # the top-k of the matrix just scored, exact with ties by lower index
+                top_s, top = ctx.timed(lambda: tfl.top_k_of_scores(matrix, TOP).largest_indices)
+            run.stages = {"fit": fit_s, "scores": scores_s, "top-k": top_s}
         run.scores, run.top = matrix.float().cpu(), top.cpu()
 
     attempt(ctx, run, body)
     state.clear()  # the fitted model, also after a failure
     free_memory(ctx.device)
+    if spec.one_pass and not one_pass:
+        run.notes.append(
+            "this torchfluence's top_k takes no with_scores: train_influences, then top_k (a second pass)"
+        )
     if len(parts) > 1:
         run.notes.append(f"queries in {len(parts)} calls of {parts[0].stop}")
     return run
@@ -444,6 +545,64 @@ def agree(run: Run, reference: Run, device: torch.device, sign: float) -> None:
     run.metrics["top10"] = overlap(run.top, torch.topk(ref, TOP, dim=1).indices)
 
 
+def compare(run: Run, runs: dict[str, Run], device: torch.device, sign: float) -> None:
+    """Agreement of a finished row with kronfluence fp32, and of a low-precision torchfluence row with
+    torchfluence fp32 (the precision alone, without the two libraries' differences)."""
+    kron, ours = runs.get(KRON_FP32), runs.get(TFL_FP32)
+    if kron is not None and run is not kron:
+        agree(run, kron, device, sign)
+    if OWN_TOP in run.metrics:
+        run.notes.append(f"{OWN_TOP}: {run.metrics[OWN_TOP]:.3f}")
+    low = not run.spec.peer and ours is not None and run is not ours
+    if low and ours.scores is not None and run.scores is not None:
+        run.metrics["spearman vs torchfluence fp32"] = rho = spearman(run.scores, ours.scores, device)
+        run.metrics["pearson vs torchfluence fp32"] = r = pearson(run.scores, ours.scores, device)
+        run.notes.append(f"vs torchfluence fp32: Spearman {rho:.4f}, Pearson {r:.4f}")
+    if run is not kron and run is not ours:  # the references' matrices stay for the rows after
+        run.scores = None
+
+
+# -- time -------------------------------------------------------------------------------------------
+
+
+def estimated_seconds(spec: Spec, done: dict[str, Run]) -> float | None:
+    """Rough time of a row from the rows already run (None: no basis)."""
+    kron = done.get(KRON_FP32)
+    kron_s = kron.job if kron is not None else None
+    if spec.peer:
+        return MARGIN * AMP_OVER_FP32 * kron_s if spec.amp and kron_s else None
+    ours = [r for r in done.values() if not r.spec.peer and r.job]
+    if ours:  # a torchfluence row has run: its fit, its scores stage scaled by the scoring dtype
+        base = ours[0]
+        scores = base.stages["scores"] + base.stages.get("top-k", 0.0)
+        if spec.score_dtype is not None and base.spec.score_dtype is None:
+            scores /= FP32_OVER_BF16_SCORES
+        elif spec.score_dtype is None and base.spec.score_dtype is not None:
+            scores *= FP32_OVER_BF16_SCORES
+        return MARGIN * (base.stages["fit"] + scores)
+    if kron_s:
+        return MARGIN * TFL_OVER_KRON.get(spec.score_dtype, 0.6) * kron_s
+    return None
+
+
+def why_skip(spec: Spec, specs: list[Spec], done: dict[str, Run], elapsed: float, budget: float) -> str:
+    """'' when the row runs now; else why it is left out. Required rows run while any budget is left; an
+    optional row needs its own estimate plus the estimates of the required rows after it (an extra row:
+    within `budget`, its own)."""
+    left = budget - elapsed
+    if spec.name in REQUIRED:
+        return "" if left > 0 else f"budget spent ({elapsed:.0f} s of {budget:.0f} s)"
+    estimate = estimated_seconds(spec, done)
+    if estimate is None:
+        return ""
+    later = specs[specs.index(spec) + 1:]
+    kept = sum(estimated_seconds(s, done) or 0.0 for s in later if s.name in REQUIRED and s.name not in done)
+    if estimate + kept <= left:
+        return ""
+    for_later = f" + ~{kept:.0f} s kept for the required rows after it" if kept else ""
+    return f"no time: ~{estimate:.0f} s{for_later}, {left:.0f} s of the budget left"
+
+
 # -- environment ------------------------------------------------------------------------------------
 
 
@@ -475,103 +634,170 @@ def environment(device: torch.device) -> str:
         ).stdout.split()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         pass
-    memory = torch.cuda.get_device_properties(device).total_memory / GIB
+    props = torch.cuda.get_device_properties(device)
     flags = (
         f"TF32 matmul {torch.backends.cuda.matmul.allow_tf32}, cuDNN {torch.backends.cudnn.allow_tf32} "
-        "(torch's defaults, left alone; torchfluence's float32 products are IEEE)"
+        "(torch's defaults, left alone)"
     )
-    name = torch.cuda.get_device_name(device)
-    return f"device: {name} ({memory:.0f} GiB), driver {driver}; {libraries}; {flags}"
+    return (f"device: {props.name} ({props.total_memory / GIB:.0f} GiB, cc {props.major}.{props.minor}), "
+            f"driver {driver}; {libraries}; {flags}")
 
 
 # -- report -----------------------------------------------------------------------------------------
 
-HEADERS = [
-    "run",
-    "fit s",
-    "scores s",
-    "top-k s",
-    "fit + scores + top-k s",
-    "epochs",
-    "vs kronfluence fp32",
-    "vs kronfluence AMP",
-    "Pearson",
-    "Spearman",
-    "top-10 overlap",
-    "peak GiB",
-    "note",
-]
+HEADERS = ["method", "fit s", "scores s", "top-k s", "total s", "peak GiB", "Spearman vs kronfluence fp32"]
+DETAIL_HEADERS = ["method", "Pearson", "top-10 overlap", "vs kronfluence fp32", "vs kronfluence AMP",
+                  "Spearman vs torchfluence fp32", "configuration"]
 
 
 def seconds(s: float | None) -> str:
-    return "-" if s is None else f"{s:.2f}" if s < 100 else f"{s:.0f}"
+    return "-" if s is None else f"{s:.2f}" if s < 100 else f"{s:.1f}"
 
 
 def speedup(base: Run | None, run: Run) -> str:
     if base is None or base.job is None or run.job is None:
         return "-"
-    return "1.0x" if base is run else f"{base.job / run.job:.1f}x"
+    return "1.0x" if base is run else f"{base.job / run.job:.2f}x"
 
 
-def metric(run: Run, key: str, reference: Run | None) -> str:
-    if run is reference:
-        return "reference" if key == "pearson" else "-"
-    return f"{run.metrics[key]:.4f}" if key in run.metrics else "-"
+def metric(run: Run, key: str, digits: int = 4) -> str:
+    if run.spec.name == KRON_FP32 and run.ran:
+        return "reference"
+    return f"{run.metrics[key]:.{digits}f}" if key in run.metrics else "-"
 
 
-def table(epoch: float, runs: dict[str, Run], batch: int) -> list[list[str]]:
-    kron, amp = runs.get(KRON_FP32), runs.get(KRON_AMP)
-    rows = [
-        ["one epoch of training", "-", "-", "-", seconds(epoch), "1.0"] + ["-"] * 6 + [f"fp32, batch {batch}"]
-    ]
-    for name in (KRON_FP32, KRON_AMP, TFL_FP32, TFL_BF16, TFL_TF32):
-        if name not in runs:
-            continue
-        run = runs[name]
-        note = "; ".join(run.notes + ([f"FAILED: {run.error}"] if run.error else []))
-        rows.append(
-            [
-                name,
-                seconds(run.stages.get("fit")),
-                seconds(run.stages.get("scores")),
-                seconds(run.stages.get("top-k")),
-                seconds(run.job),
-                f"{run.job / epoch:.1f}" if run.job else "-",
-                speedup(kron, run),
-                speedup(amp, run),
-                metric(run, "pearson", kron),
-                metric(run, "spearman", kron),
-                metric(run, "top10", kron),
-                "-" if run.peak_gib is None else f"{run.peak_gib:.1f}",
-                note.replace("|", "/"),
-            ]
-        )
+def method_cell(run: Run) -> str:
+    state = run.state()
+    return run.name if not state else f"{run.name} ({state})"
+
+
+def table(runs: list[Run]) -> list[list[str]]:
+    rows = []
+    for run in runs:
+        top = "same pass" if run.ran and "scores" in run.stages and "top-k" not in run.stages else \
+            seconds(run.stages.get("top-k"))
+        peak = "-" if run.peak_gib is None or not run.ran else f"{run.peak_gib:.2f}"
+        rows.append([method_cell(run), seconds(run.stages.get("fit")), seconds(run.stages.get("scores")), top,
+                     seconds(run.job), peak, metric(run, "spearman")])
     return rows
 
 
-def headline(epoch: float, runs: dict[str, Run]) -> str:
-    """One line: torchfluence bf16 against both kronfluence rows, its agreement, the epoch."""
-    ours, kron, amp = runs.get(TFL_BF16), runs.get(KRON_FP32), runs.get(KRON_AMP)
-    if ours is None or ours.job is None:
-        why = ours.error if ours else "skipped"
-        return f"torchfluence bf16 did not run through ({why}); one epoch {epoch:.1f} s"
-    parts = [f"torchfluence bf16 fit+scores+top-k {ours.job:.1f} s ({ours.job / epoch:.1f} epochs)"]
-    for base in (kron, amp):
-        if base is not None and base.job is not None:
-            parts.append(f"{base.job / ours.job:.1f}x vs {base.name} ({base.job:.1f} s)")
-        elif base is not None:
-            parts.append(f"{base.name} failed")
-    if "pearson" in ours.metrics:
-        parts.append(
-            "vs kronfluence fp32: Pearson {pearson:.4f}, Spearman {spearman:.4f}, top-10 {top10:.2f}".format(
-                **ours.metrics
-            )
+def detail_table(runs: list[Run], by_name: dict[str, Run]) -> list[list[str]]:
+    kron, amp = by_name.get(KRON_FP32), by_name.get(KRON_AMP)
+    return [[run.name, metric(run, "pearson"), metric(run, "top10", 3), speedup(kron, run), speedup(amp, run),
+             "-" if "spearman vs torchfluence fp32" not in run.metrics
+             else f"{run.metrics['spearman vs torchfluence fp32']:.4f}", run.spec.describe()]
+            for run in runs if run.ran]
+
+
+def headline(runs: list[Run]) -> str:
+    """One line for the suite's summary: failures first, then each row's total, speed-up against
+    kronfluence fp32 and Spearman rho with it."""
+    by_name = {r.name: r for r in runs}
+    kron = by_name.get(KRON_FP32)
+    errors: dict[str, list[str]] = {}  # rows failing for the same reason share one entry
+    for r in runs:
+        if r.error:
+            errors.setdefault(r.error, []).append(r.name)
+    parts = [f"FAIL {', '.join(names)}: {error[:160]}" for error, names in errors.items()]
+    for r in runs:
+        if r.job is None:
+            if not r.error:
+                parts.append(f"{r.name}: {r.state()}")
+            continue
+        text = f"{r.name} {r.job:.1f} s"
+        if kron is not None and kron.job and r is not kron:
+            text += f" ({kron.job / r.job:.2f}x, rho {r.metrics.get('spearman', float('nan')):.4f})"
+        parts.append(text)
+    return "; ".join(parts) if parts else "no row ran"
+
+
+@dataclass
+class Report:
+    """Everything the table, the markdown and the JSON are made of."""
+
+    args: argparse.Namespace
+    env: str
+    started: float
+    date: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%d"))
+    epoch: float = 0.0
+    accuracy: float = 0.0
+    scored: int = 0
+    reg: float = 0.0
+    reg_source: str = ""
+    layer_means: dict[str, float] = field(default_factory=dict)
+    sign: float = 1.0
+    runs: dict[str, Run] = field(default_factory=dict)
+    left_out: str = ""  # rows left out on purpose (--skip-peer, --no-tf32-run)
+
+    def config(self) -> str:
+        a = self.args
+        return (
+            f"ResNet-9 width {a.width} ({self.scored:,} scored parameters), {a.n_train:,} train x "
+            f"{a.n_query:,} queries of synthetic CIFAR-shaped data, trained one epoch ({self.epoch:.2f} s, "
+            f"batch {a.batch}; query accuracy {self.accuracy:.3f}); damping {self.reg:.4e} for both "
+            f"({self.reg_source}); torchfluence block_size {a.block}; kronfluence batches as noted. One "
+            f"timed run per row after a warm-up on {min(a.warmup_train, a.n_train):,} x "
+            f"{min(a.warmup_query, a.n_query):,}. Spearman: mean over queries, against kronfluence fp32's "
+            f"scores (sign {self.sign:+.0f}); peak GiB: max_memory_allocated over the row, model and data "
+            f"included. Script {time.perf_counter() - self.started:.0f} s."
         )
-    tf32 = runs.get(TFL_TF32)
-    if tf32 is not None and tf32.job is not None:
-        vs = f", {kron.job / tf32.job:.1f}x vs {kron.name}" if kron is not None and kron.job else ""
-        parts.append(f"{TFL_TF32} {tf32.job:.1f} s{vs}, Pearson {tf32.metrics.get('pearson', float('nan')):.4f}")
-    return "; ".join(parts) + f"; one epoch {epoch:.1f} s"
+
+    def device_name(self) -> str:
+        if self.args.device == "cuda":
+            return torch.cuda.get_device_name(0).removeprefix("NVIDIA ")
+        return "CPU"
+
+    def failed(self) -> list[str]:
+        return [name for name, run in self.runs.items() if run.error]
+
+    def write(self, final: bool) -> None:
+        """Writes --markdown and --json (also between rows, so that a cut-off script leaves its numbers);
+        the final call also prints the markdown."""
+        runs = list(self.runs.values())
+        line, config = headline(runs), self.config()
+        with contextlib.redirect_stdout(io.StringIO()):
+            main_table = print_table(HEADERS, table(runs))
+            details = detail_table(runs, self.runs)
+            detail_text = print_table(DETAIL_HEADERS, details) if details else ""
+        notes = [f"- {r.name}: " + "; ".join(
+            ([f"{r.state()}: {r.error or r.unavailable or r.skipped}"] if not r.ran else []) + r.notes)
+            for r in runs if r.notes or not r.ran]
+        if self.left_out:
+            notes.append(f"- left out on purpose: {self.left_out}")
+        partial = "" if final else "(partial: written before the last row ended)\n\n"
+        text = (
+            f"## {self.device_name()}, end to end: EK-FAC fit + {self.args.n_train:,} x "
+            f"{self.args.n_query:,} pairwise scores + top-k, torchfluence vs kronfluence 1.0.1 "
+            f"(bench_gpu_e2e.py, {self.date})\n\n"
+            f"{partial}{self.env}\n\n{config}\n\n"
+            f"{main_table}\n\n" + ("\n".join(notes) + "\n\n" if notes else "")
+            + (f"Details (agreement with kronfluence fp32; speed-ups on total s):\n\n{detail_text}\n"
+               if detail_text else "")
+        )
+        if final:
+            print("\n" + text)
+        if self.args.markdown:
+            Path(self.args.markdown).write_text(text)
+        if self.args.json:
+            record = {
+                "headline": line if final else f"(partial) {line}",
+                "failed": self.failed(),
+                "environment": self.env,
+                "args": {k: None if v == math.inf else v for k, v in vars(self.args).items()},
+                "scored_parameters": self.scored,
+                "query_accuracy": self.accuracy,
+                "damping": self.reg,
+                "damping_source": self.reg_source,
+                "mean_eigenvalue_per_layer": self.layer_means,
+                "sign": self.sign,
+                "epoch_s": self.epoch,
+                "runs": {name: run.record() for name, run in self.runs.items()},
+                "left_out": self.left_out or None,
+                "script_s": time.perf_counter() - self.started,
+                "complete": final,
+            }
+            Path(self.args.json).write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
 # -- main -------------------------------------------------------------------------------------------
@@ -605,17 +831,16 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="also run kronfluence with its bf16 settings (default: on for cuda)",
     )
-    parser.add_argument("--skip-peer", action="store_true", help="torchfluence only")
+    parser.add_argument("--skip-peer", action="store_true", help="torchfluence only (the table says so)")
+    parser.add_argument(
+        "--one-pass-scores", choices=("bf16", "fp32"), default="bf16",
+        help="scoring operands of the one-pass rows (default bf16)",
+    )
     parser.add_argument(
         "--tf32-run",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also run torchfluence bf16 with allow_tf32=True (TF32 fit and query preconditioning)",
-    )
-    parser.add_argument(
-        "--streamed-top-k",
-        action="store_true",
-        help="also time torchfluence's streamed top_k (a second pass over the training data)",
+        help="also run the one-pass row with allow_tf32=True (an extra, last, when time is left)",
     )
     parser.add_argument("--reg", default="auto", help="damping for both: a number, or 'auto' (default)")
     parser.add_argument("--warmup-train", type=int, default=1024)
@@ -623,7 +848,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--budget", type=float, help="seconds for the whole script (default 380 on cuda, none on cpu)"
     )
-    parser.add_argument("--markdown", help="write the table to this file")
+    parser.add_argument(
+        "--extra-budget", type=float,
+        help="seconds of the script by which the extra rows (TF32) must end (default: --budget)",
+    )
+    parser.add_argument("--markdown", help="write the tables to this file")
     parser.add_argument("--json", help="write the raw numbers to this file")
     args = parser.parse_args()
     if args.quick:
@@ -636,7 +865,35 @@ def parse_args() -> argparse.Namespace:
     args.peer_batch = args.peer_batch or (1024 if cuda else 128)
     args.peer_amp = cuda if args.peer_amp is None else args.peer_amp
     args.budget = args.budget if args.budget is not None else 380.0 if cuda else math.inf
+    args.extra_budget = args.budget if args.extra_budget is None else min(args.extra_budget, args.budget)
     return args
+
+
+def specs_of(args: argparse.Namespace) -> tuple[list[Spec], str]:
+    """The rows in the order they run, and what was left out on purpose."""
+    low = torch.bfloat16 if args.one_pass_scores == "bf16" else None
+    suffix = f", {args.one_pass_scores} scores"
+    specs, left_out = [], []
+    if args.skip_peer:
+        left_out.append("kronfluence (--skip-peer)")
+    else:
+        specs.append(Spec(KRON_FP32, peer=True))
+        if args.peer_amp:
+            specs.append(Spec(KRON_AMP, peer=True, amp=True))
+        else:
+            left_out.append(f"{KRON_AMP} (--peer-amp is off)")
+    specs += [
+        Spec(TFL_FP32, peer=False),
+        Spec(TFL_ONE + suffix, peer=False, score_dtype=low, one_pass=True),
+        Spec(TFL_LOW + suffix, peer=False, score_dtype=low, factor_dtype=torch.bfloat16, one_pass=True),
+    ]
+    if args.tf32_run:
+        specs.append(
+            Spec(TFL_TF32 + suffix, peer=False, score_dtype=low, one_pass=True, tf32=True, extra=True)
+        )
+    else:
+        left_out.append(f"{TFL_TF32} (--no-tf32-run)")
+    return specs, ", ".join(left_out)
 
 
 def trained_model(
@@ -650,111 +907,15 @@ def trained_model(
     return freeze_batchnorm(model), epoch
 
 
-def estimated_seconds(name: str, done: dict[str, Run]) -> float | None:
-    """Rough time of an optional run from the runs already done (None: no basis)."""
-    if name == KRON_AMP and KRON_FP32 in done and done[KRON_FP32].job:
-        return 0.6 * done[KRON_FP32].job  # kronfluence's README: 36 s with AMP against 106 s without
-    if name == TFL_TF32 and TFL_BF16 in done and done[TFL_BF16].job:
-        return done[TFL_BF16].job  # at most as long as the IEEE float32 fit
-    if name == TFL_FP32 and TFL_BF16 in done and done[TFL_BF16].job:
-        run = done[TFL_BF16]
-        return run.stages["fit"] + 5 * (run.stages["scores"] + run.stages.get("streamed top-k", 0.0))
-    return None
-
-
-def compare(run: Run, runs: dict[str, Run], device: torch.device, sign: float) -> None:
-    """Agreement of a finished run with kronfluence fp32 (and of bf16 with fp32 scoring)."""
-    kron = runs.get(KRON_FP32)
-    if kron is not None and run is not kron:
-        agree(run, kron, device, sign)
-    if OWN_TOP in run.metrics:
-        run.notes.append(f"streamed top_k vs top-10 of own matrix: {run.metrics[OWN_TOP]:.3f}"
-                         f" ({run.stages['streamed top-k']:.2f} s)")
-    bf16, fp32 = runs.get(TFL_BF16), runs.get(TFL_FP32)
-    if run in (bf16, fp32) and bf16 is not None and fp32 is not None:
-        if bf16.scores is not None and fp32.scores is not None:
-            bf16.metrics["pearson vs torchfluence fp32"] = r = pearson(bf16.scores, fp32.scores, device)
-            bf16.metrics["spearman vs torchfluence fp32"] = rho = spearman(bf16.scores, fp32.scores, device)
-            bf16.notes.append(f"vs torchfluence fp32: Pearson {r:.4f}, Spearman {rho:.4f}")
-
-
-@dataclass
-class Report:
-    """Everything the table, the markdown and the JSON are made of."""
-
-    args: argparse.Namespace
-    env: str
-    started: float
-    epoch: float = 0.0
-    accuracy: float = 0.0
-    scored: int = 0
-    reg: float = 0.0
-    reg_source: str = ""
-    layer_means: dict[str, float] = field(default_factory=dict)
-    sign: float = 1.0
-    runs: dict[str, Run] = field(default_factory=dict)
-
-    def config(self) -> str:
-        a = self.args
-        return (
-            f"ResNet-9 width {a.width} ({self.scored:,} scored parameters), {a.n_train} train x {a.n_query} "
-            f"queries of synthetic CIFAR-shaped data (query accuracy {self.accuracy:.3f} after the epoch); "
-            f"damping {self.reg:.4e} for both ({self.reg_source}); torchfluence block_size {a.block}; "
-            "kronfluence batches as noted. Speed-ups and epochs compare fit + scores + top-k; Pearson, Spearman "
-            f"(mean per query) and top-10 overlap are with kronfluence fp32 (sign {self.sign:+.0f}). Script "
-            f"{time.perf_counter() - self.started:.0f} s."
-        )
-
-    def write(self, final: bool) -> None:
-        """Writes --markdown and --json (also between runs, so that a cut-off script leaves its numbers);
-        the final call also prints the table."""
-        line, config = headline(self.epoch, self.runs), self.config()
-        rows = table(self.epoch, self.runs, self.args.batch)
-        if final:
-            print(f"\n{self.env}\n{config}\n\n{line}\n")
-            text = print_table(HEADERS, rows)
-        else:
-            with contextlib.redirect_stdout(io.StringIO()):
-                text = print_table(HEADERS, rows)
-        partial = "" if final else "(partial: written before the last run ended)\n\n"
-        if self.args.markdown:
-            title = (
-                "## EK-FAC factors + pairwise scores + top-k on one GPU: torchfluence vs kronfluence 1.0.1"
-            )
-            Path(self.args.markdown).write_text(
-                f"{title}\n\n{partial}{line}\n\n{text}\n\n{self.env}\n\n{config}\n"
-            )
-        if self.args.json:
-            record = {
-                "headline": line if final else f"(partial) {line}",
-                "environment": self.env,
-                "args": {k: None if v == math.inf else v for k, v in vars(self.args).items()},
-                "scored_parameters": self.scored,
-                "query_accuracy": self.accuracy,
-                "damping": self.reg,
-                "damping_source": self.reg_source,
-                "mean_eigenvalue_per_layer": self.layer_means,
-                "sign": self.sign,
-                "epoch_s": self.epoch,
-                "runs": {name: run.record() for name, run in self.runs.items()},
-                "script_s": time.perf_counter() - self.started,
-                "complete": final,
-            }
-            Path(self.args.json).write_text(json.dumps(record, indent=2, default=str) + "\n")
-
-
-def main() -> None:
+def main() -> int:
     args = parse_args()
     device = torch.device(args.device)
     report = Report(args, environment(device), time.perf_counter())
     print(report.env, flush=True)
-    peer = not args.skip_peer
-    if peer:
-        try:
-            import kronfluence  # noqa: F401
-        except ImportError:
-            print("kronfluence is not installed: torchfluence only", flush=True)
-            peer = False
+    specs, report.left_out = specs_of(args)
+    peer_problem = "" if args.skip_peer else kronfluence_problem()
+    if peer_problem:
+        print(f"FAIL: {peer_problem}", flush=True)
 
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     x, y = synthetic_cifar(args.n_train, seed=1, device=device, signal=0.3)
@@ -787,46 +948,53 @@ def main() -> None:
     report.reg = ctx.reg
     print(f"damping for both: {ctx.reg:.4e} ({report.reg_source})", flush=True)
 
-    configs: list[tuple[str, Callable[[tuple[Tensor, Tensor], tuple[Tensor, Tensor]], Run]]] = []
-    if peer:
-        configs.append((KRON_FP32, lambda t, q: run_kronfluence(ctx, KRON_FP32, False, t, q)))
-    configs.append((TFL_BF16, lambda t, q: run_torchfluence(ctx, TFL_BF16, torch.bfloat16, t, q)))
-    if args.tf32_run:
-        configs.append((TFL_TF32, lambda t, q: run_torchfluence(ctx, TFL_TF32, torch.bfloat16, t, q, tf32=True)))
-    if peer and args.peer_amp:
-        configs.append((KRON_AMP, lambda t, q: run_kronfluence(ctx, KRON_AMP, True, t, q)))
-    configs.append((TFL_FP32, lambda t, q: run_torchfluence(ctx, TFL_FP32, None, t, q)))
+    def run_row(spec: Spec, train: Data, queries: Data) -> Run:
+        if spec.peer and peer_problem:
+            return Run(spec, error=peer_problem)
+        return (run_kronfluence if spec.peer else run_torchfluence)(ctx, spec, train, queries)
 
-    # Warm-up: every configuration once on the subset; it also settles the sign convention.
+    # Warm-up: every row once on the subset; it also settles the sign convention. A row that fails
+    # here (other than for memory) is not run again at full size.
     began = time.perf_counter()
-    warm = {name: fn(warm_train, warm_queries) for name, fn in configs}
+    warm = {spec.name: run_row(spec, warm_train, warm_queries) for spec in specs}
     for name, run in warm.items():
         print(f"  warm-up {name}: {run.status()}", flush=True)
-    ours = next((warm[n] for n in (TFL_BF16, TFL_FP32) if warm[n].scores is not None), None)
-    if peer and warm[KRON_FP32].scores is not None and ours is not None:
-        r = pearson(ours.scores, warm[KRON_FP32].scores, device)
+    kron_warm, ours_warm = warm.get(KRON_FP32), warm.get(TFL_FP32)
+    if kron_warm and ours_warm and kron_warm.scores is not None and ours_warm.scores is not None:
+        r = pearson(ours_warm.scores, kron_warm.scores, device)
         report.sign = 1.0 if r >= 0 else -1.0
-        verdict = (
-            "the same convention" if r >= 0 else "opposite conventions: kronfluence's scores are negated"
-        )
+        verdict = "the same convention" if r >= 0 else "opposite: kronfluence's scores are negated"
         print(f"sign (warm-up): Pearson(torchfluence influences, kronfluence scores) = {r:+.4f}: {verdict}")
-    del warm, ours
+    broken = {n: r for n, r in warm.items() if r.unavailable or (r.error and not is_oom_text(r.error))}
+    del warm, kron_warm, ours_warm
     free_memory(device)
     print(f"warm-up: {time.perf_counter() - began:.1f} s", flush=True)
 
-    for name, fn in configs:
-        estimate, elapsed = estimated_seconds(name, report.runs), time.perf_counter() - report.started
-        if name in (KRON_AMP, TFL_FP32, TFL_TF32) and estimate is not None and elapsed + estimate > args.budget:
-            print(
-                f"skipped {name}: ~{estimate:.0f} s more, {elapsed:.0f} s elapsed, budget {args.budget:.0f} s"
-            )
-            continue
-        run = report.runs[name] = fn(ctx.train, ctx.queries)
-        print(f"{name}: {run.status()}", flush=True)
-        compare(run, report.runs, device, report.sign)
+    for spec in specs:
+        elapsed = time.perf_counter() - report.started
+        if spec.name in broken:
+            before = broken[spec.name]
+            error = before.error if before.error == peer_problem else f"in the warm-up: {before.error}"
+            run = Run(spec, unavailable=before.unavailable, error=error if before.error else "")
+        else:
+            budget = args.extra_budget if spec.extra else args.budget
+            skip = why_skip(spec, specs, report.runs, elapsed, budget)
+            run = Run(spec, skipped=skip) if skip else run_row(spec, ctx.train, ctx.queries)
+        report.runs[spec.name] = run
+        print(f"{spec.name}: {run.status()}", flush=True)
+        if run.ran:
+            compare(run, report.runs, device, report.sign)
         report.write(final=False)
     report.write(final=True)
+    failed = report.failed()
+    if failed:
+        print(f"failed rows: {', '.join(failed)}", flush=True)
+    return ROWS_FAILED if failed else 0
+
+
+def is_oom_text(error: str) -> bool:
+    return "out of memory" in error.lower() or "OutOfMemoryError" in error
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
