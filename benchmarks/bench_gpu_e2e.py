@@ -37,9 +37,11 @@ the reference every other row is compared with):
    pass"). A torchfluence whose ``top_k`` takes no ``with_scores`` runs
    ``train_influences`` then ``top_k`` (a second pass), and the row says so.
    ``--one-pass-scores fp32`` scores in float32 instead.
-5. torchfluence bf16 factors: row 4 with ``factor_dtype=torch.bfloat16`` (16-bit
-   operands in the fit's covariance and rotation products). A torchfluence that
-   refuses the keyword gives the row "not available in this build".
+5. torchfluence bf16: row 4 with ``factor_dtype=torch.bfloat16`` (16-bit operands
+   in the fit's covariance and rotation products and the query preconditioning) and
+   ``capture_dtype=torch.bfloat16`` (the fit's model passes under autocast, as
+   kronfluence's AMP row). A torchfluence that refuses a keyword gives the row "not
+   available in this build".
 6. (extra) torchfluence TF32 fit: row 4 with ``allow_tf32=True``; it runs last and
    only within ``--extra-budget``. ``--no-tf32-run`` leaves it out.
 
@@ -127,7 +129,7 @@ GIB = 2**30
 KRON_FP32, KRON_AMP = "kronfluence fp32", "kronfluence AMP (bf16)"
 TFL_FP32 = "torchfluence fp32"
 TFL_ONE = "torchfluence one pass"
-TFL_LOW = "torchfluence bf16 factors, one pass"
+TFL_LOW = "torchfluence bf16 factors + captures, one pass"
 TFL_TF32 = "torchfluence TF32 fit, one pass"
 REQUIRED = (KRON_FP32, TFL_FP32)  # run whatever the estimates say
 OWN_TOP = "top-10 of the pass vs top-10 of its own matrix"
@@ -152,6 +154,7 @@ class Spec:
     amp: bool = False  # kronfluence's all-low-precision bfloat16 settings
     score_dtype: torch.dtype | None = None  # torchfluence's scoring operands
     factor_dtype: torch.dtype | None = None  # torchfluence's fit operands
+    capture_dtype: torch.dtype | None = None  # torchfluence's autocast of the fit's model passes
     one_pass: bool = False  # torchfluence: top_k(..., with_scores=True)
     tf32: bool = False  # torchfluence: allow_tf32=True
     extra: bool = False  # runs within --extra-budget
@@ -163,6 +166,7 @@ class Spec:
         kw = ["block_size"]
         kw += [f"score_dtype={self.score_dtype}"] if self.score_dtype is not None else []
         kw += [f"factor_dtype={self.factor_dtype}"] if self.factor_dtype is not None else []
+        kw += [f"capture_dtype={self.capture_dtype}"] if self.capture_dtype is not None else []
         kw += ["allow_tf32=True"] if self.tf32 else []
         call = "top_k(k=10, with_scores=True)" if self.one_pass else "train_influences + top_k_of_scores"
         return f"EkfacInfluence({', '.join(kw)}); {call}"
@@ -406,6 +410,8 @@ def ekfac(ctx: Context, spec: Spec, block: int) -> tfl.EkfacInfluence:
         extra["score_dtype"] = spec.score_dtype
     if spec.factor_dtype is not None:
         extra["factor_dtype"] = spec.factor_dtype
+    if spec.capture_dtype is not None:
+        extra["capture_dtype"] = spec.capture_dtype
     if spec.tf32:
         extra["allow_tf32"] = True
     try:
@@ -885,7 +891,8 @@ def specs_of(args: argparse.Namespace) -> tuple[list[Spec], str]:
     specs += [
         Spec(TFL_FP32, peer=False),
         Spec(TFL_ONE + suffix, peer=False, score_dtype=low, one_pass=True),
-        Spec(TFL_LOW + suffix, peer=False, score_dtype=low, factor_dtype=torch.bfloat16, one_pass=True),
+        Spec(TFL_LOW + suffix, peer=False, score_dtype=low, factor_dtype=torch.bfloat16,
+             capture_dtype=torch.bfloat16, one_pass=True),
     ]
     if args.tf32_run:
         specs.append(

@@ -11,7 +11,7 @@
 #   build     pip install -e . with TORCHFLUENCE_CUDA=ON for CUDA_ARCH, in build/gpu, with the
 #             ptxas resource report (registers, shared memory, stack, spills) of every kernel
 #   e2e       benchmarks/bench_gpu_e2e.py --device cuda: the race against kronfluence 1.0.1
-#             (kronfluence fp32, kronfluence AMP, torchfluence fp32, one pass, bf16 factors)
+#             (kronfluence fp32, kronfluence AMP, torchfluence fp32, one pass, bf16 factors + captures)
 #   profile   benchmarks/profile_gpu_ekfac.py: stage times and each stage's top operators
 #             (self CUDA time): fit factors, eigenvalue correction, query preparation, scoring
 #   tests     the CUDA-marked tests of the default paths (TESTS_PATHS; up to 10 failures);

@@ -16,7 +16,9 @@ from ..data import Samples
 from ..distributed import all_reduce_sum, local_blocks
 from ..checks import check_regularization
 from ..contract import SolverTraits, option
+from ..capture import find_layers
 from ..influence import InfluenceFunctionModel
+from ..parameter_blocks import Ranges, column_ranges, gather_columns, scatter_columns
 from ..persist import state_tensor
 from ._lowrank import LowRankCurvature, check_rank
 from .block_diagonal import BlockDiagonal, BlockOptions
@@ -80,6 +82,7 @@ class _CgSolve(InfluenceFunctionModel):
         self.preconditioner_rank = preconditioner_rank
         self.diagonal: Optional[Tensor] = None  # (p,) estimate of diag(H), with "jacobi"
         self._kfac: Optional[KfacInfluence] = None  # with "kfac" / "ekfac"
+        self._kfac_columns: Optional[Ranges] = None  # its columns, when it covers only some parameters
         self._sketch: Optional[LowRankCurvature] = None  # with "nystroem"
         if preconditioner in ("kfac", "ekfac"):
             self._kfac = self._make_kfac("true")  # checks the layers now; refitted at fit
@@ -124,14 +127,25 @@ class _CgSolve(InfluenceFunctionModel):
     def _make_kfac(self, fisher: str) -> KfacInfluence:
         f = self.functions
         cls = EkfacInfluence if self.preconditioner == "ekfac" else KfacInfluence
+        params, self._kfac_columns = f.names, None
+        if self.projector is None:
+            missing = set(find_layers(f)[1])
+            covered = [name for name in f.names if name not in missing]
+            if missing and covered:  # the rest get 1 / lambda in _apply_preconditioner
+                params = covered
+                self._kfac_columns = column_ranges(f.names, f.sizes, {"kfac": covered})["kfac"]
         # Monte Carlo draws only where no closed form exists; four keep the noise low.
-        return cls(f.model, f.loss, self.regularization, params=f.names, dtype=f.dtype, block_size=self.block_size,
+        return cls(f.model, f.loss, self.regularization, params=params, dtype=f.dtype, block_size=self.block_size,
                    progress=self.progress, fisher=fisher, fisher_samples=1 if fisher == "exact" else 4,
                    projector=self.projector)  # in the same (projected) space as the solve
 
     def _apply_preconditioner(self, r: Tensor) -> Tensor:
         if self._kfac is not None:
-            return self._kfac.solve(r)
+            if self._kfac_columns is None:
+                return self._kfac.solve(r)
+            out = r / self.regularization
+            scatter_columns(out, self._kfac_columns, self._kfac.solve(gather_columns(r, self._kfac_columns)))
+            return out
         if self._sketch is not None:
             return self._sketch.preconditioner_apply(r, self.regularization)
         if self.diagonal is None:
@@ -342,7 +356,9 @@ class CgInfluence(BlockDiagonal, _CgSolve):
             ``"ekfac"`` / ``"kfac"``: apply the (E)K-FAC inverse (fitted at fit time,
             same regularization, with the exact Fisher expectation where the loss
             allows), which captures most of the spectrum of networks made of
-            Linear/Conv2d layers, so fewer iterations reach the exact solve;
+            Linear/Conv2d layers, so fewer iterations reach the exact solve; parameters
+            outside captured layers (normalisation layers, bare parameters) get
+            1 / lambda there, the regularization's own inverse;
             ``"nystroem"``: a rank-``preconditioner_rank`` Nystrom sketch of H
             (Frangella, Tropp & Udell 2023), for positive semi-definite curvature.
         preconditioner_rank: sketch size for ``"nystroem"``.
