@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .._covariance_eigh import covariance_eigh
 from ..counter_random import SampleDraws
 from ..target_sampling import TargetSampler, default_sampler, exact_output_grads, token_cross_entropy_sampler
 from ..budget import temporary_rows
@@ -292,8 +293,8 @@ class KfacInfluence(InfluenceFunctionModel):
             a_fac, s_fac = a_sum / n, s_sum / n
             _check_finite(layer, a_fac, "activation covariance A")
             _check_finite(layer, s_fac, "gradient covariance S")
-            l_a, q_a = (a_fac, None) if layer.index else torch.linalg.eigh(0.5 * (a_fac + a_fac.T))
-            l_s, q_s = torch.linalg.eigh(0.5 * (s_fac + s_fac.T))
+            l_a, q_a = (a_fac, None) if layer.index else covariance_eigh(a_fac)
+            l_s, q_s = covariance_eigh(s_fac)
             # Covariances are PSD; eigh's rounding can leave tiny negatives.
             bases.append((q_a, q_s, torch.outer(l_s.clamp_min(0), l_a.clamp_min(0))))
         if self.eigenvalue_correction:
