@@ -16,7 +16,7 @@ import torch
 import torchfluence as tfl
 from torch import nn
 
-from tests.test_hf_models import REG, build, quiet, reference_grads, reference_hessian
+from tests.test_hf_models import REG, build, check_solver_runs, reference_grads, reference_hessian
 from tests.test_transformers import _layer_blocks as layer_blocks
 
 transformers = pytest.importorskip("transformers")
@@ -65,14 +65,16 @@ def test_ekfac_refuses_vits_bare_parameters_when_params_names_them(bare):
         tfl.EkfacInfluence(model, loss, REG, params=[bare, "classifier.weight"])
 
 
-@pytest.mark.parametrize("family", ["resnet", "vit"])
-def test_ekfac_equals_its_formula_on_convolutions_and_patch_embeddings(family):
+@pytest.mark.parametrize("family, size", [("resnet", 16), ("resnet", 8), ("vit", 16)])
+def test_ekfac_equals_its_formula_on_convolutions_and_patch_embeddings(family, size):
     """Eigenvalues = E[(Q_S^T G Q_A)^2] per layer, G each sample's (d_out, c_in * kh * kw [+ 1]) gradient:
     the ResNet's stem, 3x3, strided and 1x1 shortcut convolutions (no bias) between BatchNorms, ViT's
-    patch embedding (a stride-4 convolution with bias) and its Linear layers over 17 tokens."""
+    patch embedding (a stride-4 convolution with bias) and its Linear layers over 17 tokens. At 8 x 8
+    images the ResNet's last 3x3 convolution sees 1 x 1 maps: its padding taps are always zero."""
     model, loss, data = build(family)
     x, y = data(12, seed=22)
     xt, yt = data(3, seed=23)
+    x, xt = x[..., :size, :size], xt[..., :size, :size]
     names = captured_names(model, family)
     im = tfl.EkfacInfluence(model, loss, REG, fisher="empirical", params=names).fit((x, y))
     train = layer_blocks(model, reference_grads(model, loss, x, y, names), names)
@@ -86,6 +88,29 @@ def test_ekfac_equals_its_formula_on_convolutions_and_patch_embeddings(family):
         torch.testing.assert_close(f.eigenvalues, rotated.square().mean(dim=0), rtol=1e-9, atol=1e-15)
         expected += torch.einsum("qoi,noi->qn", (q_s.T @ test[name] @ q_a) / (f.eigenvalues + REG), rotated)
     torch.testing.assert_close(im.influences(xt, yt, x, y), expected, rtol=1e-9, atol=1e-12)
+    if size == 8:  # the 8 padding taps of each of 16 channels (and dead channels): eigenvalue 0 exactly
+        last = im.factors["resnet.encoder.stages.1.layers.0.layer.1.convolution"]
+        assert int((last.eigenvalues == 0).all(dim=0).sum()) >= 8 * 16
+
+
+def test_covariance_eigendecomposition_keeps_always_zero_coordinates_as_they_are():
+    """K-FAC's factor eigendecomposition: rows and columns that are exactly zero are eigenvectors with
+    eigenvalue 0; the rest is decomposed alone (LAPACK can fail to converge on the whole)."""
+    from torchfluence._covariance_eigh import covariance_eigh
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(40, 9, generator=g, dtype=torch.float64)
+    a[:, [0, 3, 8]] = 0
+    cov = a.T @ a / 40
+    values, vectors = covariance_eigh(cov)
+    torch.testing.assert_close(values, torch.linalg.eigvalsh(cov), rtol=1e-12, atol=1e-14)
+    assert bool((values.diff() >= 0).all()) and int((values == 0).sum()) == 3
+    torch.testing.assert_close(vectors.T @ vectors, torch.eye(9, dtype=torch.float64), rtol=0, atol=1e-14)
+    torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.T, cov, rtol=0, atol=1e-14)
+    assert sorted(vectors[:, values == 0].abs().argmax(dim=0).tolist()) == [0, 3, 8]
+    full = torch.linalg.eigh(cov + torch.eye(9, dtype=torch.float64))  # no zero rows: eigh itself
+    for got, expected in zip(covariance_eigh(cov + torch.eye(9, dtype=torch.float64)), full):
+        assert torch.equal(got, expected)
 
 
 # The solvers that tests/test_hf_models.py does not run on every model, with their defaults except
@@ -100,11 +125,7 @@ MORE_SOLVERS = {
 @pytest.mark.parametrize("solver", list(MORE_SOLVERS))
 @pytest.mark.parametrize("family", ["resnet", "vit"])
 def test_the_other_solvers_run_on_vision_models(family, solver):
-    model, loss, data = build(family)
-    x, y = data(16, seed=24)
-    xt, yt = data(3, seed=25)
-    scores = quiet(MORE_SOLVERS[solver], model, loss).fit((x, y)).influences(xt, yt, x, y)
-    assert scores.shape == (3, 16) and bool(torch.isfinite(scores).all())
+    check_solver_runs(family, MORE_SOLVERS[solver])
 
 
 def test_direct_hessian_through_batchnorm_equals_a_dense_inverse():
@@ -131,10 +152,9 @@ def test_a_resnet_left_in_training_mode_is_warned_about():
         tfl.GradientSimilarity(model.train(), loss)
 
 
-@pytest.mark.xfail(raises=ValueError, strict=True,
-                   reason="CgInfluence's (E)K-FAC preconditioner needs every selected parameter in a captured "
-                          "layer: BatchNorm's are refused instead of preconditioned another way")
 def test_cg_with_an_ekfac_preconditioner_on_a_batchnorm_resnet():
+    """The EK-FAC preconditioner covers the convolutions; BatchNorm's parameters get 1 / lambda. CG then
+    converges to the unpreconditioned solution."""
     model, loss, data = build("resnet")
     x, y = data(16, seed=28)
     xt, yt = data(3, seed=29)
