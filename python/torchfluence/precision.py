@@ -51,23 +51,9 @@ def matmul_precision(allow_tf32: bool) -> Iterator[None]:
         matmul.allow_tf32 = previous
 
 
-def check_score_dtype(score_dtype: Optional[torch.dtype], dtype: torch.dtype) -> Optional[torch.dtype]:
-    """Validates ``score_dtype``: None (the computation dtype), torch.bfloat16 or torch.float16."""
-    if score_dtype is None or score_dtype == dtype:
-        return None
-    if score_dtype not in SCORE_DTYPES:
-        raise ValueError(f"score_dtype must be None (the computation dtype, {dtype}), torch.bfloat16 or "
-                         f"torch.float16, got {score_dtype}")
-    if dtype == torch.float64:
-        raise ValueError(f"score_dtype={score_dtype} with dtype=torch.float64 would throw the float64 "
-                         "computation away; use float32 (dtype=None on a float32 model) for 16-bit scoring")
-    return score_dtype
-
-
-def check_factor_dtype(value: Optional[torch.dtype], dtype: torch.dtype,
-                       name: str = "factor_dtype") -> Optional[torch.dtype]:
-    """Validates ``factor_dtype`` (or another 16-bit option `name`): None (the computation dtype),
-    torch.bfloat16 or torch.float16."""
+def check_low_precision(value: Optional[torch.dtype], dtype: torch.dtype, name: str) -> Optional[torch.dtype]:
+    """Validates a 16-bit option `name` (``score_dtype``, ``factor_dtype``, ``capture_dtype``):
+    None (the computation dtype), torch.bfloat16 or torch.float16; returns None for the computation dtype."""
     if value is None or value == dtype:
         return None
     if value not in SCORE_DTYPES:
@@ -75,8 +61,13 @@ def check_factor_dtype(value: Optional[torch.dtype], dtype: torch.dtype,
                          f"torch.float16, got {value}")
     if dtype == torch.float64:
         raise ValueError(f"{name}={value} with dtype=torch.float64 would throw the float64 "
-                         "computation away; use float32 (dtype=None on a float32 model) for 16-bit factors")
+                         "computation away; use float32 (dtype=None on a float32 model) for 16-bit operands")
     return value
+
+
+def check_score_dtype(score_dtype: Optional[torch.dtype], dtype: torch.dtype) -> Optional[torch.dtype]:
+    """Validates ``score_dtype`` (:func:`check_low_precision`)."""
+    return check_low_precision(score_dtype, dtype, "score_dtype")
 
 
 def _has_out_dtype_mm() -> bool:

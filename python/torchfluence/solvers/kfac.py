@@ -46,7 +46,7 @@ from ..gradients import CapturedGradients, PreparedQueries, gradient_source
 from ..contract import SolverOptions, SolverTraits, option
 from ..influence import FactorChecks, InfluenceFunctionModel
 from ..persist import state_tensor
-from ..precision import check_factor_dtype, matmul_float32
+from ..precision import check_low_precision, matmul_float32
 from ..projected_space import kronecker_layers, projected_engine
 from ..scoring import run_blocks
 from ..sinks import DenseSink
@@ -152,8 +152,8 @@ class KfacInfluence(InfluenceFunctionModel):
             raise ValueError(f"fisher_samples must be a positive int, got {fisher_samples!r}")
         self.fisher, self.fisher_samples, self.seed = fisher, fisher_samples, seed
         self.eigenvalue_correction = eigenvalue_correction
-        self.factor_dtype = check_factor_dtype(factor_dtype, self.dtype)
-        self.capture_dtype = check_factor_dtype(capture_dtype, self.dtype, "capture_dtype")
+        self.factor_dtype = check_low_precision(factor_dtype, self.dtype, "factor_dtype")
+        self.capture_dtype = check_low_precision(capture_dtype, self.dtype, "capture_dtype")
         self._rules_checked = False  # the capture rules were checked without autocast
         self._sample_targets = sample_targets
         self._draws: Optional[SampleDraws] = None  # the default samplers' random numbers
