@@ -85,6 +85,31 @@ $(BENCH_VENV)/.torchfluence-installed: $(BENCH_VENV)/.deps-$(subst =,_,$(subst /
 bench-peers: $(BENCH_VENV)/.torchfluence-installed
 	$(BENCH_BIN)/python benchmarks/bench_peers.py $(BENCH_ARGS)
 
+# make bench-lds: the linear datamodeling score of every torchfluence solver and of kronfluence,
+# TRAK (traker) and dattri on the same retrained digits MLP and CNN (benchmarks/bench_lds.py), in
+# .bench-venv/ next to the bench-peers packages. traker and dattri are pinned on one pip line with
+# torch and the other peers, so that none of them can replace a pinned package; the torch pin is
+# checked after. The retrainings are checkpointed in build/lds/ (reused by later runs); the
+# table goes to bench_out/lds.md. Pass other options with BENCH_LDS_ARGS, e.g.
+#   make bench-lds BENCH_LDS_ARGS="--workloads mlp:100 --only EK-FAC,TRAK"
+BENCH_LDS_PEERS := "traker==0.3.2" "dattri==0.3.0"
+BENCH_LDS_STAMP := $(BENCH_VENV)/.lds-deps-$(subst =,_,$(subst /,_,$(BENCH_TORCH_SPEC)))
+BENCH_LDS_ARGS ?= --workloads mlp:1000,cnn:500
+BENCH_LDS_OUT ?= bench_out/lds.md
+
+.PHONY: bench-lds
+
+$(BENCH_LDS_STAMP): $(BENCH_VENV)/.deps-$(subst =,_,$(subst /,_,$(BENCH_TORCH_SPEC)))
+	$(BENCH_BIN)/pip install --quiet "$(BENCH_TORCH_SPEC)" $(BENCH_PEERS) $(BENCH_LDS_PEERS)
+	$(call require_pinned_torch,$(BENCH_BIN)/python,traker or dattri)
+	$(BENCH_BIN)/python -c "import trak, dattri, kronfluence"
+	touch $@
+
+bench-lds: $(BENCH_VENV)/.torchfluence-installed $(BENCH_LDS_STAMP)
+	mkdir -p bench_out build/lds
+	OMP_NUM_THREADS=1 $(BENCH_BIN)/python benchmarks/bench_lds.py --checkpoint-dir build/lds \
+		--markdown $(BENCH_LDS_OUT) $(BENCH_LDS_ARGS)
+
 # make pydvl-suite PYDVL_SRC=/path/to/pyDVL: pyDVL's own influence tests (from a checkout of
 # pyDVL's repository at tag v0.10.0; its files are copied to build/pydvl-suite/ and never kept
 # here) run against torchfluence.pydvl after tools/swap_pydvl_imports.py swaps the imports of
