@@ -4,8 +4,9 @@ position embeddings) at tiny size in float64.
 tests/test_hf_models.py already checks both models' per-sample gradients against torch.func, EK-FAC,
 K-FAC, CG, Arnoldi and plain gradient similarity with their defaults, K-FAC's coverage line on the
 ResNet and a Direct solve through ViT attention. Here: EK-FAC's formula on convolutions and patch
-embeddings, the coverage line and refusals of ViT's bare parameters, the remaining solvers, a Direct
-solve through BatchNorm, and the training-mode warning. References come from the same file's
+embeddings (also where a convolution's padding taps are always zero), the coverage line and refusals
+of ViT's bare parameters, the remaining solvers, a Direct solve through BatchNorm, CG with an EK-FAC
+preconditioner beside BatchNorm, and the training-mode warning. References come from the same file's
 ``functional_call`` + ``vmap(grad)`` and dense Hessians.
 """
 
