@@ -185,6 +185,17 @@ def scorers() -> dict[str, Scorer]:
         fisher_rows[f"{label}, fisher='true' {FISHER_DRAWS} draws"] = kronecker(cls, fisher="true",
                                                                                fisher_samples=FISHER_DRAWS)
 
+    # 16-bit factor operands need a float32 model (the digits models are float64): the
+    # float32 row is their reference, both with the exact Fisher so that only precision differs.
+    def float32_ekfac(s: Setting, **options):
+        return tfl.EkfacInfluence(copy.deepcopy(s.model).float(), LOSS, s.reg, fisher="exact", **options)
+
+    precision_rows = {
+        "EK-FAC, fisher='exact', float32 model": solver(float32_ekfac),
+        "EK-FAC, fisher='exact', bf16 factors + captures": solver(
+            lambda s: float32_ekfac(s, factor_dtype=torch.bfloat16, capture_dtype=torch.bfloat16)),
+    }
+
     return {
         "Direct (Hessian)": solver(lambda s: tfl.DirectInfluence(s.model, LOSS, s.reg)),
         "Direct (Gauss-Newton)": solver(
@@ -195,6 +206,7 @@ def scorers() -> dict[str, Scorer]:
             lambda s: tfl.CgInfluence(s.model, LOSS, s.reg, maxiter=10, block=False)),
         "LiSSA (1000 it.)": solver(lissa),
         **fisher_rows,
+        **precision_rows,
         "Arnoldi": solver(lambda s: tfl.ArnoldiInfluence(s.model, LOSS, s.reg, s.rank)),
         "Nystroem (GGN)": solver(lambda s: tfl.NystroemSketchInfluence(s.model, LOSS, s.reg, s.rank,
                                                                        second_order="gauss_newton")),
