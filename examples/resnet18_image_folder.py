@@ -44,10 +44,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchfluence as tfl
 from torch.utils.data import DataLoader, Dataset
 from transformers import ResNetConfig, ResNetForImageClassification
-
-import torchfluence as tfl
 
 MEAN, STD = 0.5, 0.25  # per-channel normalisation of pixel values in [0, 1]
 
@@ -109,7 +108,7 @@ def read_png(path: str | os.PathLike) -> np.ndarray:
 
 
 def synthetic_image(label: int, n_classes: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """One uint8 (size, size, 3) image of class `label`: a grating with the class's angle, frequency and colour."""
+    """A uint8 (size, size, 3) image of class `label`: a grating of its class's angle, frequency, colour."""
     angle = math.pi * label / n_classes
     frequency = 2.0 + 1.5 * (label % 3)
     colour = np.array([0.5 + 0.5 * math.cos(2 * math.pi * (label / n_classes + c / 3)) for c in range(3)])
@@ -161,10 +160,10 @@ def to_tensor(pixels) -> torch.Tensor:
 
 
 def image_folder(root: Path) -> Dataset:
-    """torchvision's ImageFolder where torchvision imports, else ImageFolderDataset: the same items in the same order."""
+    """torchvision's ImageFolder where torchvision imports, else ImageFolderDataset (same items and order)."""
     try:
         from torchvision.datasets import ImageFolder
-    except Exception:  # not installed, or built for another torch (e.g. "operator torchvision::nms does not exist")
+    except Exception:  # absent, or built for another torch ("operator torchvision::nms does not exist")
         return ImageFolderDataset(root)
     return ImageFolder(str(root), transform=lambda image: to_tensor(image.convert("RGB")))
 
@@ -172,9 +171,9 @@ def image_folder(root: Path) -> Dataset:
 # -- the model --------------------------------------------------------------------------------------
 
 def resnet18(num_labels: int, width: int = 64) -> ResNetForImageClassification:
-    """ResNet-18's shape: basic blocks, depths [2, 2, 2, 2], widths width x [1, 2, 4, 8] (64: the real one)."""
-    config = ResNetConfig(num_channels=3, embedding_size=width, hidden_sizes=[width, 2 * width, 4 * width, 8 * width],
-                          depths=[2, 2, 2, 2], layer_type="basic", num_labels=num_labels)
+    """ResNet-18's shape: basic blocks, depths [2, 2, 2, 2], widths width x [1, 2, 4, 8] (64: the real one)"""
+    config = ResNetConfig(num_channels=3, embedding_size=width, depths=[2, 2, 2, 2], layer_type="basic",
+                          hidden_sizes=[width, 2 * width, 4 * width, 8 * width], num_labels=num_labels)
     return ResNetForImageClassification(config)
 
 
@@ -223,7 +222,7 @@ def run(per_class: int = 300, classes: int = 10, size: int = 32, width: int = 64
         stages = {"images": time.perf_counter() - began}
         final_loss = train(model, DataLoader(train_set, batch_size=batch_size, shuffle=True), epochs)
         stages["training"] = time.perf_counter() - began - sum(stages.values())
-        train_loader = DataLoader(train_set, batch_size=batch_size)  # in index order: top-k indices count these
+        train_loader = DataLoader(train_set, batch_size=batch_size)  # in index order, as top-k counts
         query_x, query_y = next(iter(DataLoader(queries, batch_size=len(queries))))
         with torch.no_grad():
             accuracy = float((model(query_x).logits.argmax(1) == query_y).float().mean())
@@ -247,7 +246,8 @@ def run(per_class: int = 300, classes: int = 10, size: int = 32, width: int = 64
     copy_rank = {q: 1 + int((top.scores[q] > top.scores[q, j]).sum()) for q, j in copy_index.items()}
 
     print(coverage[0] if coverage else "EkfacInfluence covers every parameter")
-    print(f"{len(train_set)} training images ({classes} classes, {size}x{size}, {len(duplicated)} copies of queries), "
+    print(f"{len(train_set)} training images ({classes} classes, {size}x{size}, "
+          f"{len(duplicated)} copies of queries), "
           f"{len(queries)} queries; ResNet-18 of width {width}: "
           f"{sum(p.numel() for p in model.parameters()):,} parameters; last epoch's loss {final_loss:.3f}, "
           f"query accuracy {accuracy:.2f}")
@@ -260,8 +260,9 @@ def run(per_class: int = 300, classes: int = 10, size: int = 32, width: int = 64
     seconds = time.perf_counter() - began
     print(f"{seconds:.1f} s in all: " + ", ".join(f"{name} {t:.1f} s" for name, t in stages.items()))
     return {"top": top, "coverage": coverage, "copy_index": copy_index, "copy_rank": copy_rank,
-            "same_class": same_class, "n_train": len(train_set), "n_query": len(queries), "accuracy": accuracy,
-            "final_loss": final_loss, "train_labels": train_labels, "query_labels": query_y, "seconds": seconds}
+            "same_class": same_class, "n_train": len(train_set), "n_query": len(queries),
+            "accuracy": accuracy, "final_loss": final_loss, "train_labels": train_labels,
+            "query_labels": query_y, "seconds": seconds}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -272,14 +273,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=64, help="channels of the first stage (64: ResNet-18)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--queries-per-class", type=int, default=2)
-    parser.add_argument("--duplicates", type=int, default=4, help="query images copied into the training folder")
+    parser.add_argument("--duplicates", type=int, default=4, help="queries copied to the training folder")
     parser.add_argument("--k", type=int, default=10, help="training images ranked per query")
     parser.add_argument("--regularization", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--root", default=None, help="where to write the image folders (default: a temporary one)")
+    parser.add_argument("--root", default=None, help="folder for the images (default: a temporary one)")
     args = parser.parse_args(argv)
-    run(args.per_class, args.classes, args.size, args.width, args.epochs, args.queries_per_class, args.duplicates,
-        args.k, args.regularization, seed=args.seed, root=args.root)
+    run(args.per_class, args.classes, args.size, args.width, args.epochs, args.queries_per_class,
+        args.duplicates, args.k, args.regularization, seed=args.seed, root=args.root)
 
 
 if __name__ == "__main__":

@@ -47,13 +47,15 @@ def test_resnet18_image_folder_example_ranks_each_querys_copy_first(tmp_path):
     assert (n_query, n_train) == (8, 4 * 24 + 4)
     top = result["top"]
     assert top.scores.shape == (n_query, n_train) and bool(torch.isfinite(top.scores).all())
-    for values, indices in ((top.helpful_values, top.helpful_indices), (top.harmful_values, top.harmful_indices)):
+    for values, indices in [(top.helpful_values, top.helpful_indices),
+                            (top.harmful_values, top.harmful_indices)]:
         assert values.shape == indices.shape == (n_query, k)
         assert int(indices.min()) >= 0 and int(indices.max()) < n_train
         assert all(len(set(row)) == k for row in indices.tolist())
         torch.testing.assert_close(values, top.scores.gather(1, indices), rtol=0, atol=0)
     torch.testing.assert_close(top.helpful_values, top.scores.topk(k, dim=1).values, rtol=0, atol=0)
-    torch.testing.assert_close(top.harmful_values, top.scores.topk(k, dim=1, largest=False).values, rtol=0, atol=0)
+    smallest = top.scores.topk(k, dim=1, largest=False).values
+    torch.testing.assert_close(top.harmful_values, smallest, rtol=0, atol=0)
     # The copies sit in their query's class folder; each is its query's most helpful training image.
     assert len(result["copy_index"]) == 4
     for q, j in result["copy_index"].items():

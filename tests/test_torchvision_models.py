@@ -55,7 +55,8 @@ def test_ekfac_on_resnet18(resnet18):
     lines = [str(w.message) for w in record if "covers" in str(w.message)]
     assert len(lines) == 1
     assert lines[0].startswith("EkfacInfluence covers 21 captured layers (Conv2d, Linear; 11,172,042 values) "
-                               "and leaves out 9,600 values: BatchNorm2d (not a captured layer type): 40 parameter(s)")
+                               "and leaves out 9,600 values: BatchNorm2d (not a captured layer type): "
+                               "40 parameter(s)")
     x, y = images(12, seed=1)
     im = tfl.EkfacInfluence(resnet18, F.cross_entropy, 1e-3, params=EKFAC_PARAMS).fit((x, y))
     assert set(im.factors) == {"layer1.0.conv1", "layer2.0.downsample.0", "fc"}
@@ -75,6 +76,7 @@ def test_cg_on_resnet18_through_batchnorm_equals_direct(resnet18):
         cg = tfl.CgInfluence(resnet18, F.cross_entropy, 1e-2, second_order="gauss_newton", params=CG_PARAMS)
         scores = cg.fit((x, y)).influences(xt, yt, x, y)
     assert scores.shape == (2, 12) and bool(torch.isfinite(scores).all())
-    direct = tfl.DirectInfluence(resnet18, F.cross_entropy, 1e-2, second_order="gauss_newton", params=CG_PARAMS)
+    direct = tfl.DirectInfluence(resnet18, F.cross_entropy, 1e-2, second_order="gauss_newton",
+                                 params=CG_PARAMS)
     expected = direct.fit((x, y)).influences(xt, yt, x, y)
     torch.testing.assert_close(scores, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))

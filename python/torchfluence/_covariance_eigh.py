@@ -7,7 +7,7 @@ from torch import Tensor
 
 
 def covariance_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
-    """``torch.linalg.eigh`` of the symmetric part of `matrix`: eigenvalues ascending, eigenvectors as columns.
+    """``torch.linalg.eigh`` of the symmetric part of `matrix`: ascending eigenvalues, eigenvector columns.
 
     Coordinates whose row and column are exactly zero (inputs that are always zero: the padding taps
     of a 3x3 convolution on a 1x1 feature map, as in a ResNet-18's last stage at 32 x 32 inputs, or
