@@ -381,8 +381,8 @@ def test_query_factors_name_a_non_finite_query(monkeypatch):
     xt, yt = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
     rotate = kfac._rotated_gradients
 
-    def poisoned(cap, i, start, stop, *args):  # the query of global index 5: row 1 of the second block
-        out = rotate(cap, i, start, stop, *args)
+    def poisoned(cap, i, start, stop, *args, **kwargs):  # the query of global index 5: row 1 of the second block
+        out = rotate(cap, i, start, stop, *args, **kwargs)
         if cap.outputs.shape[0] == 2:
             out[1, 0, 0] = float("nan")
         return out
