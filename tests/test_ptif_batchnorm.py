@@ -35,6 +35,8 @@ def test_ptif_runs_kfac_solvers_on_a_batchnorm_resnet(solver, tmp_path):
     name = {"ekfac": "EkfacInfluence", "kfac": "KfacInfluence"}[solver]
     assert len(lines) == 1 and lines[0].startswith(f"{name} covers 7 captured layers (Conv2d, Linear; ")
     assert "BatchNorm2d (not a captured layer type): 12 parameter(s)" in lines[0]
+    # A ptif config has no params=: the hint also names what a ptif user can do.
+    assert lines[0].endswith("pass params= or set requires_grad=False on those to leave out")
 
     first_of_class = [int((yt == c).nonzero()[0]) for c in range(3)]  # test_sample_num=1 per class
     assert list(influences) == [str(i) for i in first_of_class]

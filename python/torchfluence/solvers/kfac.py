@@ -192,8 +192,9 @@ class KfacInfluence(InfluenceFunctionModel):
             if self.projector is not None:
                 self.source, self.curvature_operator = projected_engine(functions, self.source, self.projector)
         layers = find_layers(self.functions)[0] if kept else []
-        warnings.warn(f"{type(self).__name__} {describe_coverage(before, layers, names)}; pass params= to choose "
-                      "the parameters yourself", stacklevel=4)
+        warnings.warn(f"{type(self).__name__} {describe_coverage(before, layers, names)}; to choose the "
+                      "parameters yourself, pass params= or set requires_grad=False on those to leave out",
+                      stacklevel=4)
 
     # -- fitting --------------------------------------------------------------------------------
     def _sampler(self, train: Samples) -> Optional[TargetSampler]:
