@@ -5,7 +5,7 @@ import torch
 import torchfluence as tfl
 from torch import nn
 from torchfluence.checks import FiniteChecks
-from torchfluence.precision import matmul_precision, mm_float32
+from torchfluence.precision import matmul_precision, matmul_float32
 
 from .conftest import DEVICES
 
@@ -15,7 +15,7 @@ from .conftest import DEVICES
 def test_mm_float32_keeps_32_bit_results(device, dtype):
     a = torch.randn(70, 300, device=device).to(dtype)
     b = torch.randn(300, 50, device=device).to(dtype)
-    out = mm_float32(a, b)
+    out = matmul_float32(a, b)
     assert out.dtype == torch.float32
     # Against the exact product of the same 16-bit operands: only float32 accumulation error
     # (~6e-8 * sqrt(300) relative) remains. A result rounded to 16 bits would be off by ~1e-3.
@@ -27,7 +27,7 @@ def test_mm_float32_keeps_32_bit_results(device, dtype):
 def test_mm_float32_leaves_32_and_64_bit_products_alone(device):
     for dtype in (torch.float32, torch.float64):
         a, b = torch.randn(9, 8, dtype=dtype, device=device), torch.randn(8, 7, dtype=dtype, device=device)
-        assert torch.equal(mm_float32(a, b), a @ b)
+        assert torch.equal(matmul_float32(a, b), a @ b)
 
 
 def test_matmul_precision_restores_the_flag_even_after_an_error():

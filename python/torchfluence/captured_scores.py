@@ -20,7 +20,7 @@ from torch import Tensor
 from .budget import gradient_block_samples, low_rank_block_samples
 from .ops import accumulation_dtype, cuda_available_in_build, psg_dot_accumulate
 from .ops import psg_dot as psg_dot_kernel
-from .precision import SCORE_DTYPES, mm_float32
+from .precision import SCORE_DTYPES, matmul_float32
 
 Queries = Union[Tensor, tuple[Tensor, Tensor]]
 
@@ -217,7 +217,7 @@ def score_gradients(Q: Tensor, grads: Callable[[int, int], Tensor], n: int, d_in
     block = gradient_block_samples(d_in, d_out, Q.dtype, Q.device)
     for start in range(0, n, block):
         g = grads(start, min(start + block, n))
-        out[:, start:start + g.shape[0]] += mm_float32(Q, g.flatten(1).T)
+        out[:, start:start + g.shape[0]] += matmul_float32(Q, g.flatten(1).T)
     return out
 
 

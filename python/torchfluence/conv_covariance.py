@@ -56,7 +56,6 @@ def patch_covariance(module: nn.Conv2d, x: Tensor, pads: list[int], bias: bool) 
         shifted[..., j] = x[:, :, :, j * dw:j * dw + out_w].permute(0, 2, 3, 1)
     flat = shifted.view(n * rows * out_w, m)
     by_row = shifted.view(n, rows, out_w, m)
-    stride = rows * out_w  # flat rows per sample
 
     def row_sum(r: int, r_next: int, across: bool) -> Tensor:
         """sum_n C[n, r]^T C[n (+1 if across), r_next], (m, m)."""

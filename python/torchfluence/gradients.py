@@ -27,7 +27,7 @@ from ._functional import ModelFunctions
 from .ops import accumulation_dtype
 from .capture import Layer, capture, find_layers
 from .captured_scores import psg_dot, score_gradients, score_index_layer, score_layer
-from .precision import mm_float32
+from .precision import matmul_float32
 
 
 @dataclass
@@ -106,7 +106,7 @@ class GradientSource(ABC):
             queries: (n_query, p) vectors, or :class:`PreparedQueries` (prepare once, score many blocks).
         """
         q = queries if isinstance(queries, Tensor) else queries.parts[0]
-        return mm_float32(q, self.grads(x, y).to(q.dtype).T)
+        return matmul_float32(q, self.grads(x, y).to(q.dtype).T)
 
     def score_block_by_layer(self, queries: Tensor, x: Tensor, y: Tensor) -> Optional[dict[str, Tensor]]:
         """{layer name: (n_query, b)} scores of each captured layer, or None when there are no layers."""
@@ -180,7 +180,7 @@ class CapturedGradients(GradientSource):
             (score_index_layer if layer.index else score_layer)(q, a, d, out)
         if self.rest is not None:
             rest = prepared.parts[-1]
-            out += mm_float32(rest, self.rest.per_sample_grads(x, y).to(rest.dtype).T)
+            out += matmul_float32(rest, self.rest.per_sample_grads(x, y).to(rest.dtype).T)
         return out
 
     def score_block_by_layer(self, queries: Tensor, x: Tensor, y: Tensor) -> dict[str, Tensor]:

@@ -185,8 +185,7 @@ class InfluenceFunctionModel(ABC):
         self.model = model  # the model as given (in head mode, backbone and head)
         # The last query set's prepared factors (torchfluence.query_cache); set False to keep none.
         self.cache_queries = True
-        self._query_cache = QueryCache()
-        self._fit_generation = 0  # changes with every fit or restore: a cached query set is stale then
+        self._query_cache = QueryCache()  # emptied by every fit or restore
         self.features: Optional[BackboneFeatures] = None
         self._full_model: Optional[nn.Module] = None  # for mode="perturbation" in automatic head mode
         split = None
@@ -341,15 +340,10 @@ class InfluenceFunctionModel(ABC):
         """:meth:`fit` on data already in the solver's input space (for solvers built on another's data)."""
         self.n_train = samples.count()
         self._train = samples
-        self._fitted_anew()
+        self._query_cache.clear()  # its factors belong to the previous fit
         with matmul_precision(self.allow_tf32):
             self._fit(samples)
         return self
-
-    def _fitted_anew(self) -> None:
-        """Forgets what depended on the previous fit (the cached query set)."""
-        self._fit_generation += 1
-        self._query_cache.clear()
 
     def forget_queries(self) -> None:
         """Frees the prepared factors kept from the last query set (see :attr:`cache_queries`)."""
@@ -421,11 +415,12 @@ class InfluenceFunctionModel(ABC):
                                                 lambda: self._prepare_factors(x_test, y_test))
 
     def _solver_state(self) -> tuple:
-        """What the prepared factors depend on besides the queries: the fit, the settings, the
-        device and the parameters (torch's version counters change with every in-place update)."""
+        """What the prepared factors depend on besides the queries and the fit (a fit empties the
+        cache): the settings, the device and the parameters (torch's version counters change
+        with every in-place update)."""
         settings = json.dumps(plain(self.settings()), sort_keys=True, default=str)
         versions = tuple(p._version for p in self.model.parameters())
-        return self._fit_generation, settings, str(self.device), versions, self.functions.theta._version
+        return settings, str(self.device), versions, self.functions.theta._version
 
     def _prepare_factors(self, x_test: Tensor, y_test: Tensor) -> PreparedQueries:
         """The test factors laid out for scoring, in the scoring dtype.
@@ -808,7 +803,7 @@ class InfluenceFunctionModel(ABC):
         self._classes = classes
         self._train = train if train is not None else MissingTrainData(missing, n_train, self.block_size)
         self._train_source = train_source if train is not None else None
-        self._fitted_anew()
+        self._query_cache.clear()  # its factors belong to the previous fit
         on_device = {key: value.to(self.device) for key, value in tensors.items()}
         with matmul_precision(self.allow_tf32):
             self.restore_fitted_state(on_device, dict(info))

@@ -12,7 +12,7 @@ Two rules, the same on every device:
 - **16-bit scoring keeps 32-bit scores.** With ``score_dtype=torch.bfloat16``
   (or float16) the operands of the scoring products are 16-bit and run on
   tensor cores, but the products are accumulated and returned in float32
-  (:func:`mm_float32`); scores are never rounded to 16 bits.
+  (:func:`matmul_float32`); scores are never rounded to 16 bits.
 - **16-bit factors keep 32-bit sums.** With ``factor_dtype=torch.bfloat16`` (K-FAC,
   EK-FAC) the operands of the fit's products (covariances, rotations into the
   eigenbasis) and of the query preconditioning are rounded to 16 bits, and every
@@ -77,28 +77,20 @@ def _has_out_dtype_mm() -> bool:
 _OUT_DTYPE_MM = _has_out_dtype_mm()
 
 
-def mm_float32(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` for 2-D `a`, `b` of one dtype, returned in float32 (float64 stays float64).
+def matmul_float32(a: Tensor, b: Tensor, operand_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``a @ b`` (2-D, or batched 3-D as torch.matmul takes them), in float32 for 16-bit operands.
 
-    16-bit operands on CUDA run as one tensor-core GEMM with float32 output
-    (``torch.mm(..., out_dtype=torch.float32)``, torch >= 2.8). Where that is not
-    available (CPU, older torch) the operands are widened first: slower, never
-    less accurate.
+    Args:
+        a, b: operands of one dtype.
+        operand_dtype: a 16-bit dtype to round both operands to first (None: as they are).
+
+    16-bit operands on CUDA run as one tensor-core GEMM with float32 accumulation and
+    output (``out_dtype=torch.float32``, torch >= 2.8). Elsewhere (CPU, older torch) the
+    16-bit operands are widened first: the same rounding of the operands, never less
+    accurate. Other dtypes: plain ``a @ b`` (float64 stays float64).
     """
-    if a.dtype in SCORE_DTYPES:
-        if a.is_cuda and _OUT_DTYPE_MM:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        return a.float() @ b.float()
-    return a @ b
-
-
-def matmul_float32(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` (torch.matmul's shapes: 2-D or batched 3-D) for operands of one dtype, in float32.
-
-    16-bit operands on CUDA run as tensor-core GEMMs with float32 accumulation and
-    output (``out_dtype=torch.float32``); elsewhere the 16-bit operands are widened
-    first, which gives the same rounding of the operands. Other dtypes: ``a @ b``.
-    """
+    if operand_dtype is not None:
+        a, b = a.to(operand_dtype), b.to(operand_dtype)
     if a.dtype not in SCORE_DTYPES:
         return a @ b
     if not (a.is_cuda and _OUT_DTYPE_MM):

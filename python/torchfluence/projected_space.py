@@ -58,7 +58,7 @@ from .capture import Captured, Layer, capture, describe_missing, find_layers, sh
 from .curvature import CurvatureOperator
 from .captured_scores import index_sum
 from .gradients import CapturedGradients, GradientSource
-from .precision import mm_float32
+from .precision import matmul_float32
 from .projectors import DenseProjector, KroneckerProjector, Projector, SparseJLProjector
 
 __all__ = ["KroneckerProjection", "ProjectedGradients", "KroneckerGradients", "ProjectedFisher",
@@ -299,7 +299,7 @@ class KroneckerGradients(GradientSource):
         """{layer name: (n_query, b)}: each layer's columns of the projected space; they sum to :meth:`score_block`."""
         g = self.grads(x, y)
         q = queries.to(g.dtype)
-        return {layer.name: mm_float32(q[:, p.weight_slice], g[:, p.weight_slice].T)
+        return {layer.name: matmul_float32(q[:, p.weight_slice], g[:, p.weight_slice].T)
                 for layer, p in zip(self.layers, self.projected_layers)}
 
 

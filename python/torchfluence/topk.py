@@ -17,7 +17,7 @@ from torch import Tensor
 from . import ops
 from .budget import score_chunk_columns
 from .checks import check_finite
-from .precision import mm_float32
+from .precision import matmul_float32
 
 
 class TopKResult(NamedTuple):
@@ -211,7 +211,7 @@ def block_scores(S: Tensor, G: Tensor) -> Tensor:
     Scores are never rounded to 16 bits: a top-k over near-equal scores would
     otherwise be decided by rounding.
     """
-    return mm_float32(S, G.T)
+    return matmul_float32(S, G.T)
 
 
 def _check_out(out: Tensor, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:

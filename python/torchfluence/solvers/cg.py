@@ -16,7 +16,7 @@ from ..data import Samples
 from ..distributed import all_reduce_sum, local_blocks
 from ..checks import check_regularization
 from ..contract import SolverTraits, option
-from ..capture import find_layers
+from ..capture import find_layers, tied_parameters
 from ..influence import InfluenceFunctionModel
 from ..parameter_blocks import Ranges, column_ranges, gather_columns, scatter_columns
 from ..persist import state_tensor
@@ -129,9 +129,10 @@ class _CgSolve(InfluenceFunctionModel):
         cls = EkfacInfluence if self.preconditioner == "ekfac" else KfacInfluence
         params, self._kfac_columns = f.names, None
         if self.projector is None:
-            missing = set(find_layers(f)[1])
-            covered = [name for name in f.names if name not in missing]
-            if missing and covered:  # the rest get 1 / lambda in _apply_preconditioner
+            layers, missing = find_layers(f)
+            left_out = set(missing) | set(tied_parameters(f, layers))  # what K-FAC's own default leaves out
+            covered = [name for name in f.names if name not in left_out]
+            if left_out and covered:  # the rest get 1 / lambda in _apply_preconditioner
                 params = covered
                 self._kfac_columns = column_ranges(f.names, f.sizes, {"kfac": covered})["kfac"]
         # Monte Carlo draws only where no closed form exists; four keep the noise low.

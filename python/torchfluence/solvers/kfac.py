@@ -243,30 +243,28 @@ class KfacInfluence(InfluenceFunctionModel):
                 if getattr(sampler, "needs_targets", False):  # keeps the data's masked positions
                     y = block.y.to(self.device)
                     drawn = lambda o, y=y: _with_labels(y, sampler(o, _labels(y)))  # noqa: E731
-                cap = self._fit_capture(block.x, block.y, drawn, out_grads)
+                cap = self._capture(block.x, block.y, drawn, out_grads, fit=True)
                 if exact and any(g.dim() != 4 for g in cap.output_grads):
                     raise ValueError("fisher='exact' supports outputs of shape (n, classes) only; use fisher='true'")
                 yield cap
 
-    def _fit_capture(self, x: Tensor, y: Tensor, sampler: Optional[TargetSampler],
-                     output_grads: Optional[Callable[[Tensor], Tensor]]) -> Captured:
-        """One block's capture for the fit, under autocast with ``capture_dtype``."""
-        if self.capture_dtype is None:
-            return self._capture(x, y, sampler, output_grads)
-        if not all(layer.verified for layer in self._captured_layers) and not self._rules_checked:
-            # Autocast's products differ from plain autograd's by ~1e-2: the capture rules
-            # are checked on the first samples without it.
-            self._capture(x[:2], y[:2])
-            self._rules_checked = True
-        with torch.autocast(self.device.type, dtype=self.capture_dtype):
-            cap = capture(self.functions, self._captured_layers, x, y, sampler, output_grads)
-        cap = cap.to(self.dtype)
-        return cap if self._projection is None else self._projection.project_capture(cap)
-
     def _capture(self, x: Tensor, y: Tensor, sampler: Optional[TargetSampler] = None,
-                 output_grads: Optional[Callable[[Tensor], Tensor]] = None) -> Captured:
-        """One block's capture of :attr:`layers` (projected by the KroneckerProjection, if any)."""
-        cap = capture(self.functions, self._captured_layers, x, y, sampler, output_grads)
+                 output_grads: Optional[Callable[[Tensor], Tensor]] = None, *, fit: bool = False) -> Captured:
+        """One block's capture of :attr:`layers` (projected by the KroneckerProjection, if any).
+
+        With `fit` and ``capture_dtype``, the model's passes run under autocast and the
+        captures are widened to the model's dtype. Autocast's products differ from plain
+        autograd's by ~1e-2, so the capture rules are first checked once on two samples
+        without it (:func:`~torchfluence.capture.capture` checks the first capture).
+        """
+        if fit and self.capture_dtype is not None:
+            if not self._rules_checked:
+                self._capture(x[:2], y[:2])
+                self._rules_checked = True
+            with torch.autocast(self.device.type, dtype=self.capture_dtype):
+                cap = capture(self.functions, self._captured_layers, x, y, sampler, output_grads).to(self.dtype)
+        else:
+            cap = capture(self.functions, self._captured_layers, x, y, sampler, output_grads)
         return cap if self._projection is None else self._projection.project_capture(cap)
 
     def _fit(self, train: Samples) -> None:
@@ -313,9 +311,6 @@ class KfacInfluence(InfluenceFunctionModel):
     def _corrected_eigenvalues(self, train: Samples, bases, sampler) -> list[Tensor]:
         sums = [torch.zeros_like(lam) for _, _, lam in bases]
         typed = [(_to(q_a, self.dtype), q_s.to(self.dtype)) for q_a, q_s, _ in bases]
-        # The rotations' operands: 16-bit with factor_dtype (embeddings keep theirs: no matmul there).
-        low = self.factor_dtype or self.dtype
-        operands = [(q_s.to(low), _to(q_a, low)) for q_a, q_s in typed]
         n = 0
         for cap in self._captures(train, sampler, "EK-FAC eigenvalues", stage=1):
             n += cap.outputs.shape[0]
@@ -326,7 +321,7 @@ class KfacInfluence(InfluenceFunctionModel):
                 if layer.index:
                     sums[i] += _index_rotated_squares(layer, cap.activation(i), g @ q_s).double()
                     continue
-                sums[i] += _rotated_squares(cap, i, g, *operands[i]).double()
+                sums[i] += _rotated_squares(cap, i, g, q_s, q_a, self.factor_dtype).double()
         for total in sums:
             all_reduce_sum(total)
         n = all_reduce_count(n, self.device)
@@ -367,10 +362,7 @@ class KfacInfluence(InfluenceFunctionModel):
 
     def _solve_rotated(self, rotated: Tensor, q_s: Tensor, q_a: Tensor, lam: Tensor) -> Tensor:
         """``Q_S (R / (eigenvalues + lambda)) Q_A^T``: the solve of gradients R given in the eigenbasis."""
-        scaled = rotated / (lam + self.regularization)
-        if self.factor_dtype is None:
-            return q_s @ scaled @ q_a.T
-        return _rotate(q_s.T, scaled, q_a.T, self.factor_dtype)
+        return _rotate(q_s.T, rotated / (lam + self.regularization), q_a.T, self.factor_dtype)
 
     def _write_factor_block(self, prepared: PreparedQueries, block: SampleBlock, checks: FactorChecks) -> None:
         """Test factors from the block's capture, rotated into the eigenbasis in the cheaper order.
@@ -500,17 +492,20 @@ class EkfacInfluence(KfacInfluence):
 
 
 
-def _rotated_squares(cap: Captured, i: int, g: Tensor, q_s: Tensor, q_a: Tensor) -> Tensor:
+def _rotated_squares(cap: Captured, i: int, g: Tensor, q_s: Tensor, q_a: Tensor,
+                     operand_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Sum over samples of the squared per-sample gradients in the Kronecker eigenbasis, (d_out, d_in).
 
     The rotated gradients come from :func:`_rotated_gradients`, in chunks of samples.
 
     Args:
         cap: the block's capture; i: the layer; g: (K, b, T, d_out) output gradients.
+        operand_dtype: 16-bit operands of the rotations (:func:`_rotated_gradients`).
     """
     K, b, T, d_out = g.shape
     d_in = q_a.shape[0]
-    operand_dtype = q_s.dtype if q_s.dtype != g.dtype else None
+    if operand_dtype is not None:  # once here, not in every chunk's products
+        q_s, q_a = q_s.to(operand_dtype), q_a.to(operand_dtype)
     # Samples go through in chunks whose (chunk, d_out, d_in) temporaries stay below the
     # allocator's mmap threshold (32 MiB): larger ones are returned to the OS when freed and
     # page-faulted in again by the next chunk, which measured 3x slower than the product itself.
@@ -547,10 +542,9 @@ def _rotated_gradients(cap: Captured, i: int, start: int, stop: int, q_s: Tensor
         return _rotate(q_s, cap.layer_grads(i, start, stop, output_grads), q_a, operand_dtype)
     if operand_dtype is None:
         return torch.einsum("nto,nti->noi", g[start:stop] @ q_s, cap.activation(i)[start:stop] @ q_a)
-    lp = lambda t: t.to(operand_dtype)  # noqa: E731
-    g_rot = matmul_float32(lp(g[start:stop]), lp(q_s))  # (b, T, d_out)
-    a_rot = matmul_float32(lp(cap.activation(i)[start:stop]), lp(q_a))  # (b, T, d_in)
-    return matmul_float32(lp(g_rot.transpose(1, 2)), lp(a_rot))
+    g_rot = matmul_float32(g[start:stop], q_s, operand_dtype)  # (b, T, d_out)
+    a_rot = matmul_float32(cap.activation(i)[start:stop], q_a, operand_dtype)  # (b, T, d_in)
+    return matmul_float32(g_rot.transpose(1, 2), a_rot, operand_dtype)
 
 
 def _rotate(q_s: Tensor, matrices: Tensor, q_a: Tensor, operand_dtype: Optional[torch.dtype]) -> Tensor:
@@ -558,8 +552,7 @@ def _rotate(q_s: Tensor, matrices: Tensor, q_a: Tensor, operand_dtype: Optional[
     products has 16-bit operands and a float32 result."""
     if operand_dtype is None:
         return q_s.T @ matrices @ q_a
-    lp = lambda t: t.to(operand_dtype)  # noqa: E731
-    return matmul_float32(lp(matmul_float32(lp(q_s.T), lp(matrices))), lp(q_a))
+    return matmul_float32(matmul_float32(q_s.T, matrices, operand_dtype), q_a, operand_dtype)
 
 
 def _labels(y):
