@@ -130,3 +130,16 @@ def test_dict_batches_are_keyed_by_their_tensors(setting):
     yt[0] = (yt[0] + 1) % 3  # the labels changed in place
     im.train_influences(*tfl.split_batch(query))
     assert len(calls) == 2
+
+
+def test_a_solver_with_a_cached_query_set_pickles(setting):
+    """dask and multiprocessing pickle solvers: the cache travels empty (weak references do not pickle)."""
+    import pickle
+
+    model, x, y, xt, yt = setting
+    im = tfl.DirectInfluence(model, F.cross_entropy, REG).fit(loader(x, y, 16))
+    scores = im.train_influences(xt, yt)
+    assert im._query_cache.holds
+    copy = pickle.loads(pickle.dumps(im))
+    assert not copy._query_cache.holds
+    assert torch.equal(copy.train_influences(xt, yt), scores)

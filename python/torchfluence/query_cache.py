@@ -92,6 +92,14 @@ class QueryCache:
             self._state, self._value = state, value
         return value
 
+    def __getstate__(self) -> dict:
+        """A pickled or copied solver (e.g. sent to dask workers) starts with an empty cache:
+        weak references cannot be pickled, and the entry names tensors of this process."""
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
     def _matches(self, leaves: list[Tensor], state: Any) -> bool:
         if self._value is None or len(leaves) != len(self._refs) or not self._state == state:
             return False
