@@ -18,7 +18,11 @@ Then the two run alternately (``bench_peers.interleaved``) and medians are repor
 ratio = kronfluence time / torchfluence time.
 
     .bench-venv/bin/python benchmarks/bench_hf_ekfac.py [--layers 2] [--width 128] [--tokens 64]
-        [--train 500] [--queries 50] [--batch 32] [--repeats 3] [--threads 2] [--profile]
+        [--train 500] [--queries 50] [--batch 32] [--repeats 3] [--threads 2] [--profile] [--bf16]
+
+``--bf16`` runs torchfluence with ``factor_dtype``, ``capture_dtype`` and ``score_dtype`` bf16 against both
+kronfluence's float32 defaults and its all-low-precision bf16 settings (AMP), with every
+agreement measured against kronfluence float32.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import pstats
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -134,13 +139,24 @@ def language_model_task(modules: list[str]):
     return LanguageModel()
 
 
-def run_kronfluence(model, x, y, xq, yq, batch: int, damping: float, fisher: str, layers: int):
+def kronfluence_arguments(fisher: str, damping: float, amp: bool):
+    """kronfluence's float32 defaults, or the all-low-precision bf16 settings of its examples (AMP)."""
     from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.utils.common.factor_arguments import all_low_precision_factor_arguments
+    from kronfluence.utils.common.score_arguments import all_low_precision_score_arguments
 
+    if amp:
+        factor_args = all_low_precision_factor_arguments(strategy="ekfac", dtype=torch.bfloat16)
+        factor_args.use_empirical_fisher = fisher == "empirical"
+        return factor_args, all_low_precision_score_arguments(damping_factor=damping, dtype=torch.bfloat16)
+    return FactorArguments(use_empirical_fisher=fisher == "empirical"), ScoreArguments(damping_factor=damping)
+
+
+def run_kronfluence(model, x, y, xq, yq, batch: int, damping: float, fisher: str, layers: int, amp: bool = False):
+    factor_args, score_args = kronfluence_arguments(fisher, damping, amp)
     return kronfluence_pairwise(
         model, (x, y), (xq, yq), cpu=True, factor_batch=batch, query_batch=len(xq), train_batch=batch,
-        factor_args=FactorArguments(use_empirical_fisher=fisher == "empirical"),
-        score_args=ScoreArguments(damping_factor=damping), task=language_model_task(tracked_modules(layers)))
+        factor_args=factor_args, score_args=score_args, task=language_model_task(tracked_modules(layers)))
 
 
 def torchfluence_params(model: nn.Module, layers: int) -> list[str]:
@@ -148,10 +164,13 @@ def torchfluence_params(model: nn.Module, layers: int) -> list[str]:
     return [name for name, _ in model.named_parameters() if name.rpartition(".")[0] in modules]
 
 
-def run_torchfluence(model, x, y, xq, yq, batch: int, damping: float, fisher: str, layers: int):
+def run_torchfluence(model, x, y, xq, yq, batch: int, damping: float, fisher: str, layers: int,
+                     low_precision: Optional[torch.dtype] = None):
+    """EK-FAC fit + pairwise scores; `low_precision`: factor_dtype, capture_dtype and score_dtype (None: float32)."""
     began = time.perf_counter()
     im = tfl.EkfacInfluence(model, sequence_loss, damping, params=torchfluence_params(model, layers), fisher=fisher,
-                            block_size=batch)
+                            block_size=batch, factor_dtype=low_precision, capture_dtype=low_precision,
+                            score_dtype=low_precision)
     im.fit(DataLoader(TensorDataset(x, y), batch_size=batch))
     fitted = time.perf_counter()
     scores = im.influences(xq, yq, x, y)
@@ -180,6 +199,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--profile", action="store_true", help="cProfile one run of each, top lines printed")
+    parser.add_argument("--bf16", action="store_true",
+                        help="torchfluence with factor_dtype, capture_dtype and score_dtype bf16, against kronfluence float32 "
+                             "and kronfluence's AMP (all-low-precision bf16) settings; agreement against "
+                             "kronfluence float32")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -208,29 +231,38 @@ def main() -> None:
               f"damping {damping:.3g} (0.1 x mean eigenvalue) for both; {torch.get_num_threads()} threads")
     print(config, flush=True)
 
+    low = torch.bfloat16 if args.bf16 else None
+    peers = {"kronfluence": False, **({"kronfluence AMP": True} if args.bf16 else {})}
+    ours_name = "torchfluence bf16" if args.bf16 else "torchfluence"
     with quiet():
-        _, peer_scores = run_kronfluence(peer_model, x, y, xq, yq, args.batch, damping, args.fisher, args.layers)
-        _, scores, _ = run_torchfluence(model, x, y, xq, yq, args.batch, damping, args.fisher, args.layers)
-    rho, r = spearman(peer_scores, scores), pearson(peer_scores, scores)
-    print(f"agreement: Spearman {rho:.4f}, Pearson {r:.4f}", flush=True)
+        scores = {name: run_kronfluence(peer_model, x, y, xq, yq, args.batch, damping, args.fisher, args.layers,
+                                        amp)[1] for name, amp in peers.items()}
+        scores[ours_name] = run_torchfluence(model, x, y, xq, yq, args.batch, damping, args.fisher, args.layers,
+                                             low)[1]
+    reference = scores["kronfluence"]
+    agreement = {name: f"Spearman {spearman(reference, s):.4f}, Pearson {pearson(reference, s):.4f}"
+                 for name, s in scores.items() if name != "kronfluence"}
+    for name, text in agreement.items():
+        print(f"agreement of {name} with kronfluence float32: {text}", flush=True)
 
-    runs = {
-        "kronfluence": lambda: run_kronfluence(peer_model, x, y, xq, yq, args.batch, damping, args.fisher,
-                                               args.layers)[0],
-        "torchfluence": lambda: run_torchfluence(model, x, y, xq, yq, args.batch, damping, args.fisher,
-                                                 args.layers)[0],
-    }
+    runs = {name: (lambda amp=amp: run_kronfluence(peer_model, x, y, xq, yq, args.batch, damping, args.fisher,
+                                                   args.layers, amp)[0]) for name, amp in peers.items()}
+    runs[ours_name] = lambda: run_torchfluence(model, x, y, xq, yq, args.batch, damping, args.fisher, args.layers,
+                                               low)[0]
     with quiet():
         medians = interleaved(runs, args.repeats)
-    peer, ours = medians["kronfluence"], medians["torchfluence"]
-    rows = []
-    for stage in ("fit", "scores"):
-        rows.append([stage, f"{peer[stage]:.2f}", f"{ours[stage]:.2f}", f"{peer[stage] / ours[stage]:.2f}x", ""])
-    total_peer, total_ours = peer["fit"] + peer["scores"], ours["fit"] + ours["scores"]
-    rows.append(["fit + scores", f"{total_peer:.2f}", f"{total_ours:.2f}", f"{total_peer / total_ours:.2f}x",
-                 f"Spearman {rho:.4f}, Pearson {r:.4f}"])
-    print(f"\n{info}\nat end: {load()}\n{config}\nmedian of {args.repeats} interleaved pairs\n")
-    print_table(["stage", "kronfluence s", "torchfluence s", "kronfluence / torchfluence", "agreement"], rows)
+    ours = medians[ours_name]
+    print(f"\n{info}\nat end: {load()}\n{config}\nmedian of {args.repeats} interleaved rounds\n")
+    for peer_name in peers:
+        peer, rows = medians[peer_name], []
+        for stage in ("fit", "scores"):
+            rows.append([stage, f"{peer[stage]:.2f}", f"{ours[stage]:.2f}", f"{peer[stage] / ours[stage]:.2f}x", ""])
+        total_peer, total_ours = peer["fit"] + peer["scores"], ours["fit"] + ours["scores"]
+        rows.append(["fit + scores", f"{total_peer:.2f}", f"{total_ours:.2f}", f"{total_peer / total_ours:.2f}x",
+                     agreement.get(peer_name, "") + f" ({ours_name}: {agreement[ours_name]})"])
+        print_table(["stage", f"{peer_name} s", f"{ours_name} s", f"{peer_name} / {ours_name}",
+                     "agreement with kronfluence float32"], rows)
+        print()
 
     if args.profile:
         for name, run in runs.items():

@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from . import conv_covariance
 from ._functional import _STOCHASTIC_MODULES, ModelFunctions
 from .captured_scores import index_sum
-from .precision import matmul_float32
+from .precision import factor_matmul
 
 ActivationsFn = Callable[[nn.Module, Tensor], Tensor]
 OutputGradsFn = Callable[[nn.Module, Tensor], Tensor]
@@ -482,7 +482,7 @@ class ConvInput:
         On a CPU, for stride-1 convolutions at 8 or more output rows, from row-shift
         correlations of the input (:mod:`torchfluence.conv_covariance`), with no patches.
         With `operand_dtype` (16-bit) the patches are rounded to it and the sums run in
-        float32 (:func:`~torchfluence.precision.matmul_float32`); the patches hold the
+        float32 (:func:`~torchfluence.precision.factor_matmul`); the patches hold the
         input's values, so on the CPU route the input is rounded instead.
         """
         pads = _conv2d_pads(self.module)
@@ -524,7 +524,7 @@ GROUPED_GRADS_MIN_POSITIONS = 64
 def gram(activations: Tensor, operand_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``sum_{n,t} a_nt a_nt^T`` of (n, T, d) activations, (d, d); `operand_dtype` as in :meth:`ConvInput.covariance`."""
     a2 = activations.reshape(-1, activations.shape[-1])
-    return matmul_float32(a2.T, a2, operand_dtype)
+    return factor_matmul(a2.T, a2, operand_dtype)
 
 
 class Captured:
@@ -603,7 +603,8 @@ class Captured:
 
 def capture(functions: ModelFunctions, layers: Sequence[Layer], x: Tensor, y: Optional[Tensor] = None,
             sample_targets: Optional[Callable[[Tensor], Tensor]] = None,
-            output_grads: Optional[Callable[[Tensor], Tensor]] = None) -> Captured:
+            output_grads: Optional[Callable[[Tensor], Tensor]] = None,
+            autocast_dtype: Optional[torch.dtype] = None) -> Captured:
     """One forward and backward over (x, y), recording each layer's inputs and output gradients.
 
     The gradients are those of each sample's own loss (the batch's mean loss
@@ -622,11 +623,21 @@ def capture(functions: ModelFunctions, layers: Sequence[Layer], x: Tensor, y: Op
     A layer applied to an input of leading dimension 1 while n > 1 (shared by the
     batch) has its input and output expanded to the n samples (views).
 
+    With ``autocast_dtype`` (16-bit), the forward and backward run under
+    ``torch.autocast`` and the captures are widened to the model's dtype. Autocast's
+    products differ from plain autograd's by ~1e-2, so layers not yet verified are
+    first checked on two samples without it.
+
     Raises:
         ValueError: a layer applied to an input whose first dimension is neither the
             batch's samples nor 1, or (first capture of these layers only) captured
             gradients of the first sample that differ from autograd's.
     """
+    if autocast_dtype is not None:
+        if not all(layer.verified for layer in layers):
+            capture(functions, layers, x[:2], None if y is None else y[:2])
+        with torch.autocast(functions.device.type, dtype=autocast_dtype):
+            return capture(functions, layers, x, y, sample_targets, output_grads).to(functions.dtype)
     x = functions.cast_input(x)
     n = x.shape[0]
     records: dict[int, list[tuple[Tensor, Tensor]]] = {id(layer.module): [] for layer in layers}

@@ -20,7 +20,7 @@ from torch import Tensor
 from .budget import gradient_block_samples, low_rank_block_samples
 from .ops import accumulation_dtype, cuda_available_in_build, psg_dot_accumulate
 from .ops import psg_dot as psg_dot_kernel
-from .precision import SCORE_DTYPES, matmul_float32
+from .precision import SCORE_DTYPES, matmul_float32, native_16bit_products
 
 Queries = Union[Tensor, tuple[Tensor, Tensor]]
 
@@ -188,9 +188,10 @@ def index_pair_sums(ids: Tensor, output_grads: Tensor, d_in: int) -> tuple[Tenso
 def _gradient_blocks(Q: Tensor, A: Tensor, D: Tensor, out: Tensor) -> Tensor:
     n, d_in, d_out = A.shape[0], A.shape[2], D.shape[2]
     operand = Q.dtype
-    # CPUs have no fast 16-bit batched products: there the 16-bit operands are formed
-    # in float32 from rounded inputs and rounded again, the values a GPU would use.
-    widen = Q.device.type == "cpu" and operand in SCORE_DTYPES
+    # Where 16-bit products are not native (most CPUs; fp16 on any CPU) the 16-bit operands
+    # are formed in float32 from rounded inputs and rounded again: the values a native
+    # 16-bit product (float32 sums, one rounding of the result) gives.
+    widen = operand in SCORE_DTYPES and not native_16bit_products(Q.device, operand)
     # One buffer for every block's gradients: a fresh (block, d_out, d_in) tensor above the
     # allocator's mmap threshold is page-faulted in again each time (3x the product's cost).
     rows = min(gradient_block_samples(d_in, d_out, operand, Q.device), n)

@@ -46,7 +46,7 @@ from ..gradients import CapturedGradients, PreparedQueries, gradient_source
 from ..contract import SolverOptions, SolverTraits, option
 from ..influence import FactorChecks, InfluenceFunctionModel
 from ..persist import state_tensor
-from ..precision import check_low_precision, matmul_float32
+from ..precision import check_low_precision, factor_matmul
 from ..projected_space import kronecker_layers, projected_engine
 from ..scoring import run_blocks
 from ..sinks import DenseSink
@@ -76,7 +76,7 @@ class EkfacOptions(SolverOptions):
     fisher_samples: int = option(fit=True, doc="label draws per sample for the true Fisher")
     seed: int = option(fit=True, doc="seed of the label draws")
     factor_dtype: Optional[torch.dtype] = option(fit=True, doc="16-bit operands of the factor products")
-    capture_dtype: Optional[torch.dtype] = option(fit=True, doc="autocast dtype of the fit's model passes")
+    capture_dtype: Optional[torch.dtype] = option(fit=True, doc="autocast dtype of the model passes")
 
 
 @dataclass(frozen=True)
@@ -119,13 +119,17 @@ class KfacInfluence(InfluenceFunctionModel):
             rotations into the eigenbasis for EK-FAC's eigenvalues) and the query
             preconditioning with 16-bit operands and float32 accumulation; sums over
             samples stay float32/float64 and eigendecompositions float64
-            (:mod:`torchfluence.precision`). For tensor-core GPUs; on a CPU it gives
-            the same numbers without a speed-up. Default None: the model's dtype.
+            (:mod:`torchfluence.precision`). For tensor-core GPUs, and CPUs with bf16
+            instructions (AVX512-BF16, AMX), where bf16 products run natively and their
+            results are rounded to bf16 (:func:`~torchfluence.precision.factor_matmul`);
+            on other CPUs the same operand rounding without a speed-up. Default None: the
+            model's dtype.
         capture_dtype: ``torch.bfloat16`` (or float16) runs the model's forward and backward
-            passes of the fit under ``torch.autocast`` (as kronfluence's AMP settings do);
-            the captured activations and output gradients are then widened to the model's
-            dtype for the sums. The captures of the first block are checked against plain
-            autograd without autocast, as always. Default None: no autocast.
+            passes under ``torch.autocast`` (as kronfluence's AMP settings do): the fit's,
+            the queries' and the training data's when scored; the captured activations and
+            output gradients are then widened to the model's dtype. The capture rules are
+            checked against plain autograd without autocast first, as always. Default
+            None: no autocast.
         (others as in :class:`~torchfluence.InfluenceFunctionModel`; ``second_order`` is not taken)
     """
 
@@ -154,7 +158,6 @@ class KfacInfluence(InfluenceFunctionModel):
         self.eigenvalue_correction = eigenvalue_correction
         self.factor_dtype = check_low_precision(factor_dtype, self.dtype, "factor_dtype")
         self.capture_dtype = check_low_precision(capture_dtype, self.dtype, "capture_dtype")
-        self._rules_checked = False  # the capture rules were checked without autocast
         self._sample_targets = sample_targets
         self._draws: Optional[SampleDraws] = None  # the default samplers' random numbers
         self.layers, missing = find_layers(self.functions)
@@ -180,6 +183,8 @@ class KfacInfluence(InfluenceFunctionModel):
         self._captured_layers, self._projection = self.layers, kronecker_layers(type(self).__name__, self.source, self.projector)
         if self._projection is not None:
             self.layers = self._projection.projected_layers
+        if self.capture_dtype is not None and isinstance(self.source, CapturedGradients):
+            self.source.autocast_dtype = self.capture_dtype  # the training data's passes when scored
 
     def _leave_out(self, names: list[str]) -> None:
         """Narrows the selected parameters to the captured layers', warning once with what is left out."""
@@ -243,28 +248,17 @@ class KfacInfluence(InfluenceFunctionModel):
                 if getattr(sampler, "needs_targets", False):  # keeps the data's masked positions
                     y = block.y.to(self.device)
                     drawn = lambda o, y=y: _with_labels(y, sampler(o, _labels(y)))  # noqa: E731
-                cap = self._capture(block.x, block.y, drawn, out_grads, fit=True)
+                cap = self._capture(block.x, block.y, drawn, out_grads)
                 if exact and any(g.dim() != 4 for g in cap.output_grads):
                     raise ValueError("fisher='exact' supports outputs of shape (n, classes) only; use fisher='true'")
                 yield cap
 
     def _capture(self, x: Tensor, y: Tensor, sampler: Optional[TargetSampler] = None,
-                 output_grads: Optional[Callable[[Tensor], Tensor]] = None, *, fit: bool = False) -> Captured:
-        """One block's capture of :attr:`layers` (projected by the KroneckerProjection, if any).
-
-        With `fit` and ``capture_dtype``, the model's passes run under autocast and the
-        captures are widened to the model's dtype. Autocast's products differ from plain
-        autograd's by ~1e-2, so the capture rules are first checked once on two samples
-        without it (:func:`~torchfluence.capture.capture` checks the first capture).
-        """
-        if fit and self.capture_dtype is not None:
-            if not self._rules_checked:
-                self._capture(x[:2], y[:2])
-                self._rules_checked = True
-            with torch.autocast(self.device.type, dtype=self.capture_dtype):
-                cap = capture(self.functions, self._captured_layers, x, y, sampler, output_grads).to(self.dtype)
-        else:
-            cap = capture(self.functions, self._captured_layers, x, y, sampler, output_grads)
+                 output_grads: Optional[Callable[[Tensor], Tensor]] = None) -> Captured:
+        """One block's capture of :attr:`layers` (projected by the KroneckerProjection, if any),
+        under autocast with ``capture_dtype`` (:func:`~torchfluence.capture.capture`)."""
+        cap = capture(self.functions, self._captured_layers, x, y, sampler, output_grads,
+                      autocast_dtype=self.capture_dtype)
         return cap if self._projection is None else self._projection.project_capture(cap)
 
     def _fit(self, train: Samples) -> None:
@@ -531,8 +525,8 @@ def _rotated_gradients(cap: Captured, i: int, start: int, stop: int, q_s: Tensor
 
     Args:
         output_grads: (n, T, d_out) replacing the captured ones (one of fisher="exact"'s passes).
-        operand_dtype: 16-bit operands and float32 results for every product
-            (:func:`~torchfluence.precision.matmul_float32`); None: the captures' dtype.
+        operand_dtype: 16-bit operands for every product, and a float32 result for the last
+            (:func:`~torchfluence.precision.factor_matmul`); None: the captures' dtype.
     """
     g = cap.output_grads[i] if output_grads is None else output_grads
     T, d_out, d_in = g.shape[-2], g.shape[-1], q_a.shape[0]
@@ -542,17 +536,21 @@ def _rotated_gradients(cap: Captured, i: int, start: int, stop: int, q_s: Tensor
         return _rotate(q_s, cap.layer_grads(i, start, stop, output_grads), q_a, operand_dtype)
     if operand_dtype is None:
         return torch.einsum("nto,nti->noi", g[start:stop] @ q_s, cap.activation(i)[start:stop] @ q_a)
-    g_rot = matmul_float32(g[start:stop], q_s, operand_dtype)  # (b, T, d_out)
-    a_rot = matmul_float32(cap.activation(i)[start:stop], q_a, operand_dtype)  # (b, T, d_in)
-    return matmul_float32(g_rot.transpose(1, 2), a_rot, operand_dtype)
+    # The rotated positions are the last product's operands: rounded to 16 bits as they come out
+    # (a 16-bit GEMM rounds its float32 sums once, as a float32 result rounded next would be).
+    g_rot = g[start:stop].to(operand_dtype) @ q_s.to(operand_dtype)  # (b, T, d_out)
+    a_rot = cap.activation(i)[start:stop].to(operand_dtype) @ q_a.to(operand_dtype)  # (b, T, d_in)
+    return factor_matmul(g_rot.transpose(1, 2), a_rot, operand_dtype)
 
 
 def _rotate(q_s: Tensor, matrices: Tensor, q_a: Tensor, operand_dtype: Optional[torch.dtype]) -> Tensor:
-    """``Q_S^T M Q_A`` for (b, d_out, d_in) matrices M; with 16-bit `operand_dtype`, each of the two
-    products has 16-bit operands and a float32 result."""
+    """``Q_S^T M Q_A`` for (b, d_out, d_in) matrices M; with 16-bit `operand_dtype`, both products
+    have 16-bit operands, the first a 16-bit result (the second's operand), the second a float32
+    one (:func:`~torchfluence.precision.factor_matmul`)."""
     if operand_dtype is None:
         return q_s.T @ matrices @ q_a
-    return matmul_float32(matmul_float32(q_s.T, matrices, operand_dtype), q_a, operand_dtype)
+    half = q_s.T.to(operand_dtype) @ matrices.to(operand_dtype)  # the next product's operand, as in _rotated_gradients
+    return factor_matmul(half, q_a, operand_dtype)
 
 
 def _labels(y):
