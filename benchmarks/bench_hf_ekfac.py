@@ -200,7 +200,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--profile", action="store_true", help="cProfile one run of each, top lines printed")
     parser.add_argument("--bf16", action="store_true",
-                        help="torchfluence with factor_dtype, capture_dtype and score_dtype bf16, against kronfluence float32 "
+                        help="torchfluence with factor_dtype, capture_dtype and score_dtype bf16, against "
+                             "kronfluence float32 "
                              "and kronfluence's AMP (all-low-precision bf16) settings; agreement against "
                              "kronfluence float32")
     args = parser.parse_args()

@@ -147,29 +147,27 @@ def test_bfloat16_autocast_captures_agree_with_the_float32_fit(trained, cls):
         make(capture_dtype=torch.float64)
 
 
-def test_capture_dtype_autocasts_every_model_pass(trained):
-    """capture_dtype runs the fit's, the queries' and the training data's passes under autocast.
+def test_capture_dtype_autocasts_the_fit_only(trained):
+    """capture_dtype runs the fit's passes under autocast; the scored gradients never are.
 
     The autocast capture is widened to float32 and within bf16's rounding of the plain one
-    (bf16 products in the forward and backward: ~1e-2 relative, measured 4e-3 here), yet not
-    equal to it, so autocast did run; the scoring source takes the same dtype.
+    (bf16 products in the forward and backward: ~1e-2 relative), yet not equal to it, so
+    autocast did run. Scores of the autocast fit equal, bit for bit, those of the same
+    factors with capture_dtype unset: queries and training data are captured
+    without autocast (with it, per-query Spearman fell to 0.11 on this model).
     """
     model, x, y, *_ = trained
     im = tfl.EkfacInfluence(model, F.cross_entropy, 1e-3, capture_dtype=BF16, progress=False)
-    assert im.source.autocast_dtype == BF16
     plain = capture(im.functions, im.layers, x[:16], y[:16])
     auto = capture(im.functions, im.layers, x[:16], y[:16], autocast_dtype=BF16)
     for p, a in zip(plain.output_grads, auto.output_grads):
         assert a.dtype == torch.float32
         assert 0 < ((a - p).norm() / p.norm()).item() < 5e-2
-    # Scores of the same factors with and without autocast in the scoring passes: close, not equal.
     im.fit(loader(x, y, 100))
-    autocast_scores = im.influences(x[:5], y[:5], x, y)
+    scores = im.influences(x[:5], y[:5], x, y)
+    im.capture_dtype = None  # the same factors, scored by a solver without autocast
     im.forget_queries()
-    im.source.autocast_dtype = None
-    plain_scores = im.influences(x[:5], y[:5], x, y)
-    error = ((autocast_scores - plain_scores).norm() / plain_scores.norm()).item()
-    assert 0 < error < 5e-2
+    assert torch.equal(scores, im.influences(x[:5], y[:5], x, y))
 
 
 def test_autocast_capture_still_checks_the_capture_rules():

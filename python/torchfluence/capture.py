@@ -720,9 +720,11 @@ def capture(functions: ModelFunctions, layers: Sequence[Layer], x: Tensor, y: Op
             direction = basis[0, :1]
             scalar = lambda o: (o * direction).sum()  # noqa: E731
             first_grads = [g[0, :1] for g in gradients]
-        captured = Captured(activations, gradients, outputs.detach())
-        _verify_first_sample(functions, layers, x[:1], scalar, [a[:1] for a in captured.activations], first_grads)
-        return captured
+        # The first sample's patches alone: forming the block's would switch its later
+        # products to the patch route, so the first capture would round unlike the others.
+        first_activations = [ConvInput(a.module, a.x[:1], a.bias).patches() if isinstance(a, ConvInput) else a[:1]
+                             for a in activations]
+        _verify_first_sample(functions, layers, x[:1], scalar, first_activations, first_grads)
     return Captured(activations, gradients, outputs.detach())
 
 

@@ -136,8 +136,6 @@ class CapturedGradients(GradientSource):
     def __init__(self, functions: ModelFunctions, layers: list[Layer], rest: list[str]) -> None:
         super().__init__(functions)
         self.layers = layers
-        # A 16-bit dtype: the captured layers' forward and backward under torch.autocast.
-        self.autocast_dtype: Optional[torch.dtype] = None
         self.rest: Optional[ModelFunctions] = None
         self.rest_index: Optional[Tensor] = None
         if rest:
@@ -152,8 +150,7 @@ class CapturedGradients(GradientSource):
         # g a^T per sample from one forward/backward is several times faster than vmap.
         if out is None:
             out = torch.empty(x.shape[0], self.num_params, dtype=self.functions.dtype, device=self.functions.device)
-        captured = capture(self.functions, self.layers, x, y, autocast_dtype=self.autocast_dtype)
-        captured.per_sample_grads(self.layers, self.num_params, out=out)
+        capture(self.functions, self.layers, x, y).per_sample_grads(self.layers, self.num_params, out=out)
         if self.rest is not None:
             out[:, self.rest_index] = self.rest.per_sample_grads(x, y)
         return out
@@ -171,7 +168,7 @@ class CapturedGradients(GradientSource):
 
     def score_block(self, queries: Queries, x: Tensor, y: Tensor) -> Tensor:
         prepared = self.prepare(queries)
-        captured = capture(self.functions, self.layers, x, y, autocast_dtype=self.autocast_dtype)
+        captured = capture(self.functions, self.layers, x, y)
         out = torch.zeros(prepared.count, x.shape[0], dtype=accumulation_dtype(prepared.dtype),
                           device=prepared.parts[0].device)
         for i, (layer, q) in enumerate(zip(self.layers, prepared.parts)):
@@ -189,7 +186,7 @@ class CapturedGradients(GradientSource):
     def score_block_by_layer(self, queries: Tensor, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         if self.rest is not None:
             raise ValueError("per-layer scores need every selected parameter in a captured layer")
-        captured = capture(self.functions, self.layers, x, y, autocast_dtype=self.autocast_dtype)
+        captured = capture(self.functions, self.layers, x, y)
         return {layer.name: psg_dot(layer.matrices(queries), a, d)
                 for layer, a, d in zip(self.layers, captured.activations, captured.output_grads)}
 

@@ -76,7 +76,7 @@ class EkfacOptions(SolverOptions):
     fisher_samples: int = option(fit=True, doc="label draws per sample for the true Fisher")
     seed: int = option(fit=True, doc="seed of the label draws")
     factor_dtype: Optional[torch.dtype] = option(fit=True, doc="16-bit operands of the factor products")
-    capture_dtype: Optional[torch.dtype] = option(fit=True, doc="autocast dtype of the model passes")
+    capture_dtype: Optional[torch.dtype] = option(fit=True, doc="autocast dtype of the fit's model passes")
 
 
 @dataclass(frozen=True)
@@ -125,11 +125,12 @@ class KfacInfluence(InfluenceFunctionModel):
             on other CPUs the same operand rounding without a speed-up. Default None: the
             model's dtype.
         capture_dtype: ``torch.bfloat16`` (or float16) runs the model's forward and backward
-            passes under ``torch.autocast`` (as kronfluence's AMP settings do): the fit's,
-            the queries' and the training data's when scored; the captured activations and
-            output gradients are then widened to the model's dtype. The capture rules are
-            checked against plain autograd without autocast first, as always. Default
-            None: no autocast.
+            passes of the fit under ``torch.autocast`` (as kronfluence's AMP settings do);
+            the captured activations and output gradients are then widened to the model's
+            dtype for the sums. The capture rules are checked against plain autograd
+            without autocast first, as always. The gradients that are scored (queries,
+            training data) never run under autocast: on the digits CNN that costs per-query
+            Spearman down to 0.11 (``benchmarks/RESULTS.md``). Default None: no autocast.
         (others as in :class:`~torchfluence.InfluenceFunctionModel`; ``second_order`` is not taken)
     """
 
@@ -183,8 +184,6 @@ class KfacInfluence(InfluenceFunctionModel):
         self._captured_layers, self._projection = self.layers, kronecker_layers(type(self).__name__, self.source, self.projector)
         if self._projection is not None:
             self.layers = self._projection.projected_layers
-        if self.capture_dtype is not None and isinstance(self.source, CapturedGradients):
-            self.source.autocast_dtype = self.capture_dtype  # the training data's passes when scored
 
     def _leave_out(self, names: list[str]) -> None:
         """Narrows the selected parameters to the captured layers', warning once with what is left out."""
@@ -248,17 +247,22 @@ class KfacInfluence(InfluenceFunctionModel):
                 if getattr(sampler, "needs_targets", False):  # keeps the data's masked positions
                     y = block.y.to(self.device)
                     drawn = lambda o, y=y: _with_labels(y, sampler(o, _labels(y)))  # noqa: E731
-                cap = self._capture(block.x, block.y, drawn, out_grads)
+                cap = self._capture(block.x, block.y, drawn, out_grads, fit=True)
                 if exact and any(g.dim() != 4 for g in cap.output_grads):
                     raise ValueError("fisher='exact' supports outputs of shape (n, classes) only; use fisher='true'")
                 yield cap
 
     def _capture(self, x: Tensor, y: Tensor, sampler: Optional[TargetSampler] = None,
-                 output_grads: Optional[Callable[[Tensor], Tensor]] = None) -> Captured:
-        """One block's capture of :attr:`layers` (projected by the KroneckerProjection, if any),
-        under autocast with ``capture_dtype`` (:func:`~torchfluence.capture.capture`)."""
+                 output_grads: Optional[Callable[[Tensor], Tensor]] = None, *, fit: bool = False) -> Captured:
+        """One block's capture of :attr:`layers` (projected by the KroneckerProjection, if any).
+
+        With `fit`, under autocast with ``capture_dtype`` (:func:`~torchfluence.capture.capture`).
+        The queries' and the training data's gradients never are: a per-sample gradient from
+        bf16 passes loses the small gradients of well-fit samples (measured: per-query Spearman
+        down to 0.11 on the digits CNN), while the factors average their rounding away.
+        """
         cap = capture(self.functions, self._captured_layers, x, y, sampler, output_grads,
-                      autocast_dtype=self.capture_dtype)
+                      autocast_dtype=self.capture_dtype if fit else None)
         return cap if self._projection is None else self._projection.project_capture(cap)
 
     def _fit(self, train: Samples) -> None:
