@@ -232,38 +232,43 @@ def main() -> None:
               f"damping {damping:.3g} (0.1 x mean eigenvalue) for both; {torch.get_num_threads()} threads")
     print(config, flush=True)
 
-    low = torch.bfloat16 if args.bf16 else None
-    peers = {"kronfluence": False, **({"kronfluence AMP": True} if args.bf16 else {})}
-    ours_name = "torchfluence bf16" if args.bf16 else "torchfluence"
+    # name -> (kronfluence AMP?, None) for the peer, (None, torchfluence's low precision) for ours
+    variants = {"kronfluence": (False, None), "torchfluence": (None, None)}
+    if args.bf16:
+        variants = {"kronfluence": (False, None), "kronfluence AMP": (True, None), "torchfluence": (None, None),
+                    "torchfluence bf16": (None, torch.bfloat16)}
+
+    def run(name: str):
+        amp, low = variants[name]
+        if amp is not None:
+            return run_kronfluence(peer_model, x, y, xq, yq, args.batch, damping, args.fisher, args.layers, amp)[:2]
+        return run_torchfluence(model, x, y, xq, yq, args.batch, damping, args.fisher, args.layers, low)[:2]
+
     with quiet():
-        scores = {name: run_kronfluence(peer_model, x, y, xq, yq, args.batch, damping, args.fisher, args.layers,
-                                        amp)[1] for name, amp in peers.items()}
-        scores[ours_name] = run_torchfluence(model, x, y, xq, yq, args.batch, damping, args.fisher, args.layers,
-                                             low)[1]
+        scores = {name: run(name)[1] for name in variants}
     reference = scores["kronfluence"]
     agreement = {name: f"Spearman {spearman(reference, s):.4f}, Pearson {pearson(reference, s):.4f}"
                  for name, s in scores.items() if name != "kronfluence"}
     for name, text in agreement.items():
         print(f"agreement of {name} with kronfluence float32: {text}", flush=True)
 
-    runs = {name: (lambda amp=amp: run_kronfluence(peer_model, x, y, xq, yq, args.batch, damping, args.fisher,
-                                                   args.layers, amp)[0]) for name, amp in peers.items()}
-    runs[ours_name] = lambda: run_torchfluence(model, x, y, xq, yq, args.batch, damping, args.fisher, args.layers,
-                                               low)[0]
+    runs = {name: (lambda name=name: run(name)[0]) for name in variants}
     with quiet():
         medians = interleaved(runs, args.repeats)
-    ours = medians[ours_name]
+    total = {name: m["fit"] + m["scores"] for name, m in medians.items()}
+    peer = medians["kronfluence"]
+    rows = [[name, f"{m['fit']:.2f}", f"{m['scores']:.2f}", f"{total[name]:.2f}",
+             f"{peer['fit'] / m['fit']:.2f}x / {peer['scores'] / m['scores']:.2f}x / "
+             f"{total['kronfluence'] / total[name]:.2f}x", agreement.get(name, "(reference)")]
+            for name, m in medians.items()]
     print(f"\n{info}\nat end: {load()}\n{config}\nmedian of {args.repeats} interleaved rounds\n")
-    for peer_name in peers:
-        peer, rows = medians[peer_name], []
-        for stage in ("fit", "scores"):
-            rows.append([stage, f"{peer[stage]:.2f}", f"{ours[stage]:.2f}", f"{peer[stage] / ours[stage]:.2f}x", ""])
-        total_peer, total_ours = peer["fit"] + peer["scores"], ours["fit"] + ours["scores"]
-        rows.append(["fit + scores", f"{total_peer:.2f}", f"{total_ours:.2f}", f"{total_peer / total_ours:.2f}x",
-                     agreement.get(peer_name, "") + f" ({ours_name}: {agreement[ours_name]})"])
-        print_table(["stage", f"{peer_name} s", f"{ours_name} s", f"{peer_name} / {ours_name}",
-                     "agreement with kronfluence float32"], rows)
-        print()
+    print_table(["run", "fit s", "scores s", "fit + scores s", "kronfluence float32 / run (fit / scores / both)",
+                 "agreement with kronfluence float32"], rows)
+    if args.bf16:
+        amp, ours = total["kronfluence AMP"], total["torchfluence bf16"]
+        print(f"\nkronfluence AMP / torchfluence bf16, fit + scores: {amp / ours:.2f}x; "
+              f"torchfluence float32 / torchfluence bf16: {total['torchfluence'] / ours:.2f}x "
+              f"(fit {medians['torchfluence']['fit'] / medians['torchfluence bf16']['fit']:.2f}x)")
 
     if args.profile:
         for name, run in runs.items():

@@ -47,6 +47,38 @@ def test_top_k_with_scores_fills_the_matrix_in_the_same_pass(solver, tmp_path):
     assert np.array_equal(np.load(tmp_path / "scores.npy"), both.scores.numpy())
 
 
+def conv_problem():
+    """A convolution (its per-sample gradients have two routes, patches or grouped) and a Linear layer."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 8 * 8, 3)).eval()
+    x, y = torch.randn(N, 2, 8, 8), torch.randint(0, 3, (N,))
+    return model, x, y, x[:N_TEST], y[:N_TEST]
+
+
+@pytest.mark.parametrize("solver", [tfl.DirectInfluence, tfl.EkfacInfluence, tfl.KfacInfluence])
+def test_top_k_with_self_influences_in_the_same_pass(solver):
+    """Scores, ranking and self-influences from one pass, equal bit for bit to the separate calls;
+    K-FAC and EK-FAC capture each training block once for both (float32 conv net)."""
+    model, x, y, xt, yt = conv_problem() if solver is not tfl.DirectInfluence else problem()
+    im = solver(model, F.cross_entropy, 1.0, block_size=BLOCK, progress=False).fit((x, y))
+    captures = []
+    if solver is not tfl.DirectInfluence:
+        original = im._capture
+        im._capture = lambda *args, **kw: captures.append(1) or original(*args, **kw)
+    both = im.top_k(xt, yt, k=4, with_scores=True, with_self_influences=True)
+    if solver is not tfl.DirectInfluence:
+        # The queries' block, then one capture per training block for scores and self-influences.
+        assert len(captures) == 1 + -(-N // BLOCK)
+        del im._capture
+    assert both.self_influences.shape == (N,)
+    assert torch.equal(both.self_influences, im.self_influences(x, y))
+    assert torch.equal(both.scores, im.train_influences(xt, yt))
+    alone = im.top_k(xt, yt, k=4)
+    assert alone.self_influences is None
+    for name in ("helpful_indices", "helpful_values", "harmful_indices", "harmful_values"):
+        assert torch.equal(getattr(both, name), getattr(alone, name))
+
+
 def test_top_k_with_scores_refusals(tmp_path):
     model, x, y, xt, yt = problem()
     im = tfl.DirectInfluence(model, F.cross_entropy, 1.0).fit((x, y))
@@ -56,6 +88,10 @@ def test_top_k_with_scores_refusals(tmp_path):
         im.top_k(xt, yt, k=2, with_scores=True, checkpoint=tmp_path / "t.safetensors")
     with pytest.raises(TypeError, match="with_scores must be a bool"):
         im.top_k(xt, yt, k=2, with_scores=1)
+    with pytest.raises(TypeError, match="with_self_influences must be a bool"):
+        im.top_k(xt, yt, k=2, with_self_influences="yes")
+    with pytest.raises(ValueError, match="drop with_self_influences=True"):
+        im.top_k(xt, yt, k=2, with_self_influences=True, checkpoint=tmp_path / "t.safetensors")
 
 
 def test_scores_from_factors_reads_any_data_source():

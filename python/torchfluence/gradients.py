@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ._functional import ModelFunctions
 from .ops import accumulation_dtype
-from .capture import Layer, capture, find_layers
+from .capture import Captured, Layer, capture, find_layers
 from .captured_scores import psg_dot, score_gradients, score_index_layer, score_layer
 from .precision import matmul_float32
 
@@ -167,8 +167,11 @@ class CapturedGradients(GradientSource):
         return parts + ([queries[:, self.rest_index]] if self.rest is not None else [])
 
     def score_block(self, queries: Queries, x: Tensor, y: Tensor) -> Tensor:
-        prepared = self.prepare(queries)
-        captured = capture(self.functions, self.layers, x, y)
+        return self.score_captured(self.prepare(queries), capture(self.functions, self.layers, x, y), x, y)
+
+    def score_captured(self, prepared: PreparedQueries, captured: Captured, x: Tensor, y: Tensor) -> Tensor:
+        """(n_query, n) scores of the block (x, y) whose layers' capture is `captured`
+        (:func:`~torchfluence.capture.capture` of :attr:`layers`); the rest through torch.func."""
         out = torch.zeros(prepared.count, x.shape[0], dtype=accumulation_dtype(prepared.dtype),
                           device=prepared.parts[0].device)
         for i, (layer, q) in enumerate(zip(self.layers, prepared.parts)):

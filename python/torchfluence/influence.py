@@ -53,7 +53,7 @@ from .precision import check_score_dtype, matmul_precision
 from .projected_space import Projection, describe_projection, projected_engine, resolve_second_order
 from .query_cache import QueryCache
 from .scoring import Output, Runtime, finished, result_sink, run_blocks, score_into
-from .sinks import DenseSink, TopKSink
+from .sinks import DenseSink, RowsSink, TopKSink
 
 SecondOrder = Literal["hessian", "gauss_newton", "empirical_fisher"]
 Mode = Literal["up", "perturbation"]
@@ -68,6 +68,8 @@ class TopKInfluences:
         harmful_indices, harmful_values: (n_test, k), most negative first.
         scores: the (n_test, n_train) matrix the ranking was made from, when
             :meth:`InfluenceFunctionModel.top_k` was asked for it (``with_scores=True``).
+        self_influences: (n_train,) each training sample's self-influence, when asked for
+            (``with_self_influences=True``); equal to :meth:`InfluenceFunctionModel.self_influences`.
     Indices count training samples in the order the data yields them.
     """
 
@@ -76,6 +78,7 @@ class TopKInfluences:
     harmful_indices: Tensor
     harmful_values: Tensor
     scores: Optional[Tensor] = None
+    self_influences: Optional[Tensor] = None
 
 
 class FactorChecks(NamedTuple):
@@ -628,9 +631,15 @@ class InfluenceFunctionModel(ABC):
         g = self.source.grads(block.x, block.y)
         return (g * self.solve(g)).sum(dim=1)
 
+    def _scores_and_self_influences(self, factors: PreparedQueries, block: SampleBlock) -> Tensor:
+        """(n_test + 1, b): the block's scores against prepared test factors, then its samples'
+        self-influences as the last row. Solvers that get both from one capture override this."""
+        scores = self.source.score_block(factors, block.x, block.y)
+        return torch.cat([scores, self._self_influence_block(block).to(scores.dtype).unsqueeze(0)])
+
     def top_k(self, x_test: Tensor, y_test: Tensor, train_data: Optional[DataSource] = None,
               k: int = 10, *, checkpoint: Output = None, with_scores: bool = False,
-              out: Output = None) -> TopKInfluences:
+              with_self_influences: bool = False, out: Output = None) -> TopKInfluences:
         """The k most helpful and harmful training points per test point, streamed.
 
         Score blocks of the training data are merged into running top-k lists, so
@@ -648,18 +657,26 @@ class InfluenceFunctionModel(ABC):
             with_scores: also keep the full (n_test, n_train) matrix, filled by the same pass
                 over the training data (:attr:`TopKInfluences.scores`); equal to
                 :meth:`train_influences` / :meth:`influences` on the same data.
+            with_self_influences: also each training sample's self-influence
+                (:attr:`TopKInfluences.self_influences`), from the same pass: K-FAC and EK-FAC
+                take both from one forward and backward per block; the others add their
+                own self-influence work per block (:meth:`self_influences`).
             out: with `with_scores`, a ``.npy`` file to write the matrix into (memory-mapped;
                 the returned tensor shares its pages). Not resumable: use
                 ``influences(..., out=)`` for a resumable matrix.
         """
         check_positive_int(k, "k")
-        if not isinstance(with_scores, bool):
-            raise TypeError(f"with_scores must be a bool, got {type(with_scores).__name__}")
+        for name, flag in (("with_scores", with_scores), ("with_self_influences", with_self_influences)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
         if out is not None and not with_scores:
             raise ValueError("out is where the matrix of with_scores=True goes; pass with_scores=True too")
         if with_scores and checkpoint is not None:
             raise ValueError("checkpoint= resumes the top-k state alone; with with_scores=True score the matrix "
                              "resumably with influences(..., out=) or train_influences(..., out=) instead")
+        if with_self_influences and checkpoint is not None:
+            raise ValueError("checkpoint= resumes the top-k state alone; drop with_self_influences=True, or "
+                             "compute them apart with self_influences()")
         same = train_data is None or train_data is self._train_source
         train = self._require_fitted() if same else self.samples(train_data, "train_data")
         known = train.known_count()
@@ -677,15 +694,22 @@ class InfluenceFunctionModel(ABC):
                 journal.check_factors(factors.parts)
         sink = journal.sink if journal is not None else TopKSink(factors.count, k, dtype=self.dtype,
                                                                  device=self.device)
-        sinks, matrix = [sink], None
+        sinks, matrix, selves = [sink], None, None
         if with_scores:
             matrix, _ = result_sink((factors.count, train.count()), out, self.runtime, sample_dim=1)
             sinks.append(matrix)
+        scorer, what = self._block_scorer(factors) if factors is not None else None, "top-k"
+        if with_self_influences:  # one more row per block: the training samples' self-influences
+            selves = DenseSink((train.count(),), dtype=self.dtype, device=self.device)
+            sinks = [*(RowsSink(s, slice(0, factors.count)) for s in sinks), RowsSink(selves, factors.count)]
+            scorer = lambda block: self._scores_and_self_influences(factors, block)  # noqa: E731
+            what = f"top-k (query rows, then self-influences as row {factors.count})"
         if factors is not None:
-            run_blocks(train, self._block_scorer(factors), sinks, "top-k", self.runtime, journal=journal)
+            run_blocks(train, scorer, sinks, what, self.runtime, journal=journal)
         res = finished(sink, journal)
         return TopKInfluences(res.largest_indices, res.largest_values, res.smallest_indices, res.smallest_values,
-                              None if matrix is None else matrix.result())
+                              None if matrix is None else matrix.result(),
+                              None if selves is None else selves.result())
 
     def _check_factors(self, factors: Tensor) -> Tensor:
         if not isinstance(factors, Tensor) or factors.dim() != 2 or factors.shape[1] != self.num_params:

@@ -8,7 +8,9 @@ indexes training samples, and writes each block to one or more sinks:
 - :class:`MemmapSink`: the same, memory-mapped in a ``.npy`` file, so the result
   may be larger than memory;
 - :class:`TopKSink`: streaming top-k of the largest (helpful) and smallest
-  (harmful) scores per query, through the compiled ``topk_merge`` op.
+  (harmful) scores per query, through the compiled ``topk_merge`` op;
+- :class:`RowsSink`: some rows of each block to another sink, when one pass
+  scores several results (the scores, then the training samples' self-influences).
 """
 
 from __future__ import annotations
@@ -232,3 +234,24 @@ class TopKSink(ScoreSink):
 
     def result(self) -> TopKResult:
         return self.state.result()
+
+
+class RowsSink(ScoreSink):
+    """Passes rows `rows` of each (rows, b) block on to `sink`: one scoring pass, several results.
+
+    Args:
+        sink: where those rows go.
+        rows: an index or slice of the first dimension (an int drops that dimension).
+    """
+
+    def __init__(self, sink: ScoreSink, rows: Union[int, slice]) -> None:
+        self.sink, self.rows = sink, rows
+
+    def write(self, block: Tensor, offset: int) -> None:
+        self.sink.write(block[self.rows], offset)
+
+    def gather(self) -> None:
+        self.sink.gather()
+
+    def result(self):
+        return self.sink.result()

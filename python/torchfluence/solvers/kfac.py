@@ -404,11 +404,22 @@ class KfacInfluence(InfluenceFunctionModel):
         """
         if not self.fused:
             return super()._self_influence_block(block)
-        cap = self._capture(block.x, block.y)
-        out = torch.zeros(block.size, dtype=self.dtype, device=self.device)
+        return self._captured_self_influences(self._capture(block.x, block.y), block.size)
+
+    def _captured_self_influences(self, cap: Captured, n: int) -> Tensor:
+        out = torch.zeros(n, dtype=self.dtype, device=self.device)
         for (q_a, q_s, lam), a, g in zip(self._solve_factors, cap.activations, cap.output_grads):
             out += psg_self_dot(1 / (lam + self.regularization), a if q_a is None else a @ q_a, g @ q_s)
         return out
+
+    def _scores_and_self_influences(self, factors: PreparedQueries, block: SampleBlock) -> Tensor:
+        """Both from one capture of the block where the scored layers are this solver's own."""
+        if not (self.fused and self._queries_from_captures()):
+            return super()._scores_and_self_influences(factors, block)
+        cap = self._capture(block.x, block.y)
+        # Scores first: the self-influences form convolutions' patches, which would change the scores' route.
+        scores = self.source.score_captured(self.source.prepare(factors), cap, block.x, block.y)
+        return torch.cat([scores, self._captured_self_influences(cap, block.size).to(scores.dtype).unsqueeze(0)])
 
     # -- per-layer scores -----------------------------------------------------------------------------
     def influences_from_factors_by_layer(self, factors: Tensor, x: Tensor, y: Tensor) -> dict[str, Tensor]:
