@@ -1,6 +1,6 @@
 """Arithmetic precision of the library's own matrix products.
 
-Two rules, the same on every device:
+Three rules, the same on every device except where the third says so:
 
 - **float32 means IEEE float32.** torch lets a process turn on TF32 for all
   float32 matmuls (``torch.backends.cuda.matmul.allow_tf32``); products under
