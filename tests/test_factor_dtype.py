@@ -172,7 +172,8 @@ def test_capture_dtype_autocasts_the_fit_only(trained):
 
 def test_autocast_capture_still_checks_the_capture_rules():
     """A weight used outside its module (a functional tie) is refused under autocast too: the rules
-    are checked without autocast, whose ~1e-2 differences would hide nothing and refuse everything."""
+    are checked without autocast (under it, its ~1e-2 differences would fail every model's check),
+    and a model that passes them is then fitted under autocast."""
     torch.manual_seed(0)
 
     class FunctionalTie(nn.Module):
