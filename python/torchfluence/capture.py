@@ -524,6 +524,8 @@ GROUPED_GRADS_MIN_POSITIONS = 64
 def gram(activations: Tensor, operand_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``sum_{n,t} a_nt a_nt^T`` of (n, T, d) activations, (d, d); `operand_dtype` as in :meth:`ConvInput.covariance`."""
     a2 = activations.reshape(-1, activations.shape[-1])
+    if operand_dtype is not None:
+        a2 = a2.to(operand_dtype)  # once for both operands (they are one tensor)
     return factor_matmul(a2.T, a2, operand_dtype)
 
 
